@@ -1,0 +1,61 @@
+"""The `replfs` command: one subcommand per module, each with `register(subparsers)`.
+
+A module registers its parser and sets `func=run` (a callable taking the parsed args and
+returning an exit code or None). User errors (`ReplfsError`) print their message and
+exit with its code; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from replfs.errors import ReplfsError
+
+# Subcommand modules under replfs.tools; each is imported only if present so that the
+# command grows one module at a time.
+COMMAND_MODULES = [
+    "raid_cmd",
+    "fault",
+    "bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="replfs",
+        description="A FUSE-mounted, replicated, transactional filesystem on RAID-5 image files.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"replfs.tools.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"replfs.tools.{name}":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(args: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    try:
+        rc = ns.func(ns)
+    except ReplfsError as exc:
+        if ns.debug:
+            raise
+        print(f"replfs {ns.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"replfs {ns.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
