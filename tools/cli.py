@@ -17,6 +17,7 @@ from replfs.errors import ReplfsError
 # command grows one module at a time.
 COMMAND_MODULES = [
     "raid_cmd",
+    "mount_cmd",
     "fault",
     "bench",
 ]

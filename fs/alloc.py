@@ -1,0 +1,68 @@
+"""Block and inode allocation over the on-disk byte maps.
+
+The maps on disk are the truth; this class keeps an in-memory copy (one byte per object)
+to find free objects quickly and to make sure two concurrent transactions never get the
+same object. The rules that keep it consistent with the log:
+
+- `allocate` marks the object used in memory at once (so nobody else takes it) and
+  writes the map byte in the caller's transaction; if that transaction aborts, the caller
+  calls `rollback` and the object is free again.
+- `free` writes the map byte in the transaction but leaves the object used in memory
+  until the transaction commits (`commit`): an aborted free must not have handed the
+  object to someone else meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from replfs.fs.errors import FsError
+from replfs.fs.layout import BLOCK_SIZE
+
+FREE = b"\0"
+USED = b"\1"
+
+
+class ByteMap:
+    def __init__(self, name: str, start_block: int, count: int, first: int, image: bytearray):
+        self.name = name
+        self.start_block = start_block
+        self.count = count          # objects covered
+        self.first = first          # lowest allocatable object
+        self.mem = image            # in-memory copy, len == count
+        self.hint = first
+        self.nfree = self.mem.count(0, first)
+
+    def _locate(self, n: int) -> tuple[int, int]:
+        return self.start_block + n // BLOCK_SIZE, n % BLOCK_SIZE
+
+    async def allocate(self, txn, near: int | None = None) -> int:
+        start = self.hint if near is None else max(self.first, min(near, self.count - 1))
+        n = self.mem.find(FREE, start)
+        if n < 0:
+            n = self.mem.find(FREE, self.first, start)
+        if n < 0:
+            raise FsError(errno.ENOSPC, f"no free {self.name}")
+        self.mem[n] = 1
+        self.nfree -= 1
+        self.hint = n + 1 if n + 1 < self.count else self.first
+        blk, off = self._locate(n)
+        await txn.write(blk, off, USED)
+        return n
+
+    async def free(self, txn, n: int) -> None:
+        if not self.first <= n < self.count:
+            raise FsError(errno.EIO, f"freeing {self.name} {n} out of range")
+        blk, off = self._locate(n)
+        await txn.write(blk, off, FREE)
+
+    def rollback_allocated(self, ns) -> None:
+        for n in ns:
+            self.mem[n] = 0
+            self.nfree += 1
+
+    def commit_freed(self, ns) -> None:
+        for n in ns:
+            if self.mem[n]:
+                self.mem[n] = 0
+                self.nfree += 1

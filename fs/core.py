@@ -1,0 +1,625 @@
+"""The filesystem state machine: every operation is one transaction under strict 2PL.
+
+`FileSystem` is the one interface that the FUSE adapter calls (fs/fuse_ops.py) -- in
+process here, through the replication client later. Its methods take and return plain
+values (ints, bytes, `Attr`), raise `FsError(errno)` for anything the caller did wrong,
+and leave nothing behind when they fail: the transaction is aborted and the in-memory
+allocation maps follow (fs/op.py). A deadlock or lock timeout is retried by the
+transaction manager; callers never see one.
+
+Locking: an operation locks every inode it reads (S) or changes (X); a directory's inode
+lock covers its entries. Allocation maps are not locked: objects are handed out by the
+in-memory allocator and their map bytes are disjoint (fs/alloc.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import time
+from dataclasses import dataclass
+
+import msgpack
+
+from replfs.fs import blockmap, directory
+from replfs.fs.alloc import ByteMap
+from replfs.fs.errors import FsError
+from replfs.fs.layout import (BLOCK_SIZE, INLINE_MAX, MAX_FILE_SIZE, NAME_MAX, ORPHAN_SLOT,
+                              ROOT_SLOT, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, SYMLINK_MAX,
+                              XATTR_NAME_MAX, Inode, Superblock, make_ino)
+from replfs.fs.op import Op
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+LINK_MAX = 65000
+XATTR_VALUE_MAX = 3500
+READDIR_BATCH = 128
+
+
+@dataclass
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int          # in 512-byte units, as st_blocks
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    generation: int
+
+    @classmethod
+    def of(cls, ino: int, n: Inode) -> "Attr":
+        return cls(ino, n.mode, n.nlink, n.uid, n.gid, n.rdev, n.size, n.blocks * 8,
+                   n.atime_ns, n.mtime_ns, n.ctime_ns, n.generation)
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def _type_of(mode: int) -> int:
+    return (mode & S_IFMT) >> 12
+
+
+class FileSystem:
+    """One replica group's filesystem over a transaction manager. Build it with
+    `await FileSystem.open(device, mgr_factory)` (see fs/mount.py)."""
+
+    def __init__(self, sb: Superblock, mgr, bmap: ByteMap, imap: ByteMap):
+        self.sb = sb
+        self.mgr = mgr
+        self.bmap = bmap
+        self.imap = imap
+        self.root_ino = make_ino(sb.group, ROOT_SLOT)
+        self.orphan_ino = make_ino(sb.group, ORPHAN_SLOT)
+        self._generation = _now() & 0xFFFFFFFF
+        self.failsafe: str | None = None
+
+    def next_generation(self) -> int:
+        self._generation = (self._generation + 1) & 0xFFFFFFFF
+        return self._generation
+
+    # ---------------------------------------------------------------- running ops
+    async def _run(self, name: str, fn, *args, readonly: bool = False):
+        if self.failsafe and not readonly:
+            raise FsError(errno.EROFS, f"filesystem in failsafe mode: {self.failsafe}")
+        ops: list[Op] = []
+
+        async def attempt(txn):
+            if ops:
+                ops[-1].aborted()        # the previous attempt was aborted and retried
+            op = Op(self, txn)
+            ops.append(op)
+            return await fn(op, *args)
+
+        try:
+            result = await self.mgr.run(attempt, name=name)
+        except BaseException:
+            if ops:
+                ops[-1].aborted()
+            raise
+        ops[-1].committed()
+        return result
+
+    # ---------------------------------------------------------------- helpers
+    async def _dir(self, op: Op, ino: int, mode: str) -> Inode:
+        node = await op.inode(ino, mode)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR, f"inode {ino} is not a directory")
+        if node.nlink == 0:
+            raise FsError(errno.ENOENT, f"directory {ino} was removed")
+        return node
+
+    async def _new(self, op: Op, parent: int, pnode: Inode, name: bytes, mode: int,
+                   uid: int, gid: int, rdev: int = 0) -> tuple[int, Inode]:
+        directory.check_name(name)
+        if await directory.lookup(op, pnode, name) is not None:
+            raise FsError(errno.EEXIST, name.decode(errors="replace"))
+        now = _now()
+        if pnode.mode & stat.S_ISGID:
+            gid = pnode.gid
+            if mode & S_IFMT == S_IFDIR:
+                mode |= stat.S_ISGID
+        node = Inode(mode=mode, uid=uid, gid=gid, nlink=1, rdev=rdev,
+                     atime_ns=now, mtime_ns=now, ctime_ns=now)
+        ino = await op.new_inode(node, near=parent)
+        await directory.insert(op, parent, pnode, name, ino, _type_of(mode))
+        pnode.mtime_ns = pnode.ctime_ns = now
+        return ino, node
+
+    async def _drop_link(self, op: Op, ino: int, node: Inode) -> None:
+        """One name of `ino` is gone: at zero links it becomes an orphan, freed when the
+        last reference is forgotten (or at the next mount)."""
+        node.nlink = 0 if node.is_dir else node.nlink - 1
+        node.ctime_ns = _now()
+        if node.nlink == 0:
+            onode = await op.inode(self.orphan_ino, "X")
+            key = b"%016x" % ino
+            if await directory.lookup(op, onode, key) is None:
+                await directory.insert(op, self.orphan_ino, onode, key, ino, _type_of(node.mode))
+            await op.put(self.orphan_ino, onode)
+        await op.put(ino, node)
+
+    async def _free(self, op: Op, ino: int, node: Inode) -> None:
+        await blockmap.truncate(op, node, 0)
+        if node.xattr_block:
+            await op.free_block(node.xattr_block)
+        await op.free_inode(ino)
+
+    # ---------------------------------------------------------------- lookups
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        async def fn(op):
+            pnode = await self._dir(op, parent, "S")
+            if name == b".":
+                return Attr.of(parent, pnode)
+            if name == b"..":
+                pino = pnode.parent or parent
+                return Attr.of(pino, await op.inode(pino, "S"))
+            if len(name) > NAME_MAX:
+                raise FsError(errno.ENAMETOOLONG, "name too long")
+            ent = await directory.lookup(op, pnode, name)
+            if ent is None:
+                raise FsError(errno.ENOENT, name.decode(errors="replace"))
+            return Attr.of(ent[0], await op.inode(ent[0], "S"))
+        return await self._run("lookup", fn, readonly=True)
+
+    async def getattr(self, ino: int) -> Attr:
+        async def fn(op):
+            return Attr.of(ino, await op.inode(ino, "S"))
+        return await self._run("getattr", fn, readonly=True)
+
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, size: int | None = None,
+                      atime_ns: int | None = None, mtime_ns: int | None = None,
+                      atime_now: bool = False, mtime_now: bool = False) -> Attr:
+        async def fn(op):
+            node = await op.inode(ino, "X")
+            now = _now()
+            if mode is not None:
+                node.mode = (node.mode & S_IFMT) | (mode & 0o7777)
+            if uid is not None:
+                node.uid = uid
+            if gid is not None:
+                node.gid = gid
+            if size is not None and size != node.size:
+                if node.is_dir:
+                    raise FsError(errno.EISDIR, "cannot truncate a directory")
+                if not node.is_reg:
+                    raise FsError(errno.EINVAL, "can only truncate regular files")
+                await self._truncate(op, ino, node, size)
+                node.mtime_ns = now
+            if atime_now:
+                node.atime_ns = now
+            elif atime_ns is not None:
+                node.atime_ns = atime_ns
+            if mtime_now:
+                node.mtime_ns = now
+            elif mtime_ns is not None:
+                node.mtime_ns = mtime_ns
+            node.ctime_ns = now
+            await op.put(ino, node)
+            return Attr.of(ino, node)
+        return await self._run("setattr", fn)
+
+    async def _truncate(self, op: Op, ino: int, node: Inode, size: int) -> None:
+        if size < 0:
+            raise FsError(errno.EINVAL, "negative size")
+        if size > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG, f"size {size} beyond the largest file ({MAX_FILE_SIZE})")
+        if size < node.size:
+            keep = -(-size // BLOCK_SIZE)
+            await blockmap.truncate(op, node, keep)
+            tail = size % BLOCK_SIZE
+            if tail:
+                # zero the dropped part of the last block so a later extension reads zeros
+                blk = await blockmap.lookup(op, node, size // BLOCK_SIZE)
+                if blk:
+                    await op.write_block(blk, tail, bytes(BLOCK_SIZE - tail))
+        node.size = size
+
+    # ---------------------------------------------------------------- creation
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        if mode & S_IFMT == 0:
+            mode |= S_IFREG
+        if mode & S_IFMT in (S_IFDIR, S_IFLNK):
+            raise FsError(errno.EINVAL, "use mkdir/symlink")
+
+        async def fn(op):
+            pnode = await self._dir(op, parent, "X")
+            ino, node = await self._new(op, parent, pnode, name, mode, uid, gid, rdev)
+            await op.put(parent, pnode)
+            return Attr.of(ino, node)
+        return await self._run("mknod", fn)
+
+    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return await self.mknod(parent, name, (mode & 0o7777) | S_IFREG, 0, uid, gid)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        async def fn(op):
+            pnode = await self._dir(op, parent, "X")
+            if pnode.nlink >= LINK_MAX:
+                raise FsError(errno.EMLINK, "too many subdirectories")
+            ino, node = await self._new(op, parent, pnode, name, (mode & 0o7777) | S_IFDIR, uid, gid)
+            node.nlink = 2
+            node.parent = parent
+            await directory.init(op, ino, node)
+            await op.put(ino, node)
+            pnode.nlink += 1
+            await op.put(parent, pnode)
+            return Attr.of(ino, node)
+        return await self._run("mkdir", fn)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        if len(target) > SYMLINK_MAX:
+            raise FsError(errno.ENAMETOOLONG, f"symlink target of {len(target)} bytes")
+        if not target:
+            raise FsError(errno.ENOENT, "empty symlink target")
+
+        async def fn(op):
+            pnode = await self._dir(op, parent, "X")
+            ino, node = await self._new(op, parent, pnode, name, S_IFLNK | 0o777, uid, gid)
+            node.size = len(target)
+            if len(target) <= INLINE_MAX:
+                node.inline, node.inline_len = target, len(target)
+            else:
+                blk, _ = await blockmap.ensure(op, ino, node, 0)
+                await op.write_block(blk, 0, target.ljust(BLOCK_SIZE, b"\0"), undo=False)
+            await op.put(ino, node)
+            await op.put(parent, pnode)
+            return Attr.of(ino, node)
+        return await self._run("symlink", fn)
+
+    async def readlink(self, ino: int) -> bytes:
+        async def fn(op):
+            node = await op.inode(ino, "S")
+            if not node.is_lnk:
+                raise FsError(errno.EINVAL, "not a symlink")
+            if node.inline_len:
+                return node.inline
+            blk = await blockmap.lookup(op, node, 0)
+            return bytes((await op.read_block(blk))[:node.size])
+        return await self._run("readlink", fn, readonly=True)
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        async def fn(op):
+            pnode = await self._dir(op, parent, "X")
+            node = await op.inode(ino, "X")
+            if node.is_dir:
+                raise FsError(errno.EPERM, "hard links to directories are not allowed")
+            if node.nlink == 0:
+                raise FsError(errno.ENOENT, "the file was removed")
+            if node.nlink >= LINK_MAX:
+                raise FsError(errno.EMLINK, "too many links")
+            directory.check_name(name)
+            if await directory.lookup(op, pnode, name) is not None:
+                raise FsError(errno.EEXIST, name.decode(errors="replace"))
+            await directory.insert(op, parent, pnode, name, ino, _type_of(node.mode))
+            now = _now()
+            node.nlink += 1
+            node.ctime_ns = now
+            pnode.mtime_ns = pnode.ctime_ns = now
+            await op.put(ino, node)
+            await op.put(parent, pnode)
+            return Attr.of(ino, node)
+        return await self._run("link", fn)
+
+    # ---------------------------------------------------------------- removal
+    async def unlink(self, parent: int, name: bytes) -> None:
+        async def fn(op):
+            pnode = await self._dir(op, parent, "X")
+            ent = await directory.lookup(op, pnode, name)
+            if ent is None:
+                raise FsError(errno.ENOENT, name.decode(errors="replace"))
+            node = await op.inode(ent[0], "X")
+            if node.is_dir:
+                raise FsError(errno.EISDIR, "use rmdir for directories")
+            await directory.remove(op, pnode, name)
+            pnode.mtime_ns = pnode.ctime_ns = _now()
+            await op.put(parent, pnode)
+            await self._drop_link(op, ent[0], node)
+        await self._run("unlink", fn)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        if name == b".":
+            raise FsError(errno.EINVAL, "cannot remove '.'")
+        if name == b"..":
+            raise FsError(errno.ENOTEMPTY, "cannot remove '..'")
+
+        async def fn(op):
+            pnode = await self._dir(op, parent, "X")
+            ent = await directory.lookup(op, pnode, name)
+            if ent is None:
+                raise FsError(errno.ENOENT, name.decode(errors="replace"))
+            node = await op.inode(ent[0], "X")
+            if not node.is_dir:
+                raise FsError(errno.ENOTDIR, name.decode(errors="replace"))
+            if node.dir_entries:
+                raise FsError(errno.ENOTEMPTY, name.decode(errors="replace"))
+            await directory.remove(op, pnode, name)
+            pnode.nlink -= 1
+            pnode.mtime_ns = pnode.ctime_ns = _now()
+            await op.put(parent, pnode)
+            await self._drop_link(op, ent[0], node)
+        await self._run("rmdir", fn)
+
+    async def forget(self, ino: int) -> None:
+        """No reference to `ino` remains (kernel lookups, open files): free it if it
+        has no links left."""
+        async def fn(op):
+            node = await op.inode(ino, "X", must_exist=False)
+            if node.nlink != 0 or node.mode == 0:
+                return False
+            onode = await op.inode(self.orphan_ino, "X")
+            key = b"%016x" % ino
+            if await directory.lookup(op, onode, key) is not None:
+                await directory.remove(op, onode, key)
+                await op.put(self.orphan_ino, onode)
+            await self._free(op, ino, node)
+            return True
+        return await self._run("forget", fn)
+
+    async def reclaim_orphans(self) -> int:
+        """Free every orphan (after a crash or at mount nobody references them)."""
+        async def list_fn(op):
+            onode = await self._dir(op, self.orphan_ino, "S")
+            return [e[1] for e in await directory.all_entries(op, onode)]
+        n = 0
+        for ino in await self._run("orphans", list_fn, readonly=True):
+            n += bool(await self.forget(ino))
+        return n
+
+    # ---------------------------------------------------------------- rename
+    async def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int = 0) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
+        directory.check_name(n_new)
+
+        async def fn(op):
+            first, second = sorted({p_old, p_new})
+            await self._dir(op, first, "X")
+            if second != first:
+                await self._dir(op, second, "X")
+            pold = await op.inode(p_old, "X")
+            pnew = await op.inode(p_new, "X")
+            src = await directory.lookup(op, pold, n_old)
+            if src is None:
+                raise FsError(errno.ENOENT, n_old.decode(errors="replace"))
+            dst = await directory.lookup(op, pnew, n_new)
+            sino = src[0]
+            snode = await op.inode(sino, "X")
+            dnode = await op.inode(dst[0], "X") if dst else None
+            now = _now()
+            if flags & RENAME_EXCHANGE:
+                if dst is None:
+                    raise FsError(errno.ENOENT, n_new.decode(errors="replace"))
+                if sino == dst[0]:
+                    return
+                if p_old != p_new:
+                    if snode.is_dir:
+                        await self._check_not_ancestor(op, sino, p_new)
+                    if dnode.is_dir:
+                        await self._check_not_ancestor(op, dst[0], p_old)
+                await directory.replace(op, pold, n_old, dst[0], _type_of(dnode.mode))
+                await directory.replace(op, pnew, n_new, sino, _type_of(snode.mode))
+                if p_old != p_new:
+                    if snode.is_dir:
+                        snode.parent = p_new
+                        pold.nlink -= 1
+                        pnew.nlink += 1
+                    if dnode.is_dir:
+                        dnode.parent = p_old
+                        pnew.nlink -= 1
+                        pold.nlink += 1
+                snode.ctime_ns = dnode.ctime_ns = now
+                await op.put(dst[0], dnode)
+            else:
+                if dst is not None:
+                    if flags & RENAME_NOREPLACE:
+                        raise FsError(errno.EEXIST, n_new.decode(errors="replace"))
+                    if dst[0] == sino:
+                        return          # both names are links to one file: nothing to do
+                    if snode.is_dir and not dnode.is_dir:
+                        raise FsError(errno.ENOTDIR, n_new.decode(errors="replace"))
+                    if not snode.is_dir and dnode.is_dir:
+                        raise FsError(errno.EISDIR, n_new.decode(errors="replace"))
+                    if dnode.is_dir and dnode.dir_entries:
+                        raise FsError(errno.ENOTEMPTY, n_new.decode(errors="replace"))
+                if snode.is_dir and p_old != p_new:
+                    await self._check_not_ancestor(op, sino, p_new)
+                if dst is not None:
+                    await directory.replace(op, pnew, n_new, sino, _type_of(snode.mode))
+                    if dnode.is_dir:
+                        pnew.nlink -= 1
+                    await self._drop_link(op, dst[0], dnode)
+                else:
+                    if snode.is_dir and p_old != p_new and pnew.nlink >= LINK_MAX:
+                        raise FsError(errno.EMLINK, "too many subdirectories")
+                    await directory.insert(op, p_new, pnew, n_new, sino, _type_of(snode.mode))
+                await directory.remove(op, pold, n_old)
+                if snode.is_dir and p_old != p_new:
+                    snode.parent = p_new
+                    pold.nlink -= 1
+                    pnew.nlink += 1
+                snode.ctime_ns = now
+            await op.put(sino, snode)
+            pold.mtime_ns = pold.ctime_ns = now
+            pnew.mtime_ns = pnew.ctime_ns = now
+            await op.put(p_old, pold)
+            if p_new != p_old:
+                await op.put(p_new, pnew)
+        await self._run("rename", fn)
+
+    async def _check_not_ancestor(self, op: Op, ino: int, start: int) -> None:
+        """EINVAL if directory `ino` is `start` or one of its ancestors."""
+        cur = start
+        seen = 0
+        while True:
+            if cur == ino:
+                raise FsError(errno.EINVAL, "cannot move a directory into its own subtree")
+            if cur == self.root_ino:
+                return
+            node = await op.inode(cur, "S")
+            cur = node.parent
+            seen += 1
+            if cur == 0 or seen > 100000:
+                raise FsError(errno.EIO, "directory parent chain is broken (run fsck)")
+
+    # ---------------------------------------------------------------- data
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        async def fn(op):
+            node = await op.inode(ino, "S")
+            if node.is_dir:
+                raise FsError(errno.EISDIR, "is a directory")
+            end = min(offset + size, node.size)
+            if offset >= end:
+                return b""
+            first = offset // BLOCK_SIZE
+            last = (end - 1) // BLOCK_SIZE
+            blks = await blockmap.lookup_range(op, node, first, last - first + 1)
+            parts = []
+            zero = bytes(BLOCK_SIZE)
+            for blk in blks:
+                parts.append(await op.read_block(blk) if blk else zero)
+            buf = b"".join(parts)
+            start = offset - first * BLOCK_SIZE
+            return buf[start:start + end - offset]
+        return await self._run("read", fn, readonly=True)
+
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        if offset < 0:
+            raise FsError(errno.EINVAL, "negative offset")
+        if offset + len(data) > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG, f"write beyond the largest file size ({MAX_FILE_SIZE} bytes)")
+        if not data:
+            return 0
+
+        async def fn(op):
+            node = await op.inode(ino, "X")
+            if node.is_dir:
+                raise FsError(errno.EISDIR, "is a directory")
+            end = offset + len(data)
+            first = offset // BLOCK_SIZE
+            last = (end - 1) // BLOCK_SIZE
+            near = None
+            mv = memoryview(data)
+            for idx in range(first, last + 1):
+                bstart = idx * BLOCK_SIZE
+                lo = max(offset, bstart)
+                hi = min(end, bstart + BLOCK_SIZE)
+                seg = mv[lo - offset:hi - offset]
+                blk, fresh = await blockmap.ensure(op, ino, node, idx, near=near)
+                near = blk + 1
+                if fresh:
+                    inoff = lo - bstart
+                    full = bytes(inoff) + bytes(seg) + bytes(BLOCK_SIZE - inoff - len(seg))
+                    await op.write_block(blk, 0, full, undo=False)
+                else:
+                    await op.write_block(blk, lo - bstart, bytes(seg))
+            if end > node.size:
+                node.size = end
+            node.mtime_ns = node.ctime_ns = _now()
+            if node.mode & (stat.S_ISUID | stat.S_ISGID):
+                node.mode &= ~stat.S_ISUID
+                if node.mode & stat.S_IXGRP:
+                    node.mode &= ~stat.S_ISGID
+            await op.put(ino, node)
+            return len(data)
+        return await self._run("write", fn)
+
+    async def fsync(self, ino: int | None = None) -> None:
+        """Return when every committed operation so far is on stable storage."""
+        await self.mgr.force()
+
+    # ---------------------------------------------------------------- directories
+    async def readdir(self, ino: int, start: int, limit: int = READDIR_BATCH):
+        """Up to `limit` (name, Attr, next_offset) from offset `start` (0 = beginning)."""
+        async def fn(op):
+            node = await self._dir(op, ino, "S")
+            out = []
+            for name, cino, typ, nxt in await directory.list_from(op, node, start, limit):
+                out.append((name, Attr.of(cino, await op.inode(cino, "S")), nxt))
+            return out
+        return await self._run("readdir", fn, readonly=True)
+
+    async def statfs(self) -> dict:
+        sb = self.sb
+        return dict(bsize=BLOCK_SIZE, frsize=BLOCK_SIZE, blocks=sb.nblocks - sb.data_start,
+                    bfree=self.bmap.nfree, bavail=self.bmap.nfree, files=sb.ninodes - 3,
+                    ffree=self.imap.nfree, favail=self.imap.nfree, namemax=NAME_MAX)
+
+    # ---------------------------------------------------------------- xattrs
+    async def _xattrs(self, op: Op, node: Inode) -> dict:
+        if not node.xattr_block:
+            return {}
+        data = await op.read_block(node.xattr_block)
+        n = int.from_bytes(data[:4], "little")
+        return msgpack.unpackb(data[4:4 + n]) if n else {}
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        async def fn(op):
+            node = await op.inode(ino, "S")
+            val = (await self._xattrs(op, node)).get(name)
+            if val is None:
+                raise FsError(errno.ENODATA, name.decode(errors="replace"))
+            return val
+        return await self._run("getxattr", fn, readonly=True)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        async def fn(op):
+            return list(await self._xattrs(op, await op.inode(ino, "S")))
+        return await self._run("listxattr", fn, readonly=True)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if len(name) > XATTR_NAME_MAX or not name:
+            raise FsError(errno.ERANGE, "xattr name length")
+        if len(value) > XATTR_VALUE_MAX:
+            raise FsError(errno.E2BIG, f"xattr value of {len(value)} bytes (at most {XATTR_VALUE_MAX})")
+
+        async def fn(op):
+            node = await op.inode(ino, "X")
+            xs = await self._xattrs(op, node)
+            if flags & XATTR_CREATE and name in xs:
+                raise FsError(errno.EEXIST, name.decode(errors="replace"))
+            if flags & XATTR_REPLACE and name not in xs:
+                raise FsError(errno.ENODATA, name.decode(errors="replace"))
+            xs[name] = value
+            await self._put_xattrs(op, ino, node, xs)
+        await self._run("setxattr", fn)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        async def fn(op):
+            node = await op.inode(ino, "X")
+            xs = await self._xattrs(op, node)
+            if name not in xs:
+                raise FsError(errno.ENODATA, name.decode(errors="replace"))
+            del xs[name]
+            await self._put_xattrs(op, ino, node, xs)
+        await self._run("removexattr", fn)
+
+    async def _put_xattrs(self, op: Op, ino: int, node: Inode, xs: dict) -> None:
+        packed = msgpack.packb(xs) if xs else b""
+        if len(packed) + 4 > BLOCK_SIZE:
+            raise FsError(errno.ENOSPC, "no room for more extended attributes on this file")
+        if not xs:
+            if node.xattr_block:
+                await op.free_block(node.xattr_block)
+                node.xattr_block = 0
+        else:
+            fresh = False
+            if not node.xattr_block:
+                node.xattr_block = await op.new_block(zero=False)
+                fresh = True
+            body = (len(packed).to_bytes(4, "little") + packed).ljust(BLOCK_SIZE, b"\0")
+            await op.write_block(node.xattr_block, 0, body, undo=not fresh)
+        node.ctime_ns = _now()
+        await op.put(ino, node)
+
+    async def close(self) -> None:
+        """Checkpoint and close the transaction manager (the device stays open)."""
+        await self.mgr.close()

@@ -1,0 +1,280 @@
+"""The pyfuse3 `Operations` adapter: thin handlers that translate between the kernel's
+requests and the filesystem state machine (`FileSystem` in process, or anything with the
+same methods -- the replication client later).
+
+Every handler catches the core's `FsError` and raises `pyfuse3.FUSEError(errno)`; any
+other exception is logged and becomes EIO, because pyfuse3 ends the mount on anything
+else.
+
+Lookup counts follow pyfuse3's contract (developer-notes/lookup_counts.rst): +1 for each
+successful lookup, create, mknod, mkdir, symlink, link, and each readdir entry for which
+`readdir_reply` returned True; `forget` subtracts. An inode whose lookup count and open
+handles both reach zero is handed to `fs.forget`, which frees it if it has no links
+(an unlinked file that is still open lives until then).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import Counter
+
+import pyfuse3
+
+from replfs.fs.errors import FsError
+from replfs.raid.blockdev import BlockIOError
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 5.0
+ENTRY_TIMEOUT = 5.0
+
+
+def entry(attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = attr.ino
+    e.generation = attr.generation
+    e.st_mode = attr.mode
+    e.st_nlink = attr.nlink
+    e.st_uid = attr.uid
+    e.st_gid = attr.gid
+    e.st_rdev = attr.rdev
+    e.st_size = attr.size
+    e.st_blksize = 4096
+    e.st_blocks = attr.blocks
+    e.st_atime_ns = attr.atime_ns
+    e.st_mtime_ns = attr.mtime_ns
+    e.st_ctime_ns = attr.ctime_ns
+    e.attr_timeout = ATTR_TIMEOUT
+    e.entry_timeout = ENTRY_TIMEOUT
+    return e
+
+
+def translate(fn):
+    """Map the core's errors to FUSEError; nothing else may leave a handler."""
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except BlockIOError as exc:
+            log.error("%s: I/O error: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as exc:
+            log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed unexpectedly; answering EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, fs):
+        super().__init__()
+        self.fs = fs
+        self.lookups: Counter[int] = Counter()
+        self.opens: Counter[int] = Counter()
+        self._handles: dict[int, int] = {}
+        self._next_fh = 1
+
+    # ------------------------------------------------------------ references
+    def _looked_up(self, attr):
+        self.lookups[attr.ino] += 1
+        return entry(attr)
+
+    async def _maybe_forget(self, ino: int) -> None:
+        if self.lookups[ino] <= 0 and self.opens[ino] <= 0:
+            self.lookups.pop(ino, None)
+            self.opens.pop(ino, None)
+            await self.fs.forget(ino)
+
+    def _new_fh(self, ino: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = ino
+        self.opens[ino] += 1
+        return fh
+
+    def _ino(self, fh: int) -> int:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    @translate
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            self.lookups[ino] -= n
+            if ino != pyfuse3.ROOT_INODE:
+                await self._maybe_forget(ino)
+
+    # ------------------------------------------------------------ names
+    @translate
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._looked_up(await self.fs.lookup(parent_inode, name))
+
+    @translate
+    async def getattr(self, inode, ctx=None):
+        return entry(await self.fs.getattr(inode))
+
+    @translate
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        kw = {}
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_atime:
+            kw["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime_ns"] = attr.st_mtime_ns
+        return entry(await self.fs.setattr(inode, **kw))
+
+    @translate
+    async def readlink(self, inode, ctx):
+        return await self.fs.readlink(inode)
+
+    @translate
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self._looked_up(await self.fs.mknod(parent_inode, name, mode & ~ctx.umask,
+                                                   rdev, ctx.uid, ctx.gid))
+
+    @translate
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._looked_up(await self.fs.mkdir(parent_inode, name, mode & ~ctx.umask,
+                                                   ctx.uid, ctx.gid))
+
+    @translate
+    async def unlink(self, parent_inode, name, ctx):
+        await self.fs.unlink(parent_inode, name)
+
+    @translate
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.fs.rmdir(parent_inode, name)
+
+    @translate
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self._looked_up(await self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @translate
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @translate
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._looked_up(await self.fs.link(inode, new_parent_inode, new_name))
+
+    # ------------------------------------------------------------ files
+    @translate
+    async def open(self, inode, flags, ctx):
+        attr = await self.fs.getattr(inode)
+        if attr.mode & 0o170000 == 0o040000:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=self._new_fh(inode))
+
+    @translate
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        attr = await self.fs.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        e = self._looked_up(attr)
+        return pyfuse3.FileInfo(fh=self._new_fh(attr.ino)), e
+
+    @translate
+    async def read(self, fh, off, size):
+        return await self.fs.read(self._ino(fh), off, size)
+
+    @translate
+    async def write(self, fh, off, buf):
+        return await self.fs.write(self._ino(fh), off, buf)
+
+    @translate
+    async def flush(self, fh):
+        self._ino(fh)
+
+    @translate
+    async def release(self, fh):
+        ino = self._handles.pop(fh, None)
+        if ino is not None:
+            self.opens[ino] -= 1
+            await self._maybe_forget(ino)
+
+    @translate
+    async def fsync(self, fh, datasync):
+        await self.fs.fsync(self._ino(fh))
+
+    # ------------------------------------------------------------ directories
+    @translate
+    async def opendir(self, inode, ctx):
+        attr = await self.fs.getattr(inode)
+        if attr.mode & 0o170000 != 0o040000:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return self._new_fh(inode)
+
+    @translate
+    async def readdir(self, fh, start_id, token):
+        ino = self._ino(fh)
+        while True:
+            batch = await self.fs.readdir(ino, start_id)
+            if not batch:
+                return
+            for name, attr, nxt in batch:
+                if not pyfuse3.readdir_reply(token, name, entry(attr), nxt):
+                    return
+                self.lookups[attr.ino] += 1
+                start_id = nxt
+
+    @translate
+    async def releasedir(self, fh):
+        await self.release(fh)
+
+    @translate
+    async def fsyncdir(self, fh, datasync):
+        await self.fs.fsync(self._ino(fh))
+
+    @translate
+    async def statfs(self, ctx):
+        st = await self.fs.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = st["bsize"]
+        s.f_frsize = st["frsize"]
+        s.f_blocks = st["blocks"]
+        s.f_bfree = st["bfree"]
+        s.f_bavail = st["bavail"]
+        s.f_files = st["files"]
+        s.f_ffree = st["ffree"]
+        s.f_favail = st["favail"]
+        s.f_namemax = st["namemax"]
+        return s
+
+    @translate
+    async def access(self, inode, mode, ctx):
+        # default_permissions: the kernel checks modes itself
+        return True
+
+    # ------------------------------------------------------------ xattrs
+    @translate
+    async def setxattr(self, inode, name, value, ctx):
+        await self.fs.setxattr(inode, name, value)
+
+    @translate
+    async def getxattr(self, inode, name, ctx):
+        return await self.fs.getxattr(inode, name)
+
+    @translate
+    async def listxattr(self, inode, ctx):
+        return await self.fs.listxattr(inode)
+
+    @translate
+    async def removexattr(self, inode, name, ctx):
+        await self.fs.removexattr(inode, name)

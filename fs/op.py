@@ -1,0 +1,111 @@
+"""`Op`: the context of one attempt of one filesystem operation (one transaction).
+
+It wraps the transaction with the filesystem's vocabulary: lock-and-read an inode, write
+it back, allocate and free blocks and inodes. It remembers what it allocated and freed so
+that the in-memory allocation maps follow the transaction's fate (see alloc.py).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from replfs.fs.errors import FsError
+from replfs.fs.layout import (BLOCK_SIZE, INODE_SIZE, INODES_PER_BLOCK, Inode, ino_group,
+                              ino_slot, make_ino)
+
+if TYPE_CHECKING:
+    from replfs.fs.core import FileSystem
+
+
+class Op:
+    def __init__(self, fs: "FileSystem", txn):
+        self.fs = fs
+        self.txn = txn
+        self.sb = fs.sb
+        self._inodes: dict[int, Inode] = {}
+        self._modes: dict[int, str] = {}
+        self.alloc_blocks: list[int] = []
+        self.freed_blocks: list[int] = []
+        self.alloc_inodes: list[int] = []
+        self.freed_inodes: list[int] = []
+
+    # ------------------------------------------------------------ inodes
+    def _slot(self, ino: int) -> int:
+        slot = ino_slot(ino)
+        if ino_group(ino) != self.sb.group or not 0 < slot < self.sb.ninodes:
+            raise FsError(errno.ENOENT, f"inode {ino} is not in this group")
+        return slot
+
+    def _where(self, slot: int) -> tuple[int, int]:
+        return (self.sb.itable_start + slot // INODES_PER_BLOCK,
+                (slot % INODES_PER_BLOCK) * INODE_SIZE)
+
+    async def lock(self, key, mode: str) -> None:
+        held = self._modes.get(key)
+        if held == "X" or held == mode:
+            return
+        await self.txn.lock(key, mode)
+        self._modes[key] = mode
+
+    async def inode(self, ino: int, mode: str = "S", *, must_exist: bool = True) -> Inode:
+        """Lock inode `ino` (S or X, strict 2PL) and return it (this op's private copy)."""
+        slot = self._slot(ino)
+        await self.lock(("inode", ino), mode)
+        node = self._inodes.get(ino)
+        if node is None:
+            blk, off = self._where(slot)
+            data = await self.txn.read(blk)
+            node = Inode.unpack(data[off:off + INODE_SIZE])
+            self._inodes[ino] = node
+        if must_exist and node.nlink == 0 and node.mode == 0:
+            raise FsError(errno.ENOENT, f"inode {ino} does not exist")
+        return node
+
+    async def put(self, ino: int, node: Inode) -> None:
+        """Write `node` back (the caller holds X on it)."""
+        blk, off = self._where(self._slot(ino))
+        self._inodes[ino] = node
+        await self.txn.write(blk, off, node.pack())
+
+    async def new_inode(self, node: Inode, near: int | None = None) -> int:
+        slot = await self.fs.imap.allocate(self.txn, None if near is None else ino_slot(near))
+        self.alloc_inodes.append(slot)
+        ino = make_ino(self.sb.group, slot)
+        await self.lock(("inode", ino), "X")
+        node.generation = self.fs.next_generation()
+        await self.put(ino, node)
+        return ino
+
+    async def free_inode(self, ino: int) -> None:
+        slot = self._slot(ino)
+        await self.fs.imap.free(self.txn, slot)
+        self.freed_inodes.append(slot)
+        await self.put(ino, Inode())
+
+    # ------------------------------------------------------------ blocks
+    async def new_block(self, near: int | None = None, zero: bool = True) -> int:
+        n = await self.fs.bmap.allocate(self.txn, near)
+        self.alloc_blocks.append(n)
+        if zero:
+            await self.txn.write(n, 0, bytes(BLOCK_SIZE), undo=False)
+        return n
+
+    async def free_block(self, n: int) -> None:
+        await self.fs.bmap.free(self.txn, n)
+        self.freed_blocks.append(n)
+
+    async def read_block(self, n: int) -> bytes:
+        return await self.txn.read(n)
+
+    async def write_block(self, n: int, offset: int, data: bytes, undo: bool = True) -> None:
+        await self.txn.write(n, offset, data, undo=undo)
+
+    # ------------------------------------------------------------ fate
+    def aborted(self) -> None:
+        self.fs.bmap.rollback_allocated(self.alloc_blocks)
+        self.fs.imap.rollback_allocated(self.alloc_inodes)
+
+    def committed(self) -> None:
+        self.fs.bmap.commit_freed(self.freed_blocks)
+        self.fs.imap.commit_freed(self.freed_inodes)

@@ -1,0 +1,196 @@
+"""`replfs mkfs`, `replfs mount --local`, `replfs umount`: a local (unreplicated)
+filesystem on one RAID-5 array, mounted with pyfuse3."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import trio
+
+from replfs.errors import ReplfsError
+from replfs.tools.sizes import parse_size
+
+log = logging.getLogger("replfs.mount")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("mkfs", help="make a RAID-5 array and a filesystem on it in DIR")
+    p.add_argument("dir")
+    p.add_argument("--disks", type=int, default=4, help="disks in the array (default 4)")
+    p.add_argument("--size", default="256M", help="size of each disk image (default 256M)")
+    p.add_argument("--chunk", default="64K", help="RAID chunk size (default 64K)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing filesystem")
+    p.set_defaults(func=cmd_mkfs)
+
+    p = sub.add_parser("mount", help="mount a filesystem")
+    p.add_argument("--local", action="store_true", required=True,
+                   help="serve the filesystem in this process from the array in DIR")
+    p.add_argument("dir")
+    p.add_argument("mountpoint")
+    p.add_argument("--daemon", action="store_true", help="return once mounted")
+    p.add_argument("--allow-other", action="store_true", help="let other users in (FUSE allow_other)")
+    p.add_argument("--debug-log", action="store_true", help="log every error at debug level")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse_suppress())
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount a replfs mount")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
+
+
+def argparse_suppress():
+    import argparse
+    return argparse.SUPPRESS
+
+
+def cmd_mkfs(args) -> int:
+    from replfs.fs.mkfs import mkfs
+    from replfs.raid import create_array, open_array
+
+    if os.path.exists(os.path.join(args.dir, "array.json")) and not args.force:
+        raise ReplfsError(f"{args.dir} already holds an array; add --force to destroy it "
+                          "and make a new filesystem")
+
+    async def go():
+        if os.path.exists(os.path.join(args.dir, "array.json")):
+            array = open_array(args.dir)
+        else:
+            array = create_array(args.dir, args.disks, parse_size(args.size), parse_size(args.chunk))
+        try:
+            sb = await mkfs(array)
+        finally:
+            array.close()
+        print(f"replfs: made a filesystem on {args.dir}: {sb.nblocks} blocks of 4 KiB "
+              f"({sb.nblocks * 4096 // 2**20} MiB), {sb.ninodes} inodes, "
+              f"{sb.log_blocks * 4 // 1024} MiB of log")
+    trio.run(go)
+    return 0
+
+
+def _is_mounted(mnt: str) -> bool:
+    mnt = os.path.realpath(mnt)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 1 and parts[1].encode().decode("unicode_escape") == mnt:
+                return True
+    return False
+
+
+def _check_mountpoint(mnt: str) -> None:
+    if not os.path.isdir(mnt):
+        raise ReplfsError(f"mount point {mnt} is not a directory; create it with mkdir")
+    if _is_mounted(mnt):
+        raise ReplfsError(f"{mnt} is already mounted; unmount it first (replfs umount {mnt})")
+
+
+def cmd_mount(args) -> int:
+    _check_mountpoint(args.mountpoint)
+    if not os.path.exists(os.path.join(args.dir, "array.json")):
+        raise ReplfsError(f"{args.dir} holds no replfs array; make one with `replfs mkfs {args.dir}`")
+    if args.daemon:
+        return _daemonize(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    trio.run(serve_local, args.dir, args.mountpoint, args.allow_other, args.ready_fd)
+    return 0
+
+
+def _daemonize(args) -> int:
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "replfs.tools.cli", "mount", "--local", args.dir,
+           args.mountpoint, "--ready-fd", str(w)]
+    if args.allow_other:
+        cmd.append("--allow-other")
+    logpath = os.path.join(args.dir, "mount.log")
+    with open(logpath, "ab") as logf:
+        proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=logf, start_new_session=True)
+    os.close(w)
+    with os.fdopen(r, "rb") as rf:
+        msg = rf.read()
+    if msg.startswith(b"ready"):
+        print(f"replfs: mounted {args.dir} on {args.mountpoint} (pid {proc.pid}, log {logpath})")
+        return 0
+    rc = proc.wait()
+    raise ReplfsError(f"the mount process exited (code {rc}) before mounting; see {logpath}"
+                      + (f": {msg.decode(errors='replace').strip()}" if msg else ""))
+
+
+async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
+                      ready_fd: int | None = None) -> None:
+    """Open the array in `dirpath`, mount its filesystem on `mnt`, serve until
+    unmounted or signalled; always closes the filesystem and the array."""
+    import pyfuse3
+
+    from replfs.fs.fuse_ops import Operations
+    from replfs.fs.mkfs import open_fs
+    from replfs.raid import open_array
+
+    def fail(msg):
+        if ready_fd is not None:
+            os.write(ready_fd, b"error: " + msg.encode())
+        raise ReplfsError(msg)
+
+    try:
+        array = open_array(dirpath)
+    except ReplfsError as exc:
+        fail(str(exc))
+    try:
+        try:
+            fs = await open_fs(array)
+        except ReplfsError as exc:
+            fail(str(exc))
+        try:
+            ops = Operations(fs)
+            options = set(pyfuse3.default_options)
+            options |= {"fsname=replfs", "subtype=replfs"}
+            if allow_other:
+                options.add("allow_other")
+            try:
+                pyfuse3.init(ops, mnt, options)
+            except RuntimeError as exc:
+                fail(f"cannot mount on {mnt}: {exc}")
+            mounted = True
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_on_signal, nursery)
+                    if ready_fd is not None:
+                        os.write(ready_fd, b"ready\n")
+                        os.close(ready_fd)
+                        ready_fd = None
+                    log.info("mounted %s on %s", dirpath, mnt)
+                    await pyfuse3.main()
+                    nursery.cancel_scope.cancel()
+            finally:
+                if mounted:
+                    pyfuse3.close(unmount=True)
+        finally:
+            await fs.close()
+    finally:
+        array.close()
+        log.info("unmounted %s", mnt)
+
+
+async def _on_signal(nursery) -> None:
+    import pyfuse3
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+        async for _ in sigs:
+            pyfuse3.terminate()
+            return
+
+
+def cmd_umount(args) -> int:
+    mnt = args.mountpoint
+    if not os.path.isdir(mnt) and not _is_mounted(mnt):
+        raise ReplfsError(f"{mnt} is not a directory")
+    if not _is_mounted(mnt):
+        raise ReplfsError(f"{mnt} is not mounted")
+    r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ReplfsError(f"cannot unmount {mnt}: {r.stderr.strip()} (files still open? "
+                          f"close them, or use `fusermount3 -u -z {mnt}`)")
+    return 0
