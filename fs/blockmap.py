@@ -152,3 +152,19 @@ async def _truncate(op: Op, node: Inode, blk: int, level: int, base: int, keep: 
         node.blocks -= 1
         return True
     return False
+
+
+async def all_blocks(op: Op, node: Inode) -> list[int]:
+    """Every block the map uses, indirect blocks included (for fsck)."""
+    out: list[int] = []
+
+    async def walk(blk: int, level: int) -> None:
+        out.append(blk)
+        if level == 0:
+            return
+        for child in memoryview(await op.read_block(blk)).cast("I"):
+            if child:
+                await walk(child, level - 1)
+    if node.root:
+        await walk(node.root, node.depth)
+    return out

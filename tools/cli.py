@@ -18,6 +18,7 @@ from replfs.errors import ReplfsError
 COMMAND_MODULES = [
     "raid_cmd",
     "mount_cmd",
+    "fsck_cmd",
     "fault",
     "bench",
 ]
