@@ -1,0 +1,267 @@
+"""The write-ahead log: a circular region of a block device.
+
+Layout of the region ``[log_start, log_start + log_blocks)``:
+
+- block ``log_start`` is the log header (magic, version, geometry, random log id, epoch,
+  ``start_lsn`` = the oldest LSN recovery needs, ``ckpt_lsn`` = the last checkpoint record,
+  and a crc32c). It is rewritten by each truncation and by each recovery (epoch + 1).
+- blocks ``log_start + 1 ..`` hold the record stream: LSN ``l`` lives at byte ``l mod C``
+  of the data area (C = (log_blocks - 1) * block_size). Records are framed by
+  `records.frame`; a record may span blocks and the wrap-around.
+
+The live log is ``[start_lsn, end_lsn)``. It may use at most ``C - block_size`` bytes so
+that the block being appended to never shares a physical block with the tail.
+
+Forcing (`force`) is group commit: one task at a time writes every buffered block and
+flushes the device; tasks that want an LSN covered by that flush just wait for it, and
+the next leader takes everything that accumulated meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import crc32c
+import trio
+
+from replfs.crash import crash_point
+from replfs.raid.blockdev import BlockDevice
+
+from .errors import LogCorrupt, TxnManagerFailed
+from .records import FRAME, FRAME_SIZE, Record, check_frame, decode_body, frame
+
+MAGIC = b"RFSLOG\x00\x01"
+VERSION = 1
+HEADER = struct.Struct("<8sIIIQIQQ")  # magic, version, block_size, log_blocks, log_id, epoch, start_lsn, ckpt_lsn
+MIN_LOG_BLOCKS = 4
+
+
+@dataclass
+class LogHeader:
+    block_size: int
+    log_blocks: int
+    log_id: int
+    epoch: int
+    start_lsn: int
+    ckpt_lsn: int
+
+    def pack(self) -> bytes:
+        raw = HEADER.pack(MAGIC, VERSION, self.block_size, self.log_blocks, self.log_id,
+                          self.epoch, self.start_lsn, self.ckpt_lsn)
+        raw += struct.pack("<I", crc32c.crc32c(raw))
+        return raw + bytes(self.block_size - len(raw))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "LogHeader":
+        raw = data[:HEADER.size]
+        (crc,) = struct.unpack_from("<I", data, HEADER.size)
+        magic, version, bs, nblocks, log_id, epoch, start, ckpt = HEADER.unpack(raw)
+        if magic != MAGIC:
+            raise LogCorrupt("no replfs log at this place on the device (bad magic); "
+                             "format it first or check --log-start")
+        if crc32c.crc32c(raw) != crc:
+            raise LogCorrupt("log header checksum mismatch: the log header is damaged")
+        if version != VERSION:
+            raise LogCorrupt(f"log version {version} not supported (expected {VERSION})")
+        return cls(bs, nblocks, log_id, epoch, start, ckpt)
+
+
+class Log:
+    """Append, force and scan records; see the module docstring for the layout.
+
+    Not safe to use before `load()` (or `format()`) set its position. `append` is
+    synchronous so that a caller can log an update and change the page it describes
+    without another task running in between.
+    """
+
+    def __init__(self, device: BlockDevice, log_start: int, log_blocks: int,
+                 group_commit: bool = True):
+        if log_blocks < MIN_LOG_BLOCKS:
+            raise ValueError(f"log needs at least {MIN_LOG_BLOCKS} blocks")
+        if log_start < 0 or log_start + log_blocks > device.nblocks:
+            raise ValueError(f"log region {log_start}+{log_blocks} outside the device "
+                             f"({device.nblocks} blocks)")
+        self.device = device
+        self.bs = device.block_size
+        self.log_start = log_start
+        self.log_blocks = log_blocks
+        self.data_start = log_start + 1
+        self.data_blocks = log_blocks - 1
+        self.capacity = self.data_blocks * self.bs
+        self.usable = self.capacity - self.bs
+        self.group_commit = group_commit
+        self.header: LogHeader | None = None
+        self.start_lsn = 0      # tail: oldest byte still needed
+        self.end_lsn = 0        # next append goes here
+        self.durable_lsn = 0    # everything below is on stable storage
+        self.reserved = 0       # bytes promised to CLRs/ABORTs/COMMITs not yet appended
+        self._buf = bytearray()  # log bytes [_buf_lsn, end_lsn), _buf_lsn block aligned
+        self._buf_lsn = 0
+        self._flushing = False
+        self._flush_done = trio.Event()
+        self._flush_lock = trio.Lock()
+        self.failed: BaseException | None = None
+        self.flushes = 0
+        self.bytes_written = 0   # record bytes appended over the manager's lifetime
+
+    # ---- format / open ------------------------------------------------------------
+
+    async def format(self) -> None:
+        """Write a fresh header (new random log id, epoch 1) and an empty stream."""
+        self.header = LogHeader(self.bs, self.log_blocks, int.from_bytes(os.urandom(8), "little"),
+                                1, 0, 0)
+        self.start_lsn = self.end_lsn = self.durable_lsn = self._buf_lsn = 0
+        self._buf = bytearray()
+        await self.device.write_blocks({self.log_start: self.header.pack()})
+
+    async def read_header(self) -> LogHeader:
+        data = await self.device.read_block(self.log_start)
+        hdr = LogHeader.unpack(data)
+        if hdr.block_size != self.bs or hdr.log_blocks != self.log_blocks:
+            raise LogCorrupt(f"log header says {hdr.log_blocks} blocks of {hdr.block_size} "
+                             f"bytes, opened with {self.log_blocks} of {self.bs}")
+        self.header = hdr
+        return hdr
+
+    async def scan(self) -> list[tuple[int, int, Record]]:
+        """Read every valid record from the header's start LSN; set the end of the log.
+
+        Returns ``[(lsn, end_lsn_of_record, record), ...]``. The first record whose
+        frame, LSN, epoch or checksum does not check out ends the log (a torn tail).
+        """
+        hdr = self.header
+        area = await self.device.read_blocks(self.data_start, self.data_blocks)
+        cap = self.capacity
+
+        def get(lsn: int, n: int) -> bytes:
+            off = lsn % cap
+            if off + n <= cap:
+                return area[off:off + n]
+            return area[off:] + area[:off + n - cap]
+
+        out = []
+        lsn = hdr.start_lsn
+        prev_epoch = 0
+        while lsn + FRAME_SIZE - hdr.start_lsn <= self.usable:
+            head = get(lsn, FRAME_SIZE)
+            _, length, rlsn, epoch = FRAME.unpack(head)
+            end = lsn + FRAME_SIZE + length
+            if (rlsn != lsn or length == 0 or end - hdr.start_lsn > self.usable
+                    or not prev_epoch <= epoch <= hdr.epoch):
+                break
+            body = get(lsn + FRAME_SIZE, length)
+            if not check_frame(head, body, hdr.log_id):
+                break
+            try:
+                rec = decode_body(body)
+            except Exception:  # a valid checksum over an undecodable body: stop here too
+                break
+            out.append((lsn, end, rec))
+            prev_epoch = epoch
+            lsn = end
+        self.start_lsn = hdr.start_lsn
+        self.end_lsn = self.durable_lsn = lsn
+        self._buf_lsn = lsn - lsn % self.bs
+        self._buf = bytearray(get(self._buf_lsn, lsn - self._buf_lsn))
+        return out
+
+    async def write_header(self, *, start_lsn: int | None = None, ckpt_lsn: int | None = None,
+                           epoch: int | None = None) -> None:
+        """Rewrite and flush the header. Space below a new `start_lsn` is reused only after."""
+        hdr = self.header
+        if start_lsn is not None:
+            hdr.start_lsn = start_lsn
+        if ckpt_lsn is not None:
+            hdr.ckpt_lsn = ckpt_lsn
+        if epoch is not None:
+            hdr.epoch = epoch
+        await self.device.write_blocks({self.log_start: hdr.pack()})
+        crash_point("txn.log.header_written")
+        await self.device.flush()
+        self.start_lsn = hdr.start_lsn
+
+    # ---- space --------------------------------------------------------------------
+
+    @property
+    def used(self) -> int:
+        return self.end_lsn - self.start_lsn
+
+    def free(self) -> int:
+        """Bytes that may still be appended or reserved."""
+        return self.usable - self.used - self.reserved
+
+    # ---- append / force -----------------------------------------------------------
+
+    def append(self, rec: Record, *, reserved: int = 0) -> tuple[int, int]:
+        """Append `rec` to the in-memory tail; return (lsn, end lsn). Not yet durable.
+
+        `reserved` bytes previously added to `self.reserved` are consumed by this record.
+        Raises `TxnManagerFailed` after a failed flush, `RuntimeError` if the record
+        does not fit (callers reserve space first).
+        """
+        if self.failed is not None:
+            raise TxnManagerFailed(f"log write failed earlier: {self.failed!r}")
+        raw = frame(rec, self.end_lsn, self.header.epoch, self.header.log_id)
+        self.reserved -= reserved
+        if self.used + len(raw) > self.usable or self.reserved < 0:
+            self.reserved += reserved
+            raise RuntimeError(f"log overflow appending {len(raw)} bytes "
+                               f"(used {self.used}, reserved {self.reserved}, usable {self.usable})")
+        lsn = self.end_lsn
+        self._buf += raw
+        self.end_lsn += len(raw)
+        self.bytes_written += len(raw)
+        return lsn, self.end_lsn
+
+    async def force(self, lsn: int | None = None) -> None:
+        """Return once every record below `lsn` (default: everything appended) is durable.
+
+        Group commit: concurrent callers share one write + flush. Raises
+        `TxnManagerFailed` if the device failed (then, and forever after).
+        """
+        target = self.end_lsn if lsn is None else lsn
+        if not self.group_commit:
+            async with self._flush_lock:
+                await self._flush_once()
+            return
+        while self.durable_lsn < target:
+            if self.failed is not None:
+                raise TxnManagerFailed(f"log write failed: {self.failed!r}")
+            if self._flushing:
+                await self._flush_done.wait()
+                continue
+            self._flushing = True
+            self._flush_done = trio.Event()
+            try:
+                await self._flush_once()
+            finally:
+                self._flushing = False
+                self._flush_done.set()
+        if self.failed is not None:
+            raise TxnManagerFailed(f"log write failed: {self.failed!r}")
+
+    async def _flush_once(self) -> None:
+        end = self.end_lsn
+        data = bytes(self._buf[:end - self._buf_lsn])
+        blocks = {}
+        for i in range(0, len(data), self.bs):
+            chunk = data[i:i + self.bs]
+            lblock = (self._buf_lsn + i) // self.bs
+            blocks[self.data_start + lblock % self.data_blocks] = chunk + bytes(self.bs - len(chunk))
+        try:
+            if blocks:
+                await self.device.write_blocks(blocks)
+            crash_point("txn.log.written")
+            await self.device.flush()
+            crash_point("txn.log.flushed")
+        except BaseException as exc:
+            if not isinstance(exc, trio.Cancelled):
+                self.failed = exc
+            raise
+        self.flushes += 1
+        self.durable_lsn = max(self.durable_lsn, end)
+        keep_from = end - end % self.bs
+        del self._buf[:keep_from - self._buf_lsn]
+        self._buf_lsn = keep_from
