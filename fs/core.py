@@ -381,10 +381,8 @@ class FileSystem:
         directory.check_name(n_new)
 
         async def fn(op):
-            first, second = sorted({p_old, p_new})
-            await self._dir(op, first, "X")
-            if second != first:
-                await self._dir(op, second, "X")
+            for d in sorted({p_old, p_new}):       # a fixed order makes deadlocks rarer
+                await self._dir(op, d, "X")
             pold = await op.inode(p_old, "X")
             pnew = await op.inode(p_new, "X")
             src = await directory.lookup(op, pold, n_old)

@@ -73,7 +73,6 @@ async def mkfs(device, *, group: int = 0, uid: int = 0, gid: int = 0, root_mode:
             fs._mkfs_op = op
         await fs.mgr.run(make_dirs, name="mkfs")
         fs._mkfs_op.committed()
-        await fs.mgr.force()
     finally:
         await fs.close()
     return sb

@@ -55,8 +55,7 @@ class Op:
         node = self._inodes.get(ino)
         if node is None:
             blk, off = self._where(slot)
-            data = await self.txn.read(blk)
-            node = Inode.unpack(data[off:off + INODE_SIZE])
+            node = Inode.unpack(await self.txn.read(blk, off, INODE_SIZE))
             self._inodes[ino] = node
         if must_exist and node.nlink == 0 and node.mode == 0:
             raise FsError(errno.ENOENT, f"inode {ino} does not exist")

@@ -7,7 +7,7 @@ from replfs.raid.blockdev import MemoryDevice
 @pytest.fixture
 async def memdev():
     dev = MemoryDevice(8192)
-    await mkfs(dev)
+    await mkfs(dev, inodes=8192)
     return dev
 
 
