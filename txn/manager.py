@@ -603,6 +603,11 @@ class TxnManager:
 
     # ---- checkpoint / close / stats -----------------------------------------------------
 
+    async def force(self) -> None:
+        """Make every record appended so far durable (commits already are when they return;
+        this also covers decisions forgotten and aborts logged since)."""
+        await self.log.force()
+
     async def checkpoint(self) -> None:
         """Install every dirty page, log CHECKPOINT, and truncate the log.
 
