@@ -1,17 +1,17 @@
 """Directories: a linear-hashing table of entry pages stored in the directory's own
 block map, so that lookup and create never scan the directory.
 
-Each name has a 63-bit hash h (blake2b). With level L and split pointer s there are
+Each name has a 62-bit hash h (blake2b). With level L and split pointer s there are
 2**L + s buckets; name h lives in bucket h mod 2**L, or h mod 2**(L+1) if that is below
 s. Bucket b's first page is the directory's file block b; more pages chain from it
 (file blocks OVF_BASE + k). When the directory holds more than SPLIT_LOAD entries per
 bucket on average, bucket s is split into s and 2**L + s.
 
 readdir offsets are stable while the directory changes: entries are returned in order of
-the bit-reversed hash r = rev63(h), and bucket b holds exactly the names whose r falls in
+the bit-reversed hash r = rev62(h), and bucket b holds exactly the names whose r falls in
 one contiguous range, which a split only divides (the split-ordered-list trick). The
-offset after an entry is r + 1. (Two names of one directory with the same 63-bit hash
-could make readdir skip one of them at a batch boundary; the chance is ~n**2 / 2**64.)
+offset after an entry is r + 1. (Two names of one directory with the same 62-bit hash
+could make readdir skip one of them at a batch boundary; the chance is ~n**2 / 2**63.)
 
 Page: header <HHHI (magic, count, used bytes, next page's file block or 0), then
 entries <QQBB (h, ino, type, name length) + name.
@@ -34,11 +34,11 @@ HDR_SIZE = 12
 _ENT = struct.Struct("<QQBB")
 OVF_BASE = 1 << 26
 SPLIT_LOAD = 24
-H_BITS = 63
+H_BITS = 62     # cookies stay well inside a signed 64-bit off_t
 
 
 def name_hash(name: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> 1
+    return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> (64 - H_BITS)
 
 
 def rev(x: int, bits: int) -> int:

@@ -223,16 +223,27 @@ class Operations(pyfuse3.Operations):
 
     @translate
     async def readdir(self, fh, start_id, token):
+        # offsets: 1 after ".", 2 after "..", then the core's offsets + 2. "." and ".."
+        # do not count as lookups (pyfuse3's contract).
         ino = self._ino(fh)
+        if start_id == 0:
+            if not pyfuse3.readdir_reply(token, b".", entry(await self.fs.getattr(ino)), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            if not pyfuse3.readdir_reply(token, b"..", entry(await self.fs.lookup(ino, b"..")), 2):
+                return
+            start_id = 2
+        start = start_id - 2
         while True:
-            batch = await self.fs.readdir(ino, start_id)
+            batch = await self.fs.readdir(ino, start)
             if not batch:
                 return
             for name, attr, nxt in batch:
-                if not pyfuse3.readdir_reply(token, name, entry(attr), nxt):
+                if not pyfuse3.readdir_reply(token, name, entry(attr), nxt + 2):
                     return
                 self.lookups[attr.ino] += 1
-                start_id = nxt
+                start = nxt
 
     @translate
     async def releasedir(self, fh):

@@ -46,10 +46,11 @@ def force_unmount(mnt) -> None:
 class Mount:
     """A `replfs mount --local DIR MNT` in a child process."""
 
-    def __init__(self, data, mnt, env=None):
+    def __init__(self, data, mnt, env=None, allow_other=False):
         self.data = Path(data)
         self.mnt = Path(mnt)
         self.env = env
+        self.allow_other = allow_other
         self.proc: subprocess.Popen | None = None
         self.log = self.data / "mount-test.log"
 
@@ -59,7 +60,9 @@ class Mount:
         e.update(self.env or {})
         e.update(env or {})
         with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen([*REPLFS, "mount", "--local", str(self.data), str(self.mnt)],
+            extra = ["--allow-other"] if self.allow_other else []
+            self.proc = subprocess.Popen([*REPLFS, "mount", "--local", str(self.data), str(self.mnt),
+                                          *extra],
                                          stdout=logf, stderr=logf, env=e, start_new_session=True)
         wait_for_mount(self.proc, self.mnt)
         return self

@@ -8,7 +8,9 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,14 +32,19 @@ def renameat2(a, b, flags):
 @pytest.fixture(scope="module")
 def mount(tmp_path_factory):
     base = tmp_path_factory.mktemp("replfs")
-    data, mnt = base / "data", base / "mnt"
+    data = base / "data"
+    # the mount point must be reachable by other users for the permission tests
+    # (pytest's own tmp folders are 0700), and the mount lets them in (allow_other)
+    mnt = Path(tempfile.mkdtemp(prefix="replfs-mnt-"))
+    os.chmod(mnt, 0o755)
     replfs("mkfs", data, "--disks", "4", "--size", "96M")
-    m = Mount(data, mnt)
+    m = Mount(data, mnt, allow_other=True)
     try:
         m.start()
         yield m
     finally:
         m.stop()
+        shutil.rmtree(mnt, ignore_errors=True)
 
 
 @pytest.fixture
@@ -180,6 +187,8 @@ def test_permissions_as_non_root(d):
     (d / "mine").write_text("root's")
     os.chmod(d / "mine", 0o644)
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    r = subprocess.run(nobody + ["ls", d], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr          # the user can get in at all
     r = subprocess.run(nobody + ["sh", "-c", f"echo x > {d}/new"], capture_output=True, text=True)
     assert r.returncode != 0 and "Permission denied" in r.stderr
     r = subprocess.run(nobody + ["sh", "-c", f"echo x >> {d}/mine"], capture_output=True, text=True)
