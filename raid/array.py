@@ -209,6 +209,7 @@ class Array:
         self._counters_dirty = False
         self._closed = False
         self.scrub_progress: dict | None = None
+        self.stats = {"bitmap_syncs": 0, "flushes": 0, "resynced_rows": 0}
 
     # ----------------------------------------------------------------- member I/O
 
@@ -411,6 +412,7 @@ class Array:
         if new:
             self._bits[new] = True
             self._write_bitmap(sync=True)
+            self.stats["bitmap_syncs"] += 1
             crash_point("raid.after_bitmap_set")
 
     def _needs_bits(self, rows) -> bool:
@@ -675,7 +677,13 @@ class Array:
         crash_point("raid.after_full_stripe")
 
     def _write_row(self, row: int, items: dict[tuple[int, int], bytes]) -> None:
-        """Partial-stripe write of one row: RMW or reconstruct-write, whichever reads less."""
+        """Partial-stripe write of one row: RMW or reconstruct-write, whichever reads less.
+
+        A block already lost (damaged on two members of its stripe) on a member that can
+        still be read is kept as it is and stays marked bad; parity is then computed from
+        what the members hold (reconstruct-write), so that every other block of the
+        stripe stays recoverable. A lost block that would have to be reconstructed (its
+        member is unreadable) makes the write fail: raising is the only safe answer."""
         g = self.geo
         n1 = g.ndisks - 1
         offs = [off for _, off in items]
@@ -690,11 +698,14 @@ class Array:
         pd = g.parity_disk(row)
         e0 = row * g.cb + lo
         cache: dict = {}
+        lost_at: dict[int, set[int]] = {}  # member -> lost indexes (relative to e0)
 
         def get(d):
             buf, lost = self._get(cache, d, e0, e0 + m)
             if lost:
-                self._raise_lost(d, e0, lost)
+                if not self.disks[d].readable(e0, e0 + m, g.cb):
+                    self._raise_lost(d, e0, lost)
+                lost_at[d] = set(lost)
             return buf
 
         # the new contents of each touched data chunk over lo..hi
@@ -709,24 +720,52 @@ class Array:
             i = off - lo
             new[role][i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE] = np.frombuffer(data, np.uint8)
 
+        def rcw():
+            par = np.zeros(m * BLOCK_SIZE, dtype=np.uint8)
+            for role in range(n1):
+                par ^= new[role] if role in new else get(g.data_disk(row, role))
+            return par
+
+        def rmw():
+            par = get(pd).copy()
+            for role, buf in new.items():
+                par ^= get(g.data_disk(row, role))
+                par ^= buf
+            return par
+
         parity = None
         if self.disks[pd].writable():
-            rmw_reads = len(touched) + 1
-            rcw_reads = len(untouched) + len(partial)
-            if rcw_reads <= rmw_reads:
-                parity = np.zeros(m * BLOCK_SIZE, dtype=np.uint8)
-                for role in range(n1):
-                    parity ^= new[role] if role in new else get(g.data_disk(row, role))
-            else:
-                parity = get(pd).copy()
-                for role, buf in new.items():
-                    parity ^= get(g.data_disk(row, role))
-                    parity ^= buf
+            first, second = (rcw, rmw) if len(untouched) + len(partial) <= len(touched) + 1 \
+                else (rmw, rcw)
+            try:
+                parity = first()
+            except BlockIOError:
+                lost_at.clear()
+                parity = second()
+            if lost_at and first is rmw:
+                parity = rcw()  # RMW over a lost block would spread the damage
         for role, buf in new.items():
             self._write_seg(g.data_disk(row, role), e0, buf.data)
         crash_point("raid.between_data_and_parity")
         if parity is not None:
             self._write_seg(pd, e0, parity.data)
+        # lost blocks that were rewritten as they were must keep failing their checksum
+        for d, lost in lost_at.items():
+            role = g.role(row, d)
+            if d == pd and parity is not None:
+                continue
+            disk = self.disks[d]
+            for i in lost:
+                if role in touched and (lo + i) in touched[role]:
+                    continue
+                e = e0 + i
+                try:
+                    blk = self._pread(disk, g.data_start + e, 1)
+                except _DiskGone:
+                    continue
+                disk.crcs[e] = (_crc(blk) ^ int(_mix(d, np.array([e]))[0])) ^ 0xFFFFFFFF
+                disk.crc_ok[e] = True
+                disk.dirty_cs.add(e // CRC_ENTRIES_PER_BLOCK)
         if sum(1 for d in self.disks if not d.writable()) > 1:
             raise BlockIOError(g.lblock(row, min(touched), lo),
                                "write failed: two or more disks of the array are unusable")
@@ -786,6 +825,7 @@ class Array:
             self._after_fsync(snap)
 
     def _before_fsync(self) -> set[int]:
+        self.stats["flushes"] += 1
         self._write_checksums()
         if self._counters_dirty:
             self._write_superblocks(sync=False)
@@ -858,6 +898,7 @@ class Array:
                     "nblocks": g.nblocks, "size_bytes": g.nblocks * BLOCK_SIZE,
                     "events": self.events, "dirty_regions": int(self._bits.sum()),
                     "disks": disks, "scrub": self.scrub_progress or state.get("scrub"),
+                    "stats": dict(self.stats),
                     "notices": list(self.notices[-20:])}
 
     # ----------------------------------------------------------------- maintenance
@@ -1389,7 +1430,7 @@ def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool) -> N
     with arr._lock:
         arr._write_superblocks(state="dirty", sync=True)
         if rows and not degraded:
-            arr._resync(rows)
+            arr.stats["resynced_rows"] = arr._resync(rows)
             arr.notices.append(f"unclean stop: resynchronised {len(rows)} chunk rows "
                                f"named by the write-intent bitmap")
         arr._repair_unknown_checksums()
