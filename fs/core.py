@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import msgpack
 
+from replfs.crash import crash_point
 from replfs.fs import blockmap, directory
 from replfs.fs.alloc import ByteMap
 from replfs.fs.errors import FsError
@@ -320,6 +321,7 @@ class FileSystem:
             if node.is_dir:
                 raise FsError(errno.EISDIR, "use rmdir for directories")
             await directory.remove(op, pnode, name)
+            crash_point("fs.unlink.removed")
             pnode.mtime_ns = pnode.ctime_ns = _now()
             await op.put(parent, pnode)
             await self._drop_link(op, ent[0], node)
@@ -439,6 +441,7 @@ class FileSystem:
                     if snode.is_dir and p_old != p_new and pnew.nlink >= LINK_MAX:
                         raise FsError(errno.EMLINK, "too many subdirectories")
                     await directory.insert(op, p_new, pnew, n_new, sino, _type_of(snode.mode))
+                crash_point("fs.rename.inserted")
                 await directory.remove(op, pold, n_old)
                 if snode.is_dir and p_old != p_new:
                     snode.parent = p_new
@@ -519,6 +522,7 @@ class FileSystem:
                     await op.write_block(blk, 0, full, undo=False)
                 else:
                     await op.write_block(blk, lo - bstart, bytes(seg))
+            crash_point("fs.write.blocks_written")
             if end > node.size:
                 node.size = end
             node.mtime_ns = node.ctime_ns = _now()
