@@ -139,9 +139,14 @@ async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
         array = open_array(dirpath)
     except ReplfsError as exc:
         fail(str(exc))
+    history = None
+    if os.environ.get("REPLFS_HISTORY"):
+        # tests: record every transaction's reads and writes, dumped at unmount
+        from replfs.txn import HistoryRecorder
+        history = HistoryRecorder()
     try:
         try:
-            fs = await open_fs(array)
+            fs = await open_fs(array, history=history)
         except ReplfsError as exc:
             fail(str(exc))
         try:
@@ -170,9 +175,40 @@ async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
                     pyfuse3.close(unmount=True)
         finally:
             await fs.close()
+            if history is not None:
+                dump_history(history, os.environ["REPLFS_HISTORY"])
     finally:
         array.close()
         log.info("unmounted %s", mnt)
+
+
+def dump_history(history, path: str) -> None:
+    """Write a HistoryRecorder to `path` (msgpack), for `load_history`."""
+    import msgpack
+
+    from replfs.txn import BlockRange
+    events = [(e.txn, e.op, ("B", *e.obj) if isinstance(e.obj, BlockRange) else ("K", repr(e.obj)))
+              for e in history.events]
+    with open(path, "wb") as f:
+        f.write(msgpack.packb(dict(events=events, committed=sorted(history.committed),
+                                   aborted=sorted(history.aborted))))
+
+
+def load_history(path: str):
+    import msgpack
+
+    from replfs.txn import BlockRange, HistoryRecorder
+    with open(path, "rb") as f:
+        d = msgpack.unpackb(f.read())
+    h = HistoryRecorder()
+    for txn, op, obj in d["events"]:
+        key = BlockRange(*obj[1:]) if obj[0] == "B" else obj[1]
+        (h.read if op == "r" else h.write)(txn, key)
+    for t in d["committed"]:
+        h.commit(t)
+    for t in d["aborted"]:
+        h.abort(t)
+    return h
 
 
 async def _on_signal(nursery) -> None:
