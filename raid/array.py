@@ -907,7 +907,7 @@ class Array:
         """Mark member k failed (as if it had died): the array goes on degraded."""
         with self._lock:
             self._check_open()
-            disk = self._member(k)
+            disk = self.member(k)
             if disk.state in ("failed", "missing"):
                 return
             others = [d for d in self.disks if d is not disk and d.state != "active"]
@@ -922,7 +922,8 @@ class Array:
             self._write_superblocks(sync=True)
             self.notices.append(f"disk {k} marked failed")
 
-    def _member(self, k: int) -> Disk:
+    def member(self, k: int) -> Disk:
+        """Member k; RaidError naming the valid range otherwise."""
         if not 0 <= k < len(self.disks):
             raise RaidError(f"no disk {k}: the array has disks 0..{len(self.disks) - 1}")
         return self.disks[k]
@@ -936,7 +937,7 @@ class Array:
         g = self.geo
         with self._lock:
             self._check_open()
-            disk = self._member(k)
+            disk = self.member(k)
             others = [d for d in self.disks if d is not disk and d.state != "active"]
             if others:
                 o = others[0]

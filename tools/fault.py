@@ -142,7 +142,7 @@ def _register_corrupt(fsub) -> None:
 def _run_fail_disk(args) -> int:
     arr = open_array(args.dir)
     try:
-        disk = arr._member(args.disk)
+        disk = arr.member(args.disk)
         path = disk.path
         arr.fail_disk(args.disk)
     finally:

@@ -143,6 +143,7 @@ def cmd_rebuild(args) -> int:
     console = Console(stderr=True)
     with _opened(args) as arr:
         geo = arr.geo
+        arr.member(args.disk)  # a bad index is an error before any progress bar
         with _progress(console, f"rebuild disk {args.disk}") as prog:
             task = prog.add_task("rebuild", total=geo.rows * geo.chunk)
             res = arr.rebuild(args.disk, image=args.image,
