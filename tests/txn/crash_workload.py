@@ -3,6 +3,9 @@
     python crash_workload.py IMAGE run      # format + a concurrent workload
     python crash_workload.py IMAGE recover  # only open (recover) and close
 
+IMAGE ending in ".array" is a directory holding a real RAID-5 array (raid/array.py,
+3 disks) instead of one FileDevice image file.
+
 Run with REPLFS_CRASH_AT=name[:n] to die at a crash point. Prints ``C i`` (flushed)
 after logical transaction i committed, and ``DONE`` at the end. The model that the test
 checks is in `Model` below: transaction i sets bit i in the 64-byte bitmap of each of
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import sys
 
 import trio
@@ -86,10 +90,20 @@ async def transaction(mgr: TxnManager, i: int) -> None:
     print(f"C {i}", flush=True)
 
 
-async def run(image: str) -> None:
-    if os.path.exists(image):      # a fresh image: no bits left from an earlier run
+def open_device(image: str, create: bool = False):
+    if image.endswith(".array"):
+        from replfs.raid.array import create_array, open_array
+        if create:
+            shutil.rmtree(image, ignore_errors=True)
+            return create_array(image, 3, 1 << 20, chunk=16 * 1024)
+        return open_array(image)
+    if create and os.path.exists(image):   # a fresh image: no bits left from earlier
         os.unlink(image)
-    dev = FileDevice(image, NBLOCKS, create=True)
+    return FileDevice(image, NBLOCKS if create else None, create=create)
+
+
+async def run(image: str) -> None:
+    dev = open_device(image, create=True)
     await TxnManager.format(dev, **LOG)
     mgr = await TxnManager.open(dev, **LOG, cache_blocks=CACHE)
     todo = list(range(NTXN))
@@ -109,7 +123,7 @@ async def run(image: str) -> None:
 
 
 async def recover(image: str) -> None:
-    dev = FileDevice(image)
+    dev = open_device(image)
     mgr = await TxnManager.open(dev, **LOG, cache_blocks=CACHE)
     await mgr.close()
     print("DONE", flush=True)

@@ -101,7 +101,7 @@ def verify(state, committed, in_doubt=()):
 
 
 async def recover_and_check(image, committed):
-    dev = FileDevice(image)
+    dev = W.open_device(str(image))
     try:
         mgr = await TxnManager.open(dev, **W.LOG, cache_blocks=W.CACHE)
         first = mgr.recovery
@@ -228,3 +228,16 @@ async def test_torn_tail_is_ignored(tmp_path):
     assert recovery["records"] == len(records) - 1
     if hasattr(last, "txn") and type(last).__name__ == "Commit":
         assert last.txn not in committed
+
+
+async def test_crash_and_recovery_over_the_raid5_array(tmp_path):
+    # the same workload over the real array (3 image files, parity, checksums)
+    for spec in ("txn.commit.appended:20", "txn.install.written:30",
+                 "txn.checkpoint.flushed:2", "txn.abort.clr:3"):
+        image = tmp_path / (spec.replace(":", "_") + ".array")
+        rc, committed = await child(image, "run", crash_at=spec)
+        assert rc == CRASH_EXIT_CODE, spec
+        try:
+            await recover_and_check(image, committed)
+        except AssertionError as exc:
+            raise AssertionError(f"array, after crash at {spec}: {exc}") from exc
