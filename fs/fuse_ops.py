@@ -182,6 +182,9 @@ class Operations(pyfuse3.Operations):
         attr = await self.fs.getattr(inode)
         if attr.mode & 0o170000 == 0o040000:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC:
+            # libfuse enables atomic O_TRUNC: the kernel leaves the truncation to us
+            await self.fs.setattr(inode, size=0)
         return pyfuse3.FileInfo(fh=self._new_fh(inode))
 
     @translate
