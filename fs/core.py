@@ -17,7 +17,9 @@ from __future__ import annotations
 import errno
 import stat
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import msgpack
 
@@ -60,6 +62,22 @@ class Attr:
                    n.atime_ns, n.mtime_ns, n.ctime_ns, n.generation)
 
 
+@dataclass
+class Request:
+    """Set (in `current_request`) by a replication server around one client operation.
+
+    The operation's transaction then commits with `payload(result)` as its commit
+    payload (e.g. the client id, sequence number and reply, for at-most-once), and leaves
+    its `CommitRecord` (txn/) in `commit`, so that the server can forward exactly that
+    transaction to its backup before answering. Read-only operations commit nothing and
+    leave `commit` None."""
+    payload: Callable[[Any], Any]
+    commit: Any = None
+
+
+current_request: ContextVar[Request | None] = ContextVar("replfs_fs_request", default=None)
+
+
 def _now() -> int:
     return time.time_ns()
 
@@ -97,7 +115,11 @@ class FileSystem:
                 ops[-1].aborted()        # the previous attempt was aborted and retried
             op = Op(self, txn)
             ops.append(op)
-            return await fn(op, *args)
+            result = await fn(op, *args)
+            req = current_request.get()
+            if req is not None and not readonly:
+                req.commit = await txn.commit(req.payload(result))
+            return result
 
         try:
             result = await self.mgr.run(attempt, name=name)
