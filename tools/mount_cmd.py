@@ -149,6 +149,10 @@ async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
             fs = await open_fs(array, history=history)
         except ReplfsError as exc:
             fail(str(exc))
+        except OSError as exc:
+            fail(f"cannot open the filesystem in {dirpath}: {exc}. The array cannot repair "
+                 f"this; see `replfs raid status {dirpath}`, then `replfs raid scrub` or "
+                 f"`replfs fsck --repair`")
         try:
             ops = Operations(fs)
             options = set(pyfuse3.default_options)
