@@ -16,6 +16,7 @@ CRASH_EXIT_CODE = 77
 
 _targets: dict[str, int] | None = None
 _counts: dict[str, int] = {}
+_log: str | None = None
 
 
 def _parse() -> dict[str, int]:
@@ -35,12 +36,12 @@ def reset() -> None:
 
 
 def crash_point(name: str) -> None:
-    global _targets
+    global _targets, _log
     if _targets is None:
         _targets = _parse()
-    log = os.environ.get("REPLFS_CRASH_LOG")
-    if log:
-        with open(log, "a") as f:
+        _log = os.environ.get("REPLFS_CRASH_LOG") or None
+    if _log:
+        with open(_log, "a") as f:
             f.write(name + "\n")
     if name in _targets:
         _counts[name] = _counts.get(name, 0) + 1

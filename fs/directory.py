@@ -107,13 +107,15 @@ async def _page(op: Op, node: Inode, idx: int) -> Page:
     return Page(blk, await op.read_block(blk))
 
 
-async def _chain(op: Op, node: Inode, b: int):
+async def _chain(op: Op, node: Inode, b: int) -> list[tuple[int, Page]]:
+    """The pages of bucket b's chain, in order (a list: async generators cost more)."""
+    out = []
     idx = b
     while True:
         page = await _page(op, node, idx)
-        yield idx, page
+        out.append((idx, page))
         if not page.next:
-            return
+            return out
         idx = page.next
 
 
@@ -128,7 +130,7 @@ async def init(op: Op, ino: int, node: Inode) -> None:
 async def lookup(op: Op, node: Inode, name: bytes) -> tuple[int, int] | None:
     """(ino, type) of `name`, or None. The caller holds S or X on the directory."""
     h = name_hash(name)
-    async for _, page in _chain(op, node, _bucket(node, h)):
+    for _, page in await _chain(op, node, _bucket(node, h)):
         for _, eh, ino, typ, ename in page.entries():
             if eh == h and ename == name:
                 return ino, typ
@@ -148,7 +150,7 @@ async def insert(op: Op, ino: int, node: Inode, name: bytes, child: int, typ: in
 
 async def _append(op: Op, ino: int, node: Inode, b: int, ent: bytes) -> None:
     last_idx, last = None, None
-    async for idx, page in _chain(op, node, b):
+    for idx, page in await _chain(op, node, b):
         if page.used + len(ent) <= BLOCK_SIZE:
             await op.write_block(page.blk, page.used, ent)
             await op.write_block(page.blk, 0, _HDR.pack(PAGE_MAGIC, page.count + 1,
@@ -182,7 +184,7 @@ async def _split(op: Op, ino: int, node: Inode) -> None:
     stay: list[bytes] = []
     move: list[bytes] = []
     pages: list[int] = []
-    async for idx, page in _chain(op, node, s):
+    for idx, page in await _chain(op, node, s):
         pages.append(idx)
         for _, h, cino, typ, name in page.entries():
             (move if (h & mask) == new_b else stay).append(_entry(h, cino, typ, name))
@@ -215,7 +217,7 @@ async def remove(op: Op, node: Inode, name: bytes) -> tuple[int, int]:
     """Remove `name`; returns its (ino, type). Raises ENOENT. The caller holds X on the
     directory and writes `node` back afterwards."""
     h = name_hash(name)
-    async for _, page in _chain(op, node, _bucket(node, h)):
+    for _, page in await _chain(op, node, _bucket(node, h)):
         for off, eh, ino, typ, ename in page.entries():
             if eh == h and ename == name:
                 size = _ENT.size + len(ename)
@@ -231,7 +233,7 @@ async def remove(op: Op, node: Inode, name: bytes) -> tuple[int, int]:
 async def replace(op: Op, node: Inode, name: bytes, child: int, typ: int) -> None:
     """Point the existing entry `name` at `child` (same name, same size)."""
     h = name_hash(name)
-    async for _, page in _chain(op, node, _bucket(node, h)):
+    for _, page in await _chain(op, node, _bucket(node, h)):
         for off, eh, ino, etyp, ename in page.entries():
             if eh == h and ename == name:
                 await op.write_block(page.blk, off, _ENT.pack(h, child, typ, len(name)))
@@ -249,7 +251,7 @@ async def list_from(op: Op, node: Inode, start: int, limit: int):
         b = _bucket(node, rev(r, H_BITS))
         lo, hi = _bucket_range(node, b)
         ents = []
-        async for _, page in _chain(op, node, b):
+        for _, page in await _chain(op, node, b):
             for _, h, ino, typ, name in page.entries():
                 rh = rev(h, H_BITS)
                 if rh >= r:
@@ -271,7 +273,7 @@ async def all_entries(op: Op, node: Inode):
     """Every (name, ino, type), for fsck."""
     out = []
     for b in range(_nbuckets(node)):
-        async for _, page in _chain(op, node, b):
+        for _, page in await _chain(op, node, b):
             for _, h, ino, typ, name in page.entries():
                 out.append((name, ino, typ, h, b))
     return out
