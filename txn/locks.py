@@ -115,7 +115,7 @@ class LockManager:
         except trio.WouldBlock:
             pass
         else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            # granted without waiting: no scheduling round here, commits are hot
             return
         self._waits += 1
         timeout = self.timeout if timeout is None else timeout
@@ -158,9 +158,13 @@ class LockManager:
             del holders[owner]
             if not holders:
                 del self._table[key]
-        if keys or owner in self._waiting:
-            async with self._cond:
-                self._cond.notify_all()
+        # Waiters register in _waiting under the condition's lock before they sleep, and
+        # re-check the table after acquiring it; so with none registered, nobody can
+        # miss this release and the (yielding) lock acquisition can be skipped.
+        if keys and self._waiting:
+            with trio.CancelScope(shield=True):   # a lost wake-up would strand waiters
+                async with self._cond:
+                    self._cond.notify_all()
 
     # ---- the wait-for graph -----------------------------------------------------------
 

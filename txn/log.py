@@ -235,6 +235,9 @@ class Log:
             self._flushing = True
             self._flush_done = trio.Event()
             try:
+                # one scheduling round before taking the batch: tasks that are already
+                # runnable (just woken by the previous flush) append their COMMITs first
+                await trio.lowlevel.checkpoint()
                 await self._flush_once()
             finally:
                 self._flushing = False

@@ -526,32 +526,43 @@ class TxnManager:
         prepared = txn.state == "prepared"
         if not (txn.updates or prepared or payload is not None):
             rec = CommitRecord(None, txn.id, (), None)   # read-only: nothing to log
-            with trio.CancelScope(shield=True):
-                await self._finish(txn, "committed")
+            await self._finish(txn, "committed")
             return rec
         if prepared and payload is None:
             size, from_txn = COMMIT_SIZE, True
         else:
             size, from_txn = _size(_packed_len(payload)), False
             await self._reserve(size)
-        with trio.CancelScope(shield=True):
-            lsn, end = self.log.append(Commit(txn.id, payload), reserved=size)
-            if from_txn:
-                txn.reserved -= size
-            rec = CommitRecord(lsn, txn.id, tuple(Change(u.block, u.offset, u.new)
-                                                  for u in txn.updates),
-                               txn.payload if payload is None else payload)
-            txn.commit_record = rec
-            txn.state = "committing"
+        # From the append on, the transaction is committed as soon as the log reaches
+        # the disk, whatever happens to this task: on cancellation the rest is finished
+        # shielded (not shielding the common path: a CancelScope per commit is costly).
+        lsn, end = self.log.append(Commit(txn.id, payload), reserved=size)
+        if from_txn:
+            txn.reserved -= size
+        rec = CommitRecord(lsn, txn.id, tuple(Change(u.block, u.offset, u.new)
+                                              for u in txn.updates),
+                           txn.payload if payload is None else payload)
+        txn.commit_record = rec
+        txn.state = "committing"
+        if self._subscribers:
             self._unpublished.append((end, rec))
-            crash_point("txn.commit.appended")
+        crash_point("txn.commit.appended")
+        try:
             await self.log.force(end)
-            crash_point("txn.commit.durable")
-            self._publish()
-            await self._finish(txn, "committed")
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await self.log.force(end)
+                await self._commit_durable(txn)
+            raise
+        await self._commit_durable(txn)
         if self.log.used > self.checkpoint_at * self.log.usable and not self._ckpt_running:
             await self.checkpoint()
         return rec
+
+    async def _commit_durable(self, txn: Txn) -> None:
+        crash_point("txn.commit.durable")
+        self._publish()
+        await self._finish(txn, "committed")
 
     async def _abort(self, txn: Txn) -> None:
         if txn.state in ("committed", "aborted", "committing"):

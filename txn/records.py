@@ -17,6 +17,7 @@ Body: ``[type, *fields]``; types and fields are the dataclasses below.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -152,17 +153,22 @@ def decode_body(body: bytes) -> Record:
     return rec
 
 
+_REST = struct.Struct("<IQI")   # the framed header after the crc: length, lsn, epoch
+_CRC = struct.Struct("<I")
+
+
 def frame(rec: Record, lsn: int, epoch: int, log_id: int) -> bytes:
     body = encode_body(rec)
-    head = FRAME.pack(0, len(body), lsn, epoch)
-    crc = crc32c.crc32c(head[4:] + body, _seed(log_id))
-    return FRAME.pack(crc, len(body), lsn, epoch) + body
+    rest = _REST.pack(len(body), lsn, epoch)
+    crc = crc32c.crc32c(body, crc32c.crc32c(rest, _seed(log_id)))
+    return _CRC.pack(crc) + rest + body
 
 
 def check_frame(head: bytes, body: bytes, log_id: int) -> bool:
     crc = FRAME.unpack(head)[0]
-    return crc32c.crc32c(head[4:] + body, _seed(log_id)) == crc
+    return crc32c.crc32c(body, crc32c.crc32c(head[4:], _seed(log_id))) == crc
 
 
+@functools.lru_cache(maxsize=8)
 def _seed(log_id: int) -> int:
     return crc32c.crc32c(log_id.to_bytes(8, "little"))
