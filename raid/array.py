@@ -65,6 +65,9 @@ from .layout import (BITS_PER_BITMAP_BLOCK, BLOCK_SIZE, CRC_ENTRIES_PER_BLOCK, G
 CONFIG_NAME = "array.json"
 STATE_NAME = "state.json"
 LOCK_NAME = "array.lock"
+BITMAP_NAME = "bitmap"
+BITMAP_LOOKAHEAD = 3  # regions set ahead of a sequential writer
+REBUILD_BATCH = 8 << 20  # bytes per member per rebuild/scrub step (one lock hold)
 
 _crc = crc32c.crc32c
 
@@ -74,8 +77,8 @@ class _DiskGone(Exception):
 
 
 def _mix(disk: int, entries: np.ndarray) -> np.ndarray:
-    """Per-position salt XORed into each stored crc, so that a block written to the wrong
-    place (or the wrong disk) does not verify."""
+    """Per-position salt XORed into each crc stored on disk, so that a checksum block
+    copied to the wrong place (or disk) does not verify its blocks."""
     e = entries.astype(np.uint64)
     return ((e * np.uint64(0x9E3779B1) + np.uint64((disk + 1) * 0x85EBCA77))
             & np.uint64(0xFFFFFFFF)).astype(np.uint32)
@@ -201,6 +204,7 @@ class Array:
         self.notices: list[str] = []
         self._lock = threading.RLock()
         self._lockfd = lockfd
+        self._bmfd = os.open(os.path.join(dirpath, BITMAP_NAME), os.O_RDWR | os.O_CREAT, 0o644)
         self._pool = ThreadPoolExecutor(max_workers=geo.ndisks, thread_name_prefix="raid")
         self._bits = np.zeros(geo.nregions, dtype=bool)  # write-intent bits as on disk
         self._written_cur: set[int] = set()  # regions written since the last flush began
@@ -209,6 +213,9 @@ class Array:
         self._counters_dirty = False
         self._closed = False
         self.scrub_progress: dict | None = None
+        self._scratch = bytearray(0)  # reused for full-stripe writes (no page faults)
+        self._rscratch = bytearray(0)  # reused as the target of healthy reads
+        self._skip = bytearray(0)  # where healthy reads put parity chunks they pass
         self.stats = {"bitmap_syncs": 0, "flushes": 0, "resynced_rows": 0}
 
     # ----------------------------------------------------------------- member I/O
@@ -318,13 +325,16 @@ class Array:
                 disk.dirty_cs.add(j)
             else:
                 crcs[j * per:(j + 1) * per] = np.frombuffer(blk[:-4], dtype="<u4")
-        disk.crcs = crcs[:g.entries].copy()
+        # in memory: the plain crc32c of each block (the salt is applied on disk only)
+        disk.crcs = crcs[:g.entries] ^ _mix(disk.index, np.arange(g.entries))
         disk.crc_ok = ok[:g.entries].copy()
         return damaged
 
     def _cs_image(self, disk: Disk, j: int) -> bytes:
         per = CRC_ENTRIES_PER_BLOCK
-        part = disk.crcs[j * per:(j + 1) * per]
+        e0 = j * per
+        part = disk.crcs[e0:e0 + per]
+        part = part ^ _mix(disk.index, np.arange(e0, e0 + len(part)))
         payload = part.astype("<u4").tobytes().ljust(per * 4, b"\0")
         return payload + self._cs_block_crc(disk.index, j, payload).to_bytes(4, "little")
 
@@ -352,14 +362,14 @@ class Array:
                 continue
 
     def _set_crcs(self, disk: Disk, e0: int, buf, n: int) -> None:
-        disk.crcs[e0:e0 + n] = _block_crcs(buf, n) ^ _mix(disk.index, np.arange(e0, e0 + n))
+        disk.crcs[e0:e0 + n] = _block_crcs(buf, n)
         disk.crc_ok[e0:e0 + n] = True
         per = CRC_ENTRIES_PER_BLOCK
         disk.dirty_cs.update(range(e0 // per, (e0 + n - 1) // per + 1))
 
     def _verify(self, disk: Disk, e0: int, buf, n: int) -> list[int]:
         """Indexes (relative to e0) of blocks whose crc does not match or is unknown."""
-        got = _block_crcs(buf, n) ^ _mix(disk.index, np.arange(e0, e0 + n))
+        got = _block_crcs(buf, n)
         bad = (got != disk.crcs[e0:e0 + n]) | ~disk.crc_ok[e0:e0 + n]
         if not bad.any():
             return []
@@ -378,38 +388,57 @@ class Array:
         return b"".join(out)
 
     def _write_bitmap(self, sync: bool) -> None:
+        """Write the bits to the bitmap file in DIR (made durable when `sync`: one fsync
+        of a small file, which does not force out the members' data) and, lazily, to
+        every member's bitmap area (a second copy, durable with the next flush)."""
         image = self._bitmap_image()
-        targets = [d for d in self.disks if d.writable()]
-        for d in targets:
-            try:
-                self._pwrite(d, self.geo.bitmap_start, image)
-            except _DiskGone:
-                pass
-        if sync:
-            self._fsync_disks(targets)
+        for d in self.disks:
+            if d.writable():
+                try:
+                    self._pwrite(d, self.geo.bitmap_start, image)
+                except _DiskGone:
+                    pass
+        try:
+            os.pwrite(self._bmfd, image, 0)
+            if sync:
+                os.fsync(self._bmfd)
+        except OSError as exc:
+            raise RaidError(f"cannot write the write-intent bitmap "
+                            f"{os.path.join(self.dir, BITMAP_NAME)}: {exc.strerror}") from None
 
-    def _read_bitmap(self, disk: Disk) -> np.ndarray:
-        """The bits on `disk`; a damaged bitmap block counts as all set."""
+    def _parse_bitmap(self, raw: bytes) -> np.ndarray:
+        """Bits from a bitmap image; a damaged or missing block counts as all set."""
         g = self.geo
-        raw = self._pread(disk, g.bitmap_start, g.bitmap_blocks)
         nbytes = BITS_PER_BITMAP_BLOCK // 8
         bits = []
         for j in range(g.bitmap_blocks):
             blk = memoryview(raw)[j * BLOCK_SIZE:(j + 1) * BLOCK_SIZE]
-            payload = blk[:nbytes]
-            if _crc(payload, j) != int.from_bytes(blk[nbytes:nbytes + 4], "little"):
+            if len(blk) < BLOCK_SIZE or \
+                    _crc(blk[:nbytes], j) != int.from_bytes(blk[nbytes:nbytes + 4], "little"):
                 bits.append(np.ones(nbytes * 8, dtype=bool))
             else:
-                bits.append(np.unpackbits(np.frombuffer(payload, dtype=np.uint8),
+                bits.append(np.unpackbits(np.frombuffer(blk[:nbytes], dtype=np.uint8),
                                           bitorder="little").astype(bool))
         return np.concatenate(bits)[:g.nregions]
 
+    def _read_bitmap(self, disk: Disk) -> np.ndarray:
+        return self._parse_bitmap(self._pread(disk, self.geo.bitmap_start,
+                                              self.geo.bitmap_blocks))
+
+    def _read_bitmap_file(self) -> np.ndarray:
+        return self._parse_bitmap(os.pread(self._bmfd, self.geo.bitmap_blocks * BLOCK_SIZE, 0))
+
     def _ensure_bits(self, rows) -> None:
-        """Make the write-intent bits of `rows` durable before their data is written."""
+        """Make the write-intent bits of `rows` durable before their data is written.
+        When a new region directly follows a set one (a sequential writer), the next
+        few regions are set in the same fsync round, as readahead for bits."""
         regions = {r // self.geo.region_rows for r in rows}
         self._written_cur.update(regions)
         new = [r for r in regions if not self._bits[r]]
         if new:
+            for r in list(new):
+                if r > 0 and self._bits[r - 1]:
+                    new.extend(range(r + 1, min(self.geo.nregions, r + 1 + BITMAP_LOOKAHEAD)))
             self._bits[new] = True
             self._write_bitmap(sync=True)
             self.stats["bitmap_syncs"] += 1
@@ -438,6 +467,39 @@ class Array:
                 res = (np.frombuffer(buf, dtype=np.uint8), self._verify(disk, e0, buf, e1 - e0))
         cache[key] = res
         return res
+
+    def _prefetch(self, cache: dict, jobs) -> None:
+        """Read (and verify) several members' ranges in parallel, into `cache`. Worker
+        threads only read and checksum; failures are handled here, under the lock."""
+        g = self.geo
+        todo = []
+        for d, e0, e1 in jobs:
+            disk = self.disks[d]
+            if (d, e0, e1) not in cache and disk.readable(e0, e1, g.cb):
+                todo.append((disk, disk.fd, e0, e1))
+        if len(todo) < 2:
+            return
+
+        def one(job):
+            disk, fd, e0, e1 = job
+            buf = bytearray((e1 - e0) * BLOCK_SIZE)
+            try:
+                got = os.preadv(fd, [buf], (g.data_start + e0) * BLOCK_SIZE)
+            except OSError as exc:
+                return job, None, exc
+            if got != len(buf):
+                return job, None, "short read (image truncated?)"
+            return job, buf, _block_crcs(buf, e1 - e0)
+
+        for (disk, _, e0, e1), buf, res in self._pool.map(one, todo):
+            if buf is None:
+                self._disk_error(disk, "read", res)
+                cache[(disk.index, e0, e1)] = None
+                continue
+            got = res
+            bad = (got != disk.crcs[e0:e1]) | ~disk.crc_ok[e0:e1]
+            cache[(disk.index, e0, e1)] = (np.frombuffer(buf, dtype=np.uint8),
+                                           np.nonzero(bad)[0].tolist() if bad.any() else [])
 
     def _block_from(self, cache: dict, d: int, e: int):
         """One verified block of member d at entry e (a view), or None."""
@@ -502,7 +564,7 @@ class Array:
                 self._counters_dirty = True
                 continue
             want = int(disk.crcs[e])
-            got = _crc(rec.tobytes()) ^ int(_mix(k, np.array([e]))[0])
+            got = _crc(rec.tobytes())
             if disk.crc_ok[e] and got != want:
                 # the stripe disagrees with this block's checksum: nothing is trustworthy
                 lost_list.append(i)
@@ -556,13 +618,22 @@ class Array:
         # that each member is read once
         with self._lock:
             self._check_open()
+            if all(self.disks[d].readable(a, b, g.cb) for d, (a, b) in need.items()):
+                fast = self._read_fast(pieces, count)
+                if fast is not None:
+                    return fast
             if any(not self.disks[d].readable(a, b, g.cb) for d, (a, b) in need.items()):
                 lo = min(a for a, _ in need.values())
                 hi = max(b for _, b in need.values())
                 need = {d: [lo, hi] for d in need}
             cache: dict = {}
+            jobs = [(d, a, b) for d, (a, b) in need.items()]
+            if any(not self.disks[d].readable(a, b, g.cb) for d, a, b in jobs):
+                lo, hi = jobs[0][1], jobs[0][2]
+                jobs = [(d, lo, hi) for d in range(g.ndisks)]
+            self._prefetch(cache, jobs)
             got = {d: self._get(cache, d, a, b) for d, (a, b) in need.items()}
-            out = bytearray(count * BLOCK_SIZE)
+            out = []
             for row, role, off, n, p in pieces:
                 d = g.data_disk(row, role)
                 a = need[d][0]
@@ -571,26 +642,34 @@ class Array:
                 for i in lost:
                     if i0 <= i < i0 + n:
                         self._raise_lost(d, a, [i])
-                out[p * BLOCK_SIZE:(p + n) * BLOCK_SIZE] = \
-                    buf[i0 * BLOCK_SIZE:(i0 + n) * BLOCK_SIZE].tobytes()
-            return bytes(out)
+                out.append(buf[i0 * BLOCK_SIZE:(i0 + n) * BLOCK_SIZE])
+            return b"".join(out)
 
     # ----------------------------------------------------------------- writing
 
     def write_sync(self, blocks: Mapping[int, bytes]) -> None:
         """Synchronous core of write_blocks."""
         check_write(self, blocks)
+        self._write_checked(blocks)
+
+    def _write_checked(self, blocks: Mapping[int, bytes]) -> None:
         if not blocks:
             return
         g = self.geo
-        rows: dict[int, dict[tuple[int, int], bytes]] = {}
-        for lb, data in blocks.items():
-            row, role, off = g.locate(lb)
-            rows.setdefault(row, {})[(role, off)] = data
+        dpr = g.data_per_row
+        keys = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
+        rows_of = keys // dpr
+        uniq, counts = np.unique(rows_of, return_counts=True)
+        full = uniq[counts == dpr].tolist()
+        partial: dict[int, dict[tuple[int, int], bytes]] = {
+            r: {} for r in uniq[counts != dpr].tolist()}
+        if partial:
+            for lb in keys[np.isin(rows_of, list(partial))].tolist():
+                row, role, off = g.locate(lb)
+                partial[row][(role, off)] = blocks[lb]
         with self._lock:
             self._check_writable()
-            self._ensure_bits(rows)
-            full = sorted(r for r, items in rows.items() if len(items) == g.data_per_row)
+            self._ensure_bits(uniq.tolist())
             # runs of consecutive whole rows are full-stripe writes
             i = 0
             while i < len(full):
@@ -598,12 +677,18 @@ class Array:
                 while j + 1 < len(full) and full[j + 1] == full[j] + 1:
                     j += 1
                 r0, r1 = full[i], full[j] + 1
-                data = b"".join(blocks[lb] for lb in range(r0 * g.data_per_row,
-                                                           r1 * g.data_per_row))
-                self._write_full_rows(r0, r1, data)
+                first = r0 * dpr
+                n = (r1 - r0) * dpr * BLOCK_SIZE
+                if len(self._scratch) < n:
+                    self._scratch = bytearray(n)
+                mv = memoryview(self._scratch)
+                for lb in range(first, r1 * dpr):
+                    o = (lb - first) * BLOCK_SIZE
+                    mv[o:o + BLOCK_SIZE] = blocks[lb]
+                self._write_full_rows(r0, r1, self._scratch)
                 i = j + 1
-            for row in sorted(set(rows) - set(full)):
-                self._write_row(row, rows[row])
+            for row in sorted(partial):
+                self._write_row(row, partial[row])
 
     def write_bytes_sync(self, offset: int, data: bytes) -> None:
         """Write bytes at a byte offset of the logical space (partial blocks are
@@ -632,6 +717,64 @@ class Array:
                              for i in range(e - b)})
             b = e
 
+    def _read_fast(self, pieces, count: int) -> bytes | None:
+        """The healthy read: each member preadv()s its data chunks straight into the
+        output (parity chunks are not read), in parallel, and checks them. Returns None
+        if anything is amiss (the general path then repairs or reconstructs)."""
+        g = self.geo
+        if len(self._rscratch) < count * BLOCK_SIZE:
+            self._rscratch = bytearray(count * BLOCK_SIZE)
+        omv = memoryview(self._rscratch)
+        # disk -> [[e_start, nblocks, [(view, entry or -1 for a skipped parity chunk)]]]
+        # Parity chunks between data chunks are read into a throwaway buffer rather than
+        # skipped: a gap in the pattern would defeat the kernel's readahead.
+        runs: dict[int, list] = {}
+        if len(self._skip) < g.chunk:
+            self._skip = bytearray(g.chunk)
+        skip = memoryview(self._skip)
+        for row, role, off, n, p in pieces:
+            d = g.data_disk(row, role)
+            e = row * g.cb + off
+            view = omv[p * BLOCK_SIZE:(p + n) * BLOCK_SIZE]
+            lst = runs.setdefault(d, [])
+            if lst and len(lst[-1][2]) < 1000:
+                end = lst[-1][0] + lst[-1][1]
+                if end < e <= end + g.cb:
+                    lst[-1][2].append((skip[:(e - end) * BLOCK_SIZE], -1))
+                    lst[-1][1] += e - end
+                    end = e
+                if end == e:
+                    lst[-1][1] += n
+                    lst[-1][2].append((view, e))
+                    continue
+            lst.append([e, n, [(view, e)]])
+
+        def one(item):
+            d, lst, fd = item
+            disk = self.disks[d]
+            for e, n, parts in lst:
+                try:
+                    got = os.preadv(fd, [v for v, _ in parts], (g.data_start + e) * BLOCK_SIZE)
+                except OSError:
+                    return False
+                if got != n * BLOCK_SIZE:
+                    return False
+                for v, pe in parts:
+                    if pe < 0:
+                        continue
+                    k = len(v) // BLOCK_SIZE
+                    if (_block_crcs(v, k) != disk.crcs[pe:pe + k]).any() or \
+                            not disk.crc_ok[pe:pe + k].all():
+                        return False
+            return True
+
+        items = [(d, lst, self.disks[d].fd) for d, lst in runs.items()]
+        if len(items) == 1:
+            ok = one(items[0])
+        else:
+            ok = all(self._pool.map(one, items))
+        return bytes(omv[:count * BLOCK_SIZE]) if ok else None
+
     def read_bytes_sync(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.nblocks * BLOCK_SIZE:
             raise RaidError(f"read of {length} bytes at offset {offset} is outside the array "
@@ -653,27 +796,51 @@ class Array:
             return
         self._set_crcs(disk, e0, buf, len(buf) // BLOCK_SIZE)
 
-    def _write_full_rows(self, r0: int, r1: int, data: bytes) -> None:
-        """Full-stripe write of rows r0..r1-1: parity from the new data, no reads."""
+    def _write_full_rows(self, r0: int, r1: int, data) -> None:
+        """Full-stripe write of rows r0..r1-1: parity from the new data, no reads. Each
+        member gets one pwritev of views into `data` and the parity (no copies), all
+        members in parallel."""
         g = self.geo
         nrows = r1 - r0
         n1 = g.ndisks - 1
-        x = np.frombuffer(data, dtype=np.uint8).reshape(nrows, n1, g.chunk)
-        xw = x.view(np.uint64)
-        parity = np.bitwise_xor.reduce(xw, axis=1).view(np.uint8)
-        idx = np.arange(nrows)
+        x = np.frombuffer(data, dtype=np.uint8, count=nrows * n1 * g.chunk)
+        x = x.reshape(nrows, n1, g.chunk)
+        parity = np.bitwise_xor.reduce(x.view(np.uint64), axis=1).view(np.uint8)
         e0 = r0 * g.cb
-        bufs = {}
+        jobs = []
         for d in range(g.ndisks):
-            if not self.disks[d].writable():
+            disk = self.disks[d]
+            if not disk.writable():
                 continue
             roles = g.roles_of_disk(d, r0, r1)
-            out = x[idx, np.maximum(roles, 0)]
-            pmask = roles < 0
-            out[pmask] = parity[pmask]
-            bufs[d] = out
-        for d, out in bufs.items():
-            self._write_seg(d, e0, memoryview(out).cast("B"))
+            views = [parity[i] if role < 0 else x[i, role] for i, role in enumerate(roles)]
+            jobs.append((disk, disk.fd, views))
+        iov_max = 1024
+
+        def one(job):
+            disk, fd, views = job
+            try:
+                off = (g.data_start + e0) * BLOCK_SIZE
+                for i in range(0, len(views), iov_max):
+                    part = views[i:i + iov_max]
+                    want = len(part) * g.chunk
+                    if os.pwritev(fd, part, off) != want:
+                        raise OSError(errno.ENOSPC, "short write")
+                    off += want
+            except OSError as exc:
+                return job, exc
+            crcs = np.concatenate([_block_crcs(v, g.cb) for v in views])
+            return job, crcs
+
+        for (disk, _, _), res in self._pool.map(one, jobs):
+            if isinstance(res, Exception):
+                self._disk_error(disk, "write", res)
+                continue
+            n = nrows * g.cb
+            disk.crcs[e0:e0 + n] = res
+            disk.crc_ok[e0:e0 + n] = True
+            per = CRC_ENTRIES_PER_BLOCK
+            disk.dirty_cs.update(range(e0 // per, (e0 + n - 1) // per + 1))
         crash_point("raid.after_full_stripe")
 
     def _write_row(self, row: int, items: dict[tuple[int, int], bytes]) -> None:
@@ -763,7 +930,7 @@ class Array:
                     blk = self._pread(disk, g.data_start + e, 1)
                 except _DiskGone:
                     continue
-                disk.crcs[e] = (_crc(blk) ^ int(_mix(d, np.array([e]))[0])) ^ 0xFFFFFFFF
+                disk.crcs[e] = _crc(blk) ^ 0xFFFFFFFF
                 disk.crc_ok[e] = True
                 disk.dirty_cs.add(e // CRC_ENTRIES_PER_BLOCK)
         if sum(1 for d in self.disks if not d.writable()) > 1:
@@ -799,7 +966,8 @@ class Array:
         await trio.lowlevel.checkpoint()
         check_write(self, blocks)
         g = self.geo
-        rows = {lb // g.data_per_row for lb in blocks}
+        rows = np.unique(np.fromiter(blocks, dtype=np.int64, count=len(blocks))
+                         // g.data_per_row).tolist()
         if self._needs_bits(rows):
             # setting a write-intent bit costs an fsync: do it off the trio thread
             def setbits():
@@ -807,7 +975,7 @@ class Array:
                     self._check_writable()
                     self._ensure_bits(rows)
             await trio.to_thread.run_sync(setbits)
-        self.write_sync(blocks)
+        self._write_checked(blocks)
 
     async def flush(self) -> None:
         with self._lock:
@@ -863,6 +1031,7 @@ class Array:
                 if self._lockfd >= 0:
                     os.close(self._lockfd)
                     self._lockfd = -1
+                os.close(self._bmfd)
 
     def __enter__(self):
         return self
@@ -965,7 +1134,7 @@ class Array:
                 _write_json(os.path.join(self.dir, CONFIG_NAME), self.cfg)
             self._write_bitmap(sync=False)
             self._write_superblocks(sync=True)
-        batch = batch_rows or max(1, (4 << 20) // g.chunk)
+        batch = batch_rows or max(1, REBUILD_BATCH // g.chunk)
         lost_total = 0
         t0 = time.monotonic()
         last_sb = t0
@@ -978,6 +1147,7 @@ class Array:
                     raise RaidError(f"rebuild of disk {k} stopped: {disk.problem or disk.state}")
                 e0, e1 = row * g.cb, r1 * g.cb
                 cache: dict = {}
+                self._prefetch(cache, [(d, e0, e1) for d in range(g.ndisks) if d != k])
                 acc = np.zeros((e1 - e0) * BLOCK_SIZE, dtype=np.uint8)
                 lost: set[int] = set()
                 for d in range(g.ndisks):
@@ -1049,7 +1219,7 @@ class Array:
         """Read every stripe, verify every checksum and the parity, repair what can be.
         Returns what was found. Runs online (per batch of rows under the lock)."""
         g = self.geo
-        batch = batch_rows or max(1, (4 << 20) // g.chunk)
+        batch = batch_rows or max(1, REBUILD_BATCH // g.chunk)
         before = [d.cksum_errors for d in self.disks]
         found = {"rows": g.rows, "blocks_checked": 0, "parity_mismatches": 0,
                  "parity_repaired": 0, "unrecoverable": 0, "cksum_repaired": {},
@@ -1065,6 +1235,7 @@ class Array:
                 self._check_open()
                 e0, e1 = row * g.cb, r1 * g.cb
                 cache: dict = {}
+                self._prefetch(cache, [(d, e0, e1) for d in range(g.ndisks)])
                 bufs = {}
                 lost: set[int] = set()
                 for d in range(g.ndisks):
@@ -1236,7 +1407,7 @@ def create_array(dirpath: str | os.PathLike, ndisks: int, disk_size: int,
         arr = Array(dirpath, cfg, geo, members, events=0, lockfd=lockfd)
         zero_crc = _crc(bytes(BLOCK_SIZE))
         for d in members:
-            d.crcs = np.uint32(zero_crc) ^ _mix(d.index, np.arange(geo.entries))
+            d.crcs = np.full(geo.entries, zero_crc, dtype=np.uint32)
             d.crc_ok = np.ones(geo.entries, dtype=bool)
             d.dirty_cs = set(range(geo.cs_blocks))
         arr._write_checksums()
@@ -1375,6 +1546,7 @@ def open_array(dirpath: str | os.PathLike, *, force: bool = False) -> Array:
             d.close()
         arr._pool.shutdown(wait=False)
         os.close(arr._lockfd)
+        os.close(arr._bmfd)
         raise
     return arr
 
@@ -1392,7 +1564,8 @@ def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool) -> N
         raise RaidError(f"array {arr.dir} cannot start: disk {a_rebuilding[0].index} was being "
                         f"rebuilt and another disk is unusable", exit_code=3)
     dirty = fresh.get("state") != "clean"
-    bits = np.zeros(g.nregions, dtype=bool)
+    # the bitmap file is the durable copy; the members' copies may add bits (harmless)
+    bits = arr._read_bitmap_file() if dirty else np.zeros(g.nregions, dtype=bool)
     for d in arr.disks:
         if d.fd is None:
             continue
