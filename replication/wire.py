@@ -1,0 +1,398 @@
+"""The wire: length-prefixed msgpack frames over trio TCP, one dataclass per message.
+
+Frame: a 4-byte big-endian length, then a msgpack array ``[tag, field1, field2, ...]``
+(the message's fields in declaration order). A frame longer than `MAX_FRAME`, a body that
+is not such an array, an unknown tag or a wrong field count raises `ProtocolError`; the
+caller closes that one connection and logs it. Nothing is ever unpickled: the only
+msgpack extension type is `Attr` (the filesystem's attribute record), rebuilt from a
+list of ints.
+
+Authentication happens before anything else, on every connection: the listener sends
+`Challenge(nonce)`, the dialer answers `AuthResponse(hmac(secret, "dial"+nonce),
+nonce2)`, the listener answers `AuthOk(hmac(secret, "listen"+nonce2))`. So each side
+proves it holds the cluster secret (as DRBD's shared secret does) and a replayed answer
+is useless (fresh nonces).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+import trio
+
+from replfs.errors import ReplfsError
+from replfs.fs.core import Attr
+
+log = logging.getLogger("replfs.wire")
+
+MAX_FRAME = 8 * 2**20
+AUTH_TIMEOUT = 5.0
+_LEN = struct.Struct(">I")
+_ATTR_EXT = 1
+_ATTR_FIELDS = [f.name for f in dataclasses.fields(Attr)]
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame or message (or failed auth)."""
+
+
+class RemoteError(ReplfsError):
+    """A peer could not be reached or answered with an error."""
+
+
+# ---------------------------------------------------------------- messages
+
+MESSAGES: dict[str, type] = {}
+
+
+def message(cls):
+    """Register a message dataclass under its TAG."""
+    cls = dataclass(cls)
+    assert cls.TAG not in MESSAGES, cls.TAG
+    MESSAGES[cls.TAG] = cls
+    cls._fields = [f.name for f in dataclasses.fields(cls)]
+    return cls
+
+
+# authentication
+@message
+class Challenge:
+    TAG: ClassVar[str] = "challenge"
+    nonce: bytes
+
+
+@message
+class AuthResponse:
+    TAG: ClassVar[str] = "auth"
+    mac: bytes
+    nonce: bytes
+    name: str           # who is dialling (for log lines only)
+
+
+@message
+class AuthOk:
+    TAG: ClassVar[str] = "auth-ok"
+    mac: bytes
+
+
+# view service
+@message
+class Ping:
+    """A server's heartbeat: `view` is the view it acknowledges (0 right after a start)."""
+    TAG: ClassVar[str] = "ping"
+    group: int
+    server: str
+    view: int
+
+
+@message
+class GetView:
+    TAG: ClassVar[str] = "get-view"
+    group: int
+
+
+@message
+class ViewReply:
+    TAG: ClassVar[str] = "view"
+    group: int
+    num: int
+    primary: str
+    backup: str
+    acked: bool = False
+
+
+@message
+class StatusRequest:
+    TAG: ClassVar[str] = "status?"
+
+
+@message
+class StatusReply:
+    TAG: ClassVar[str] = "status"
+    info: dict
+
+
+# client -> primary
+@message
+class OpRequest:
+    """One filesystem operation. (client, lane, seq) identify it for at-most-once: a lane
+    has at most one request outstanding, with increasing seq. `rid` matches the reply to
+    this transmission on a multiplexed connection."""
+    TAG: ClassVar[str] = "op"
+    rid: int
+    client: str
+    lane: int
+    seq: int
+    method: str
+    args: list
+    kwargs: dict
+
+
+@message
+class OpReply:
+    TAG: ClassVar[str] = "op-reply"
+    rid: int
+    value: Any = None
+    errno: int = 0          # nonzero: FsError(errno, message)
+    message: str = ""
+
+
+@message
+class NotPrimary:
+    """This server will not execute the request (not primary, not ready, or cut off):
+    ask the view server and retry elsewhere."""
+    TAG: ClassVar[str] = "not-primary"
+    rid: int
+    view: int
+    reason: str
+
+
+# primary -> backup
+@message
+class SyncStart:
+    TAG: ClassVar[str] = "sync-start"
+    view: int
+    primary: str
+    incarnation: str
+
+
+@message
+class SyncPosition:
+    """The backup's replication position: it holds the primary `incarnation`'s state up
+    to `lsn` ("" if it holds no consistent position)."""
+    TAG: ClassVar[str] = "sync-pos"
+    incarnation: str
+    lsn: int
+
+
+@message
+class Forward:
+    """Committed transactions of the primary, in commit order: [[lsn, [[block, offset,
+    bytes], ...]], ...]."""
+    TAG: ClassVar[str] = "forward"
+    view: int
+    primary: str
+    records: list
+
+
+@message
+class Snapshot:
+    """State transfer: whole blocks [[block, bytes], ...]; `sent`/`total` for progress."""
+    TAG: ClassVar[str] = "snapshot"
+    view: int
+    primary: str
+    blocks: list
+    sent: int
+    total: int
+
+
+@message
+class SyncDone:
+    TAG: ClassVar[str] = "sync-done"
+    view: int
+    primary: str
+    incarnation: str
+    lsn: int
+
+
+@message
+class Ack:
+    TAG: ClassVar[str] = "ack"
+    lsn: int
+
+
+@message
+class Refused:
+    """The backup refuses a forward/sync: `view` is the view it knows."""
+    TAG: ClassVar[str] = "refused"
+    view: int
+    reason: str
+
+
+# ---------------------------------------------------------------- encoding
+
+def _default(obj):
+    if isinstance(obj, Attr):
+        return msgpack.ExtType(_ATTR_EXT, msgpack.packb([getattr(obj, f) for f in _ATTR_FIELDS]))
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"cannot send a {type(obj).__name__}")
+
+
+def _ext_hook(code: int, data: bytes):
+    if code != _ATTR_EXT:
+        raise ProtocolError(f"unknown msgpack extension type {code}")
+    vals = msgpack.unpackb(data)
+    if not isinstance(vals, list) or len(vals) != len(_ATTR_FIELDS) or \
+            not all(isinstance(v, int) for v in vals):
+        raise ProtocolError("malformed Attr")
+    return Attr(*vals)
+
+
+def pack_value(value) -> bytes:
+    return msgpack.packb(value, default=_default, use_bin_type=True)
+
+
+def unpack_value(data: bytes):
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+
+
+def encode(msg) -> bytes:
+    body = pack_value([msg.TAG, *(getattr(msg, f) for f in msg._fields)])
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"{msg.TAG} frame of {len(body)} bytes exceeds {MAX_FRAME}")
+    return _LEN.pack(len(body)) + body
+
+
+def decode(body: bytes):
+    """The message in one frame body; ProtocolError if it is not one."""
+    try:
+        obj = unpack_value(body)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"undecodable frame: {exc}") from None
+    if not isinstance(obj, list) or not obj or not isinstance(obj[0], str):
+        raise ProtocolError("a frame must be [tag, fields...]")
+    cls = MESSAGES.get(obj[0])
+    if cls is None:
+        raise ProtocolError(f"unknown message tag {obj[0]!r}")
+    nreq = sum(1 for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if not nreq <= len(obj) - 1 <= len(cls._fields):
+        raise ProtocolError(f"{obj[0]}: {len(obj) - 1} fields")
+    return cls(*obj[1:])
+
+
+# ---------------------------------------------------------------- channel
+
+class Channel:
+    """An authenticated, framed connection. `send` may be called from several tasks;
+    `receive` from one."""
+
+    def __init__(self, stream: trio.abc.Stream, peer: str = "?"):
+        self.stream = stream
+        self.peer = peer
+        self._buf = bytearray()
+        self._send_lock = trio.Lock()
+
+    async def _exactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            chunk = await self.stream.receive_some(max(65536, n - len(self._buf)))
+            if not chunk:
+                raise EOFError(f"{self.peer} closed the connection")
+            self._buf += chunk
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def receive(self):
+        (n,) = _LEN.unpack(await self._exactly(4))
+        if n > MAX_FRAME:
+            raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+        return decode(await self._exactly(n))
+
+    async def send(self, msg) -> None:
+        data = encode(msg)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+
+def _mac(secret: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, role + nonce, hashlib.sha256).digest()
+
+
+async def _expect(ch: Channel, cls):
+    msg = await ch.receive()
+    if not isinstance(msg, cls):
+        raise ProtocolError(f"expected {cls.TAG}, got {msg.TAG}")
+    return msg
+
+
+async def accept_auth(ch: Channel, secret: bytes) -> str:
+    """Listener side of the handshake; returns the dialler's name or raises ProtocolError."""
+    nonce = os.urandom(16)
+    with trio.fail_after(AUTH_TIMEOUT):
+        await ch.send(Challenge(nonce))
+        resp = await _expect(ch, AuthResponse)
+        if not (isinstance(resp.mac, bytes) and isinstance(resp.nonce, bytes)
+                and hmac.compare_digest(resp.mac, _mac(secret, b"dial", nonce))):
+            raise ProtocolError("authentication failed (wrong cluster secret?)")
+        await ch.send(AuthOk(_mac(secret, b"listen", resp.nonce)))
+    ch.peer = f"{resp.name}@{ch.peer}" if isinstance(resp.name, str) else ch.peer
+    return resp.name
+
+
+async def dial_auth(ch: Channel, secret: bytes, name: str) -> None:
+    nonce = os.urandom(16)
+    with trio.fail_after(AUTH_TIMEOUT):
+        chal = await _expect(ch, Challenge)
+        if not isinstance(chal.nonce, bytes):
+            raise ProtocolError("bad challenge")
+        await ch.send(AuthResponse(_mac(secret, b"dial", chal.nonce), nonce, name))
+        ok = await _expect(ch, AuthOk)
+        if not (isinstance(ok.mac, bytes)
+                and hmac.compare_digest(ok.mac, _mac(secret, b"listen", nonce))):
+            raise ProtocolError("the listener failed to prove the cluster secret")
+
+
+async def connect(addr: tuple[str, int], secret: bytes, name: str) -> Channel:
+    """Dial and authenticate. Raises OSError (unreachable), ProtocolError, EOFError or
+    trio.TooSlowError; callers bound it with their own deadline."""
+    stream = await trio.open_tcp_stream(*addr)
+    ch = Channel(stream, f"{addr[0]}:{addr[1]}")
+    try:
+        await dial_auth(ch, secret, name)
+    except BaseException:
+        await ch.aclose()
+        raise
+    return ch
+
+
+async def serve(port: int, secret: bytes, on_connection, *, host: str = "127.0.0.1",
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on host:port; for each authenticated connection run
+    `await on_connection(channel)`. Any ProtocolError/EOF/OSError ends that connection
+    only (logged); the listener keeps serving."""
+    async def handler(stream):
+        peer = "?"
+        try:
+            sockname = stream.socket.getpeername()
+            peer = f"{sockname[0]}:{sockname[1]}"
+        except OSError:
+            pass
+        ch = Channel(stream, peer)
+        try:
+            try:
+                await accept_auth(ch, secret)
+            except (ProtocolError, EOFError, trio.TooSlowError, OSError,
+                    trio.BrokenResourceError) as exc:
+                log.warning("refused connection from %s: %s", ch.peer, exc)
+                return
+            await on_connection(ch)
+        except ProtocolError as exc:
+            log.warning("closing connection from %s: %s", ch.peer, exc)
+        except (EOFError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await ch.aclose()
+
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
+CONN_ERRORS = (OSError, EOFError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError,
+               trio.ClosedResourceError)
