@@ -7,7 +7,7 @@ and `records` for the on-disk format, `locks` for the lock table and victim choi
 """
 
 from .errors import (Deadlock, LockTimeout, LogCorrupt, LogFull, Retryable, TxnAborted,
-                     TxnManagerFailed)
+                     TxnManagerFailed, TxnTooLarge)
 from .history import BlockRange, HistoryRecorder, SerializabilityResult, check_serializable
 from .locks import LockManager, LockStatistics
 from .manager import Change, CommitRecord, Txn, TxnManager
@@ -15,7 +15,7 @@ from .manager import Change, CommitRecord, Txn, TxnManager
 __all__ = [
     "TxnManager", "Txn", "CommitRecord", "Change",
     "Deadlock", "LockTimeout", "TxnAborted", "Retryable", "LogFull", "LogCorrupt",
-    "TxnManagerFailed",
+    "TxnManagerFailed", "TxnTooLarge",
     "HistoryRecorder", "check_serializable", "SerializabilityResult", "BlockRange",
     "LockManager", "LockStatistics",
 ]

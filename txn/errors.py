@@ -36,6 +36,12 @@ class LogFull(Retryable):
     """The log has no room even after a checkpoint (a transaction pins its tail)."""
 
 
+class TxnTooLarge(TxnAborted):
+    """The transaction needs more log than the log can ever hold (`max_txn_bytes`).
+
+    Not retryable: split the work into smaller transactions or make the log larger."""
+
+
 class LogCorrupt(ReplfsError):
     """The log header is missing or damaged, or belongs to another layout."""
 

@@ -48,7 +48,7 @@ from replfs.crash import crash_point
 from replfs.raid.blockdev import BlockDevice
 
 from .cache import BufferCache
-from .errors import LogFull, Retryable, TxnAborted
+from .errors import LogFull, Retryable, TxnAborted, TxnTooLarge
 from .history import BlockRange, HistoryRecorder
 from .locks import LockManager
 from .log import Log
@@ -113,6 +113,7 @@ class Txn:
         self.updates: list[_Upd] = []
         self.first_lsn: int | None = None
         self.reserved = 0          # log bytes promised to this txn's CLRs/ABORT/COMMIT
+        self.log_bytes = 0         # log bytes this txn has used and promised so far
         self.payload: Any = None   # PREPARE payload
         self.commit_record: CommitRecord | None = None
 
@@ -335,6 +336,13 @@ class TxnManager:
 
     # ---- transactions -----------------------------------------------------------------
 
+    @property
+    def max_txn_bytes(self) -> int:
+        """The most log one transaction may use (UPDATE records with their undo reserve:
+        about 3x the bytes written with undo, 1x with undo=False, plus ~100 bytes per
+        write). Beyond it `TxnTooLarge` is raised."""
+        return self.log.usable - 2 * self._ckpt_margin
+
     def begin(self, name: str | None = None, *, priority: float | None = None) -> Txn:
         """Start a transaction (no log record until its first write).
 
@@ -465,7 +473,11 @@ class TxnManager:
             return
         need = _size(2 * n if undo else n)
         keep = (_size(n) if undo else 0) + (ABORT_SIZE if txn.first_lsn is None else 0)
+        if txn.log_bytes + need + keep + COMMIT_SIZE > self.max_txn_bytes:
+            raise TxnTooLarge(f"transaction {txn.id} would need more than {self.max_txn_bytes} "
+                              f"bytes of log (the whole log holds {self.log.usable})")
         await self._reserve(need + keep)
+        txn.log_bytes += need + keep
         txn.reserved += keep
         try:
             page = await self.cache.get(block)
@@ -491,9 +503,9 @@ class TxnManager:
         Raises `LogFull` when a checkpoint (taken by this task) did not free enough:
         live transactions pin the tail; aborting this one may let them finish."""
         while self.log.free() - self._ckpt_margin < nbytes:
-            if nbytes > self.log.usable // 2:
-                raise LogFull(f"a {nbytes}-byte record cannot fit in a log of "
-                              f"{self.log.usable} bytes")
+            if nbytes > self.max_txn_bytes:
+                raise TxnTooLarge(f"a {nbytes}-byte record cannot fit in a log of "
+                                  f"{self.log.usable} bytes")
             self._stats["log_full_waits"] += 1
             if self._ckpt_running:
                 await self._ckpt_done.wait()

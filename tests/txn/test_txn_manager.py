@@ -277,3 +277,28 @@ async def test_history_of_concurrent_run_is_serializable():
     assert check_serializable(hist)
     vals = [int.from_bytes(await peek(mgr, 200, 8 * k, 8), "little") for k in range(4)]
     assert sum(vals) == 80
+
+
+async def test_transaction_larger_than_the_log_is_refused_not_retried():
+    from replfs.txn import TxnTooLarge
+    dev, mgr = await fresh()
+    calls = 0
+
+    async def huge(t):
+        nonlocal calls
+        calls += 1
+        for b in range(100, 130):
+            await t.write(b, 0, bytes([7]) * 4000, undo=False)
+
+    with pytest.raises(TxnTooLarge):
+        await mgr.run(huge)
+    assert calls == 1
+    assert await peek(mgr, 100, 0, 4) == bytes([7]) * 4     # redo-only: not undone
+    assert await peek(mgr, 101, 0, 4) in (bytes(4), bytes([7]) * 4)
+    # a big but feasible one goes through, with checkpoints making room
+    async def big(t):
+        for b in range(100, 103):       # ~37 KB of log with undo, in a 56 KB log
+            await t.write(b, 0, bytes([9]) * 4000)
+    for _ in range(3):
+        await mgr.run(big)
+    assert await peek(mgr, 102, 0, 4) == bytes([9]) * 4
