@@ -92,7 +92,7 @@ async def transaction(mgr: TxnManager, i: int) -> None:
 
 def open_device(image: str, create: bool = False):
     if image.endswith(".array"):
-        from replfs.raid.array import create_array, open_array
+        from replfs.raid import create_array, open_array
         if create:
             shutil.rmtree(image, ignore_errors=True)
             return create_array(image, 3, 1 << 20, chunk=16 * 1024)
