@@ -325,3 +325,38 @@ async def test_concurrent_creates_and_renames_are_serializable(memdev):
         assert (await fsck(fs)).clean
     finally:
         await fs.close()
+
+
+async def test_lookup_and_create_do_not_scan_a_big_directory():
+    """A directory of many thousands of entries: a lookup or create reads a bounded
+    number of blocks (inode, block-map path, one bucket chain), not the directory."""
+    from replfs.fs.mkfs import mkfs
+    from replfs.raid.blockdev import MemoryDevice
+    dev = MemoryDevice(65536)
+    await mkfs(dev, inodes=32768)
+    fs = await open_fs(dev)
+    d = await fs.mkdir(ROOT, b"huge", 0o755, 0, 0)
+    n = 12000
+    for i in range(n):
+        await fs.create(d.ino, b"entry-%06d" % i, 0o644, 0, 0)
+    dev = fs.mgr.device
+    reads = []
+    orig = fs.mgr._read
+
+    async def counting(txn, block, offset, size):
+        reads.append(block)
+        return await orig(txn, block, offset, size)
+    fs.mgr._read = counting
+    try:
+        for i in range(0, n, 1000):
+            reads.clear()
+            assert (await fs.lookup(d.ino, b"entry-%06d" % i)).ino
+            assert len(reads) <= 8, f"lookup read {len(reads)} blocks"
+            reads.clear()
+            await fs.create(d.ino, b"more-%06d" % i, 0o644, 0, 0)
+            assert len(reads) <= 16, f"create read {len(reads)} blocks"
+    finally:
+        fs.mgr._read = orig
+    assert len(await names(fs, d.ino)) == n + 12
+    assert (await fsck(fs)).clean
+    await fs.close()
