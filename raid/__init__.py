@@ -1,6 +1,7 @@
 """replfs.raid: the RAID-5 array of disk images that everything else stands on."""
 
-from .array import Array, create_array, inspect_array, open_array, parse_size
+from .array import Array, parse_size
+from .assemble import create_array, inspect_array, open_array
 from .blockdev import BlockDevice, BlockIOError, FileDevice, MemoryDevice
 from .errors import RaidError
 

@@ -17,19 +17,25 @@ fewer chunks; a block that cannot be read is reconstructed from the others, so b
 work degraded.
 
 The write hole: a write-intent bitmap, as md's. One bit per region of rows (about 16 MiB of
-logical space, `layout.BITMAP_REGION_BYTES`), a copy on every member. Before the first
-write to a region the bit is set and the bitmap made durable (one fsync round per member;
-later writes to that region cost nothing extra). Bits are cleared lazily: after a `flush()`
-a region that was not written during that flush interval nor the one before is cleared
-(no fsync: a bit lost in a crash only costs a needless resync). Checksum blocks are
-written at `flush()`, before its fsync; until then the rows are covered by their bits.
+logical space, `layout.BITMAP_REGION_BYTES`). Its durable copy is the small file
+DIR/bitmap (like md's external bitmap file), so that making a bit durable costs the fsync
+of one 4 KiB file, not of every member (an fsync of a member would also force out all its
+dirty data); every member also carries a copy in its bitmap area, written lazily. Before
+the first write to a region its bit is set and the bitmap file fsynced; later writes to
+that region cost nothing extra, and a sequential writer sets the next few regions at once
+(`BITMAP_LOOKAHEAD`). Bits are cleared lazily: after a `flush()`, a region that was not
+written during that flush interval nor the one before is cleared (no fsync: a bit lost in
+a crash only costs a needless resync). Checksum blocks are written at `flush()`, before
+its fsync; until then their rows are covered by their bits.
 On opening an array whose superblocks say "dirty" (an unclean stop), every row of every
-set region is resynchronised before the array serves anything: checksums are recomputed
-from the data found (each block is whole, old or new, which the BlockDevice contract
-allows for writes not yet flushed) and parity is recomputed from the data. If a member is
+set region (bitmap file OR member copies; a missing or damaged bitmap block counts as all
+set) is resynchronised before the array serves anything: checksums are recomputed from
+the data found (each block is whole, old or new, which the BlockDevice contract allows
+for writes not yet flushed) and parity is recomputed from the data. If a member is
 missing at that moment the dirty rows cannot be made consistent: `open_array` refuses with
 a message (like md's "cannot start dirty degraded array") unless `force=True`, in which
-case the blocks that would have to be reconstructed in those rows raise BlockIOError.
+case the blocks that would have to be reconstructed in those rows raise BlockIOError
+(and `rebuild` refuses: those blocks of the missing member are lost).
 
 Concurrency: the core is synchronous (pread/pwrite) under one `threading.RLock`; rebuild
 and scrub take it per batch of rows, so they can run in a worker thread while trio tasks
@@ -40,13 +46,10 @@ in parallel).
 from __future__ import annotations
 
 import errno
-import fcntl
-import json
 import os
 import stat
 import threading
 import time
-import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
 
@@ -58,15 +61,13 @@ from replfs.crash import crash_point
 
 from . import superblock as sbmod
 from .blockdev import BlockIOError, check_range, check_write
+from .dirfiles import (BITMAP_NAME, CONFIG_NAME, read_state, update_state,
+                       write_json)
 from .errors import RaidError
-from .layout import (BITS_PER_BITMAP_BLOCK, BLOCK_SIZE, CRC_ENTRIES_PER_BLOCK, Geometry,
-                     make_geometry)
+from .layout import BITS_PER_BITMAP_BLOCK, BLOCK_SIZE, CRC_ENTRIES_PER_BLOCK, Geometry
 
-CONFIG_NAME = "array.json"
-STATE_NAME = "state.json"
-LOCK_NAME = "array.lock"
-BITMAP_NAME = "bitmap"
 BITMAP_LOOKAHEAD = 3  # regions set ahead of a sequential writer
+REBUILD_PERSIST_SECS = 2.0  # how often a rebuild records its progress in the superblocks
 REBUILD_BATCH = 8 << 20  # bytes per member per rebuild/scrub step (one lock hold)
 
 _crc = crc32c.crc32c
@@ -146,40 +147,6 @@ class Disk:
             except OSError:
                 pass
             self.fd = None
-
-
-def _resolve(dirpath: str, p: str) -> str:
-    return p if os.path.isabs(p) else os.path.join(dirpath, p)
-
-
-def load_config(dirpath: str) -> dict:
-    path = os.path.join(dirpath, CONFIG_NAME)
-    if not os.path.isdir(dirpath):
-        raise RaidError(f"{dirpath}: no such directory; create an array with "
-                        f"`replfs raid create {dirpath} --disks N --size SIZE`")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise RaidError(f"{dirpath}: no array here ({CONFIG_NAME} missing); create one with "
-                        f"`replfs raid create {dirpath} --disks N --size SIZE`") from None
-    except (OSError, ValueError) as exc:
-        raise RaidError(f"{path}: cannot read the array config ({exc}); restore it or "
-                        f"recreate it from the disks' superblocks") from None
-    for key in ("uuid", "ndisks", "chunk", "disks"):
-        if key not in cfg:
-            raise RaidError(f"{path}: array config lacks {key!r}; restore it")
-    return cfg
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _disk_size(fd: int) -> int:
@@ -1061,7 +1028,7 @@ class Array:
                 if d.state == "rebuilding":
                     info["rebuild_progress"] = round(d.rebuild_pos / g.rows, 4)
                 disks.append(info)
-            state = _read_state(self.dir)
+            state = read_state(self.dir)
             return {"dir": self.dir, "uuid": self.uuid, "health": self.health(),
                     "ndisks": g.ndisks, "chunk": g.chunk, "block_size": BLOCK_SIZE,
                     "nblocks": g.nblocks, "size_bytes": g.nblocks * BLOCK_SIZE,
@@ -1131,7 +1098,7 @@ class Array:
             disk.dirty_cs = set(range(g.cs_blocks))
             if image:
                 self.cfg["disks"][k] = self._config_path(path)
-                _write_json(os.path.join(self.dir, CONFIG_NAME), self.cfg)
+                write_json(os.path.join(self.dir, CONFIG_NAME), self.cfg)
             self._write_bitmap(sync=False)
             self._write_superblocks(sync=True)
         batch = batch_rows or max(1, REBUILD_BATCH // g.chunk)
@@ -1169,12 +1136,13 @@ class Array:
                     disk.unrecoverable += 1
                 lost_total += len(lost)
                 disk.rebuild_pos = r1
-                if time.monotonic() - last_sb > 2.0:
+                if time.monotonic() - last_sb > REBUILD_PERSIST_SECS:
                     self._write_checksums()
                     self._fsync_disks([disk])
                     self._write_superblocks(sync=False)
                     last_sb = time.monotonic()
             row = r1
+            crash_point("raid.rebuild_step")
             if progress:
                 progress(row, g.rows)
         with self._lock:
@@ -1226,7 +1194,7 @@ class Array:
                  "started": time.time()}
         self.scrub_progress = {"state": "running", "row": 0, "rows": g.rows,
                                "started": found["started"]}
-        _update_state(self.dir, scrub=self.scrub_progress)
+        update_state(self.dir, scrub=self.scrub_progress)
         last = time.monotonic()
         row = 0
         while row < g.rows:
@@ -1266,7 +1234,7 @@ class Array:
                 progress(row, g.rows)
             self.scrub_progress["row"] = row
             if time.monotonic() - last > 1.0:
-                _update_state(self.dir, scrub=self.scrub_progress)
+                update_state(self.dir, scrub=self.scrub_progress)
                 last = time.monotonic()
         self.flush_sync()
         found["cksum_repaired"] = {d.index: d.cksum_errors - b
@@ -1277,7 +1245,7 @@ class Array:
                                "started": found["started"], "finished": found["finished"],
                                "found": {k: v for k, v in found.items()
                                          if k not in ("started", "finished")}}
-        _update_state(self.dir, scrub=self.scrub_progress)
+        update_state(self.dir, scrub=self.scrub_progress)
         return found
 
     # ----------------------------------------------------------------- opening
@@ -1287,7 +1255,7 @@ class Array:
         found, parity from the data. Needs every member."""
         g = self.geo
         for row in rows:
-            e0, e1 = row * g.cb, (row + 1) * g.cb
+            e0 = row * g.cb
             pd = g.parity_disk(row)
             acc = np.zeros(g.chunk, dtype=np.uint8)
             for d in range(g.ndisks):
@@ -1319,337 +1287,3 @@ class Array:
                         f"disk {disk.index}: checksums of row {row} were damaged and "
                         f"{len(lost)} blocks cannot be verified (degraded stripe)")
         return fixed
-
-
-def _read_state(dirpath: str) -> dict:
-    try:
-        with open(os.path.join(dirpath, STATE_NAME)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def _update_state(dirpath: str, **kw) -> None:
-    st = _read_state(dirpath)
-    st.update(kw)
-    try:
-        _write_json(os.path.join(dirpath, STATE_NAME), st)
-    except OSError:
-        pass
-
-
-def _lock_dir(dirpath: str) -> int:
-    fd = os.open(os.path.join(dirpath, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        finally:
-            os.close(fd)
-        raise RaidError(f"{dirpath}: the array is in use by another process"
-                        f"{' (pid ' + holder + ')' if holder else ''}; stop it first") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
-
-
-def create_array(dirpath: str | os.PathLike, ndisks: int, disk_size: int,
-                 chunk: int = 64 * 1024, disks: list[str] | None = None) -> Array:
-    """Create a new array in `dirpath`: N image files `disk<i>.img` of `disk_size` bytes
-    (or the given `disks` paths, e.g. block devices), superblocks, bitmaps and checksum
-    areas. Returns the open Array. Raises RaidError if it cannot (and leaves no config)."""
-    dirpath = os.fspath(dirpath)
-    if ndisks < 3:
-        raise RaidError(f"RAID-5 needs at least 3 disks, not {ndisks}")
-    if disks is not None and len(disks) != ndisks:
-        raise RaidError(f"{len(disks)} disk paths given for {ndisks} disks")
-    try:
-        geo = make_geometry(ndisks, chunk, disk_size // BLOCK_SIZE)
-    except ValueError as exc:
-        raise RaidError(str(exc)) from None
-    os.makedirs(dirpath, exist_ok=True)
-    if os.path.exists(os.path.join(dirpath, CONFIG_NAME)):
-        raise RaidError(f"{dirpath} already holds an array ({CONFIG_NAME}); choose an empty "
-                        f"directory or remove the old array first")
-    paths = list(disks) if disks else [f"disk{i}.img" for i in range(ndisks)]
-    lockfd = _lock_dir(dirpath)
-    uid = str(uuidlib.uuid4())
-    cfg = {"format": 1, "uuid": uid, "ndisks": ndisks, "chunk": chunk,
-           "disk_size": geo.disk_blocks * BLOCK_SIZE, "disks": paths}
-    members = []
-    try:
-        for i, p in enumerate(paths):
-            full = _resolve(dirpath, p)
-            if disks is None and os.path.exists(full):
-                raise RaidError(f"{full} already exists; refusing to overwrite it")
-            d = Disk(i, full)
-            try:
-                d.fd = os.open(full, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise RaidError(f"cannot create {full}: {exc.strerror}") from None
-            st = os.fstat(d.fd)
-            if stat.S_ISREG(st.st_mode):
-                os.ftruncate(d.fd, 0)
-                os.ftruncate(d.fd, geo.disk_blocks * BLOCK_SIZE)
-            else:
-                size = _disk_size(d.fd)
-                if size < geo.disk_blocks * BLOCK_SIZE:
-                    raise RaidError(f"{full} has {size} bytes, less than --size "
-                                    f"{geo.disk_blocks * BLOCK_SIZE}")
-                zero = bytes(1 << 20)
-                off = geo.data_start * BLOCK_SIZE
-                end = (geo.data_start + geo.entries) * BLOCK_SIZE
-                while off < end:
-                    off += os.pwrite(d.fd, zero[:end - off], off)
-            d.state = "active"
-            members.append(d)
-        arr = Array(dirpath, cfg, geo, members, events=0, lockfd=lockfd)
-        zero_crc = _crc(bytes(BLOCK_SIZE))
-        for d in members:
-            d.crcs = np.full(geo.entries, zero_crc, dtype=np.uint32)
-            d.crc_ok = np.ones(geo.entries, dtype=bool)
-            d.dirty_cs = set(range(geo.cs_blocks))
-        arr._write_checksums()
-        arr._write_bitmap(sync=False)
-        arr._write_superblocks(state="dirty", sync=True)
-        _write_json(os.path.join(dirpath, CONFIG_NAME), cfg)
-        return arr
-    except BaseException:
-        for d in members:
-            d.close()
-        os.close(lockfd)
-        raise
-
-
-class _Member:
-    """What assembling found about one configured disk."""
-
-    def __init__(self, index: int, path: str):
-        self.index = index
-        self.path = path
-        self.fd: int | None = None
-        self.sb: dict | None = None
-        self.problem = ""
-        self.damaged_copies: list[str] = []
-
-
-def _examine(dirpath: str, cfg: dict, writable: bool) -> tuple[list[_Member], dict | None]:
-    members = []
-    for i, p in enumerate(cfg["disks"]):
-        m = _Member(i, _resolve(dirpath, p))
-        members.append(m)
-        try:
-            m.fd = os.open(m.path, os.O_RDWR if writable else os.O_RDONLY)
-        except FileNotFoundError:
-            m.problem = "image not found"
-            continue
-        except OSError as exc:
-            m.problem = f"cannot open: {exc.strerror}"
-            continue
-        try:
-            got = sbmod.read_both(m.fd)
-        except OSError as exc:
-            m.problem = f"cannot read superblock: {exc.strerror}"
-            continue
-        if got.sb is None:
-            m.problem = f"no valid superblock: {got.problem}"
-            continue
-        sb = got.sb
-        if sb.get("uuid") != cfg["uuid"]:
-            m.problem = (f"belongs to another array (uuid {sb.get('uuid')}, this array is "
-                         f"{cfg['uuid']})")
-            continue
-        if sb.get("index") != i:
-            m.problem = (f"is disk {sb.get('index')} of this array but is listed as disk {i} "
-                         f"in {CONFIG_NAME}: disks are in the wrong order")
-            continue
-        m.sb = sb
-        m.damaged_copies = got.damaged
-    good = [m for m in members if m.sb]
-    fresh = max((m.sb for m in good), key=lambda s: s["events"], default=None)
-    if fresh is not None:
-        table = fresh["members"]
-        for m in good:
-            entry = table[m.index]
-            if entry["state"] in ("failed", "missing"):
-                m.problem = (f"stale: the array went on without it (its events "
-                             f"{m.sb['events']}, array's {fresh['events']}); rebuild it")
-                m.sb = None
-            elif entry["state"] == "active" and m.sb["events"] < fresh["events"] - 1:
-                m.problem = (f"stale: event counter {m.sb['events']} < array's "
-                             f"{fresh['events']} (an old copy?); rebuild it")
-                m.sb = None
-    return members, fresh
-
-
-def open_array(dirpath: str | os.PathLike, *, force: bool = False) -> Array:
-    """Assemble the array in `dirpath` for reading and writing. Missing, damaged, foreign,
-    misplaced or stale members are named in `status()["notices"]`; with one of them the
-    array runs degraded; with more, RaidError says which and why. After an unclean stop
-    the write-intent bitmap's rows are resynchronised before this returns."""
-    dirpath = os.fspath(dirpath)
-    cfg = load_config(dirpath)
-    lockfd = _lock_dir(dirpath)
-    members: list[_Member] = []
-    try:
-        members, fresh = _examine(dirpath, cfg, writable=True)
-        bad = [m for m in members if m.sb is None]
-        if fresh is None or len(bad) > 1:
-            raise RaidError(
-                f"array {dirpath} cannot start: {len(bad)} of {len(members)} disks are "
-                f"unusable and RAID-5 survives the loss of only one:\n" +
-                "\n".join(f"  disk {m.index} ({m.path}): {m.problem}" for m in bad) +
-                "\nRestore the missing images (or fix the order in "
-                f"{os.path.join(dirpath, CONFIG_NAME)}) and try again.", exit_code=3)
-        try:
-            geo = make_geometry(fresh["ndisks"], fresh["chunk"], fresh["disk_blocks"])
-        except ValueError as exc:
-            raise RaidError(f"array {dirpath}: superblock geometry is invalid: {exc}") from None
-        table = fresh["members"]
-        disks = []
-        for m in members:
-            d = Disk(m.index, m.path)
-            entry = table[m.index]
-            for key in ("read_errors", "write_errors", "cksum_errors", "unrecoverable"):
-                setattr(d, key, int(entry.get(key, 0)))
-            if m.sb is not None:
-                d.fd = m.fd
-                m.fd = None
-                if entry["state"] == "rebuilding":
-                    d.state = "rebuilding"
-                    d.rebuild_pos = int(entry.get("rebuild_pos", 0))
-                    d.problem = "rebuild interrupted; run `replfs raid rebuild` again"
-                else:
-                    d.state = "active"
-            else:
-                d.state = "failed" if m.fd is not None else "missing"
-                d.problem = m.problem
-                if m.fd is not None:
-                    os.close(m.fd)
-                    m.fd = None
-            disks.append(d)
-        arr = Array(dirpath, cfg, geo, disks, events=fresh["events"], lockfd=lockfd)
-        lockfd = -1
-    except BaseException:
-        for m in members:
-            if m.fd is not None:
-                os.close(m.fd)
-        if lockfd >= 0:
-            os.close(lockfd)
-        raise
-    try:
-        _assemble(arr, members, fresh, force)
-    except BaseException:
-        arr._closed = True
-        for d in arr.disks:
-            d.close()
-        arr._pool.shutdown(wait=False)
-        os.close(arr._lockfd)
-        os.close(arr._bmfd)
-        raise
-    return arr
-
-
-def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool) -> None:
-    g = arr.geo
-    for m in members:
-        if m.damaged_copies:
-            arr.notices.append(f"disk {m.index}: superblock copy {', '.join(m.damaged_copies)} "
-                               f"was damaged; the other copy was used and both are rewritten")
-        if m.problem:
-            arr.notices.append(f"disk {m.index} ({m.path}): {m.problem}")
-    a_rebuilding = [d for d in arr.disks if d.state == "rebuilding"]
-    if a_rebuilding and any(d.state not in ("active", "rebuilding") for d in arr.disks):
-        raise RaidError(f"array {arr.dir} cannot start: disk {a_rebuilding[0].index} was being "
-                        f"rebuilt and another disk is unusable", exit_code=3)
-    dirty = fresh.get("state") != "clean"
-    # the bitmap file is the durable copy; the members' copies may add bits (harmless)
-    bits = arr._read_bitmap_file() if dirty else np.zeros(g.nregions, dtype=bool)
-    for d in arr.disks:
-        if d.fd is None:
-            continue
-        try:
-            if dirty and d.state == "active":
-                bits |= arr._read_bitmap(d)
-            damaged = arr._load_checksums(d)
-        except _DiskGone:
-            continue
-        if damaged:
-            arr.notices.append(f"disk {d.index}: {damaged} checksum blocks were damaged; "
-                               f"their blocks are verified against parity and rewritten")
-    rows = [r for reg in np.nonzero(bits)[0].tolist()
-            for r in range(reg * g.region_rows, min(g.rows, (reg + 1) * g.region_rows))]
-    degraded = any(d.state != "active" for d in arr.disks)
-    if rows and degraded:
-        missing = [d for d in arr.disks if d.state != "active"][0]
-        if not force:
-            raise RaidError(
-                f"array {arr.dir} was not shut down cleanly and disk {missing.index} "
-                f"({missing.path}) is {missing.state}: {len(rows)} chunk rows may have been "
-                f"mid-write (the RAID-5 write hole), so blocks of disk {missing.index} cannot "
-                f"be rebuilt safely there. Bring disk {missing.index} back and open again, or "
-                f"open with force (`--force`) to serve everything else and report those "
-                f"blocks as unreadable.", exit_code=3)
-        arr._untrusted_rows = set(rows)
-        arr._bits = bits
-        # checksums of the present disks must match whatever data landed
-        for row in rows:
-            for d in arr.disks:
-                if d.state == "active":
-                    e0 = row * g.cb
-                    buf = arr._pread(d, g.data_start + e0, g.cb)
-                    arr._set_crcs(d, e0, buf, g.cb)
-        arr.notices.append(f"unclean stop while degraded: {len(rows)} rows untrusted")
-    with arr._lock:
-        arr._write_superblocks(state="dirty", sync=True)
-        if rows and not degraded:
-            arr.stats["resynced_rows"] = arr._resync(rows)
-            arr.notices.append(f"unclean stop: resynchronised {len(rows)} chunk rows "
-                               f"named by the write-intent bitmap")
-        arr._repair_unknown_checksums()
-        arr._write_checksums()
-        arr._fsync_disks()
-        if not arr._untrusted_rows:
-            arr._bits[:] = False
-            arr._write_bitmap(sync=True)
-        else:
-            arr._write_bitmap(sync=True)
-
-
-def inspect_array(dirpath: str | os.PathLike) -> dict:
-    """Status of an array read from its superblocks and state file without opening it
-    (no lock taken, nothing written): for `replfs raid status` while another process
-    holds the array."""
-    dirpath = os.fspath(dirpath)
-    cfg = load_config(dirpath)
-    members, fresh = _examine(dirpath, cfg, writable=False)
-    for m in members:
-        if m.fd is not None:
-            os.close(m.fd)
-    if fresh is None:
-        raise RaidError(f"array {dirpath}: no disk has a valid superblock:\n" + "\n".join(
-            f"  disk {m.index} ({m.path}): {m.problem}" for m in members), exit_code=3)
-    geo = make_geometry(fresh["ndisks"], fresh["chunk"], fresh["disk_blocks"])
-    table = fresh["members"]
-    disks = []
-    for m in members:
-        entry = table[m.index]
-        state = entry["state"] if m.sb is not None else (
-            "missing" if m.problem == "image not found" else "failed")
-        info = {"index": m.index, "path": m.path, "state": state, "problem": m.problem,
-                **{k: int(entry.get(k, 0)) for k in
-                   ("read_errors", "write_errors", "cksum_errors", "unrecoverable")}}
-        if state == "rebuilding":
-            info["rebuild_progress"] = round(entry.get("rebuild_pos", 0) / geo.rows, 4)
-        disks.append(info)
-    nbad = sum(1 for d in disks if d["state"] != "active")
-    health = "healthy" if nbad == 0 else "failed" if nbad > 1 else (
-        "rebuilding" if any(d["state"] == "rebuilding" for d in disks) else "degraded")
-    notices = [f"disk {m.index}: superblock copy {', '.join(m.damaged_copies)} is damaged"
-               for m in members if m.damaged_copies]
-    return {"dir": dirpath, "uuid": cfg["uuid"], "health": health, "ndisks": geo.ndisks,
-            "chunk": geo.chunk, "block_size": BLOCK_SIZE, "nblocks": geo.nblocks,
-            "size_bytes": geo.nblocks * BLOCK_SIZE, "events": fresh["events"],
-            "clean": fresh.get("state") == "clean", "disks": disks,
-            "scrub": _read_state(dirpath).get("scrub"), "notices": notices}

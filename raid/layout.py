@@ -3,7 +3,7 @@
 Every member disk has the same layout, in `block_size` (4 KiB) blocks::
 
     block 0                  superblock, copy A
-    1 .. 1+BM                write-intent bitmap (one copy per disk; BM blocks)
+    1 .. 1+BM                write-intent bitmap, lazy copy (the durable one is DIR/bitmap)
     .. +CS                   checksum area: one crc32c per data-area block (CS blocks)
     data_start ..            data area: `rows` chunk rows of `chunk` bytes each
                              (data_start is aligned to the chunk size)

@@ -149,3 +149,39 @@ async def test_two_failed_disks_reads_raise_not_lie(array_dir):
             await arr.write_blocks({0: b"w" * 4096})
     finally:
         arr.close()
+
+
+def test_interrupted_rebuild_resumes(array_dir):
+    """A rebuild killed half-way leaves the member "rebuilding": status shows it, reads
+    stay right (the unrebuilt part is reconstructed), and a new rebuild finishes it."""
+    import subprocess
+    import sys
+
+    from replfs.crash import CRASH_EXIT_CODE
+    from replfs.raid import inspect_array
+
+    arr = create_array(array_dir, NDISKS, DISK_SIZE)
+    ref = bytearray(arr.nblocks * 4096)
+    from .conftest import random_writes
+    random_writes(arr, ref, random.Random(11), 80)
+    arr.fail_disk(2)
+    arr.close()
+    child = ("import sys; from replfs.raid import open_array; import replfs.raid.array as a; "
+             "a.REBUILD_PERSIST_SECS = 0; arr = open_array(sys.argv[1]); "
+             "arr.rebuild(2, batch_rows=8)")
+    env = dict(os.environ, REPLFS_CRASH_AT="raid.rebuild_step:4")
+    p = subprocess.run([sys.executable, "-c", child, array_dir], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == CRASH_EXIT_CODE, p.stderr
+    st = inspect_array(array_dir)
+    assert st["disks"][2]["state"] == "rebuilding"
+    assert 0 < st["disks"][2]["rebuild_progress"] < 1
+    arr = open_array(array_dir)
+    try:
+        assert arr.health() == "rebuilding"
+        assert_same(arr, ref)
+        arr.rebuild(2)
+        arr.fail_disk(0)
+        assert_same(arr, ref)
+    finally:
+        arr.close()

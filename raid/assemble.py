@@ -1,0 +1,323 @@
+"""Making and assembling arrays: `create_array`, `open_array`, `inspect_array`.
+
+Assembly reads every configured member's superblocks and checks its identity (array uuid,
+index, event counter against the freshest superblock's member table). A member that is
+missing, damaged, foreign, misplaced or stale is excluded and named; with more than one
+excluded the array does not start. After an unclean stop the write-intent bitmap's rows
+are resynchronised before the array is handed out (see array.py).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import uuid as uuidlib
+
+import numpy as np
+
+from . import superblock as sbmod
+from .array import Array, Disk, _crc, _disk_size, _DiskGone
+from .dirfiles import CONFIG_NAME, load_config, lock_dir, read_state, resolve, write_json
+from .errors import RaidError
+from .layout import BLOCK_SIZE, make_geometry
+
+
+def create_array(dirpath: str | os.PathLike, ndisks: int, disk_size: int,
+                 chunk: int = 64 * 1024, disks: list[str] | None = None) -> Array:
+    """Create a new array in `dirpath`: N image files `disk<i>.img` of `disk_size` bytes
+    (or the given `disks` paths, e.g. block devices), superblocks, bitmaps and checksum
+    areas. Returns the open Array. Raises RaidError if it cannot (and leaves no config)."""
+    dirpath = os.fspath(dirpath)
+    if ndisks < 3:
+        raise RaidError(f"RAID-5 needs at least 3 disks, not {ndisks}")
+    if disks is not None and len(disks) != ndisks:
+        raise RaidError(f"{len(disks)} disk paths given for {ndisks} disks")
+    try:
+        geo = make_geometry(ndisks, chunk, disk_size // BLOCK_SIZE)
+    except ValueError as exc:
+        raise RaidError(str(exc)) from None
+    os.makedirs(dirpath, exist_ok=True)
+    if os.path.exists(os.path.join(dirpath, CONFIG_NAME)):
+        raise RaidError(f"{dirpath} already holds an array ({CONFIG_NAME}); choose an empty "
+                        f"directory or remove the old array first")
+    paths = list(disks) if disks else [f"disk{i}.img" for i in range(ndisks)]
+    lockfd = lock_dir(dirpath)
+    uid = str(uuidlib.uuid4())
+    cfg = {"format": 1, "uuid": uid, "ndisks": ndisks, "chunk": chunk,
+           "disk_size": geo.disk_blocks * BLOCK_SIZE, "disks": paths}
+    members = []
+    try:
+        for i, p in enumerate(paths):
+            full = resolve(dirpath, p)
+            if disks is None and os.path.exists(full):
+                raise RaidError(f"{full} already exists; refusing to overwrite it")
+            d = Disk(i, full)
+            try:
+                d.fd = os.open(full, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise RaidError(f"cannot create {full}: {exc.strerror}") from None
+            st = os.fstat(d.fd)
+            if stat.S_ISREG(st.st_mode):
+                os.ftruncate(d.fd, 0)
+                os.ftruncate(d.fd, geo.disk_blocks * BLOCK_SIZE)
+            else:
+                size = _disk_size(d.fd)
+                if size < geo.disk_blocks * BLOCK_SIZE:
+                    raise RaidError(f"{full} has {size} bytes, less than --size "
+                                    f"{geo.disk_blocks * BLOCK_SIZE}")
+                zero = bytes(1 << 20)
+                off = geo.data_start * BLOCK_SIZE
+                end = (geo.data_start + geo.entries) * BLOCK_SIZE
+                while off < end:
+                    off += os.pwrite(d.fd, zero[:end - off], off)
+            d.state = "active"
+            members.append(d)
+        arr = Array(dirpath, cfg, geo, members, events=0, lockfd=lockfd)
+        zero_crc = _crc(bytes(BLOCK_SIZE))
+        for d in members:
+            d.crcs = np.full(geo.entries, zero_crc, dtype=np.uint32)
+            d.crc_ok = np.ones(geo.entries, dtype=bool)
+            d.dirty_cs = set(range(geo.cs_blocks))
+        arr._write_checksums()
+        arr._write_bitmap(sync=False)
+        arr._write_superblocks(state="dirty", sync=True)
+        write_json(os.path.join(dirpath, CONFIG_NAME), cfg)
+        return arr
+    except BaseException:
+        for d in members:
+            d.close()
+        os.close(lockfd)
+        raise
+
+
+class _Member:
+    """What assembling found about one configured disk."""
+
+    def __init__(self, index: int, path: str):
+        self.index = index
+        self.path = path
+        self.fd: int | None = None
+        self.sb: dict | None = None
+        self.problem = ""
+        self.damaged_copies: list[str] = []
+
+
+def _examine(dirpath: str, cfg: dict, writable: bool) -> tuple[list[_Member], dict | None]:
+    members = []
+    for i, p in enumerate(cfg["disks"]):
+        m = _Member(i, resolve(dirpath, p))
+        members.append(m)
+        try:
+            m.fd = os.open(m.path, os.O_RDWR if writable else os.O_RDONLY)
+        except FileNotFoundError:
+            m.problem = "image not found"
+            continue
+        except OSError as exc:
+            m.problem = f"cannot open: {exc.strerror}"
+            continue
+        try:
+            got = sbmod.read_both(m.fd)
+        except OSError as exc:
+            m.problem = f"cannot read superblock: {exc.strerror}"
+            continue
+        if got.sb is None:
+            m.problem = f"no valid superblock: {got.problem}"
+            continue
+        sb = got.sb
+        if sb.get("uuid") != cfg["uuid"]:
+            m.problem = (f"belongs to another array (uuid {sb.get('uuid')}, this array is "
+                         f"{cfg['uuid']})")
+            continue
+        if sb.get("index") != i:
+            m.problem = (f"is disk {sb.get('index')} of this array but is listed as disk {i} "
+                         f"in {CONFIG_NAME}: disks are in the wrong order")
+            continue
+        m.sb = sb
+        m.damaged_copies = got.damaged
+    good = [m for m in members if m.sb]
+    fresh = max((m.sb for m in good), key=lambda s: s["events"], default=None)
+    if fresh is not None:
+        table = fresh["members"]
+        for m in good:
+            entry = table[m.index]
+            if entry["state"] in ("failed", "missing"):
+                m.problem = (f"stale: the array went on without it (its events "
+                             f"{m.sb['events']}, array's {fresh['events']}); rebuild it")
+                m.sb = None
+            elif entry["state"] == "active" and m.sb["events"] < fresh["events"] - 1:
+                m.problem = (f"stale: event counter {m.sb['events']} < array's "
+                             f"{fresh['events']} (an old copy?); rebuild it")
+                m.sb = None
+    return members, fresh
+
+
+def open_array(dirpath: str | os.PathLike, *, force: bool = False) -> Array:
+    """Assemble the array in `dirpath` for reading and writing. Missing, damaged, foreign,
+    misplaced or stale members are named in `status()["notices"]`; with one of them the
+    array runs degraded; with more, RaidError says which and why. After an unclean stop
+    the write-intent bitmap's rows are resynchronised before this returns."""
+    dirpath = os.fspath(dirpath)
+    cfg = load_config(dirpath)
+    lockfd = lock_dir(dirpath)
+    members: list[_Member] = []
+    try:
+        members, fresh = _examine(dirpath, cfg, writable=True)
+        bad = [m for m in members if m.sb is None]
+        if fresh is None or len(bad) > 1:
+            raise RaidError(
+                f"array {dirpath} cannot start: {len(bad)} of {len(members)} disks are "
+                f"unusable and RAID-5 survives the loss of only one:\n" +
+                "\n".join(f"  disk {m.index} ({m.path}): {m.problem}" for m in bad) +
+                "\nRestore the missing images (or fix the order in "
+                f"{os.path.join(dirpath, CONFIG_NAME)}) and try again.", exit_code=3)
+        try:
+            geo = make_geometry(fresh["ndisks"], fresh["chunk"], fresh["disk_blocks"])
+        except ValueError as exc:
+            raise RaidError(f"array {dirpath}: superblock geometry is invalid: {exc}") from None
+        table = fresh["members"]
+        disks = []
+        for m in members:
+            d = Disk(m.index, m.path)
+            entry = table[m.index]
+            for key in ("read_errors", "write_errors", "cksum_errors", "unrecoverable"):
+                setattr(d, key, int(entry.get(key, 0)))
+            if m.sb is not None:
+                d.fd = m.fd
+                m.fd = None
+                if entry["state"] == "rebuilding":
+                    d.state = "rebuilding"
+                    d.rebuild_pos = int(entry.get("rebuild_pos", 0))
+                    d.problem = "rebuild interrupted; run `replfs raid rebuild` again"
+                else:
+                    d.state = "active"
+            else:
+                d.state = "failed" if m.fd is not None else "missing"
+                d.problem = m.problem
+                if m.fd is not None:
+                    os.close(m.fd)
+                    m.fd = None
+            disks.append(d)
+        arr = Array(dirpath, cfg, geo, disks, events=fresh["events"], lockfd=lockfd)
+        lockfd = -1
+    except BaseException:
+        for m in members:
+            if m.fd is not None:
+                os.close(m.fd)
+        if lockfd >= 0:
+            os.close(lockfd)
+        raise
+    try:
+        _assemble(arr, members, fresh, force)
+    except BaseException:
+        arr._closed = True
+        for d in arr.disks:
+            d.close()
+        arr._pool.shutdown(wait=False)
+        os.close(arr._lockfd)
+        os.close(arr._bmfd)
+        raise
+    return arr
+
+
+def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool) -> None:
+    g = arr.geo
+    for m in members:
+        if m.damaged_copies:
+            arr.notices.append(f"disk {m.index}: superblock copy {', '.join(m.damaged_copies)} "
+                               f"was damaged; the other copy was used and both are rewritten")
+        if m.problem:
+            arr.notices.append(f"disk {m.index} ({m.path}): {m.problem}")
+    a_rebuilding = [d for d in arr.disks if d.state == "rebuilding"]
+    if a_rebuilding and any(d.state not in ("active", "rebuilding") for d in arr.disks):
+        raise RaidError(f"array {arr.dir} cannot start: disk {a_rebuilding[0].index} was being "
+                        f"rebuilt and another disk is unusable", exit_code=3)
+    dirty = fresh.get("state") != "clean"
+    # the bitmap file is the durable copy; the members' copies may add bits (harmless)
+    bits = arr._read_bitmap_file() if dirty else np.zeros(g.nregions, dtype=bool)
+    for d in arr.disks:
+        if d.fd is None:
+            continue
+        try:
+            if dirty and d.state == "active":
+                bits |= arr._read_bitmap(d)
+            damaged = arr._load_checksums(d)
+        except _DiskGone:
+            continue
+        if damaged:
+            arr.notices.append(f"disk {d.index}: {damaged} checksum blocks were damaged; "
+                               f"their blocks are verified against parity and rewritten")
+    rows = [r for reg in np.nonzero(bits)[0].tolist()
+            for r in range(reg * g.region_rows, min(g.rows, (reg + 1) * g.region_rows))]
+    degraded = any(d.state != "active" for d in arr.disks)
+    if rows and degraded:
+        missing = [d for d in arr.disks if d.state != "active"][0]
+        if not force:
+            raise RaidError(
+                f"array {arr.dir} was not shut down cleanly and disk {missing.index} "
+                f"({missing.path}) is {missing.state}: {len(rows)} chunk rows may have been "
+                f"mid-write (the RAID-5 write hole), so blocks of disk {missing.index} cannot "
+                f"be rebuilt safely there. Bring disk {missing.index} back and open again, or "
+                f"open with force (`--force`) to serve everything else and report those "
+                f"blocks as unreadable.", exit_code=3)
+        arr._untrusted_rows = set(rows)
+        arr._bits = bits
+        # checksums of the present disks must match whatever data landed
+        for row in rows:
+            for d in arr.disks:
+                if d.state == "active":
+                    e0 = row * g.cb
+                    buf = arr._pread(d, g.data_start + e0, g.cb)
+                    arr._set_crcs(d, e0, buf, g.cb)
+        arr.notices.append(f"unclean stop while degraded: {len(rows)} rows untrusted")
+    with arr._lock:
+        arr._write_superblocks(state="dirty", sync=True)
+        if rows and not degraded:
+            arr.stats["resynced_rows"] = arr._resync(rows)
+            arr.notices.append(f"unclean stop: resynchronised {len(rows)} chunk rows "
+                               f"named by the write-intent bitmap")
+        arr._repair_unknown_checksums()
+        arr._write_checksums()
+        arr._fsync_disks()
+        if not arr._untrusted_rows:
+            arr._bits[:] = False
+            arr._write_bitmap(sync=True)
+        else:
+            arr._write_bitmap(sync=True)
+
+
+def inspect_array(dirpath: str | os.PathLike) -> dict:
+    """Status of an array read from its superblocks and state file without opening it
+    (no lock taken, nothing written): for `replfs raid status` while another process
+    holds the array."""
+    dirpath = os.fspath(dirpath)
+    cfg = load_config(dirpath)
+    members, fresh = _examine(dirpath, cfg, writable=False)
+    for m in members:
+        if m.fd is not None:
+            os.close(m.fd)
+    if fresh is None:
+        raise RaidError(f"array {dirpath}: no disk has a valid superblock:\n" + "\n".join(
+            f"  disk {m.index} ({m.path}): {m.problem}" for m in members), exit_code=3)
+    geo = make_geometry(fresh["ndisks"], fresh["chunk"], fresh["disk_blocks"])
+    table = fresh["members"]
+    disks = []
+    for m in members:
+        entry = table[m.index]
+        state = entry["state"] if m.sb is not None else (
+            "missing" if m.problem == "image not found" else "failed")
+        info = {"index": m.index, "path": m.path, "state": state, "problem": m.problem,
+                **{k: int(entry.get(k, 0)) for k in
+                   ("read_errors", "write_errors", "cksum_errors", "unrecoverable")}}
+        if state == "rebuilding":
+            info["rebuild_progress"] = round(entry.get("rebuild_pos", 0) / geo.rows, 4)
+        disks.append(info)
+    nbad = sum(1 for d in disks if d["state"] != "active")
+    health = "healthy" if nbad == 0 else "failed" if nbad > 1 else (
+        "rebuilding" if any(d["state"] == "rebuilding" for d in disks) else "degraded")
+    notices = [f"disk {m.index}: superblock copy {', '.join(m.damaged_copies)} is damaged"
+               for m in members if m.damaged_copies]
+    return {"dir": dirpath, "uuid": cfg["uuid"], "health": health, "ndisks": geo.ndisks,
+            "chunk": geo.chunk, "block_size": BLOCK_SIZE, "nblocks": geo.nblocks,
+            "size_bytes": geo.nblocks * BLOCK_SIZE, "events": fresh["events"],
+            "clean": fresh.get("state") == "clean", "disks": disks,
+            "scrub": read_state(dirpath).get("scrub"), "notices": notices}
