@@ -132,9 +132,17 @@ def tuplify(x: Any) -> Any:
     return x
 
 
+_packer = msgpack.Packer(use_bin_type=True)
+_FIELDS = {cls: (int(cls.type), cls.__slots__) for cls in _CLASSES.values()}
+
+
 def encode_body(rec: Record) -> bytes:
-    fields = [getattr(rec, f) for f in rec.__slots__]
-    return msgpack.packb([int(rec.type), *fields], use_bin_type=True)
+    if type(rec) is Update:     # the hot one
+        return _packer.pack((1, rec.txn, rec.block, rec.offset, rec.new, rec.old))
+    if type(rec) is Commit:
+        return _packer.pack((3, rec.txn, rec.payload))
+    code, names = _FIELDS[type(rec)]
+    return _packer.pack([code, *(getattr(rec, f) for f in names)])
 
 
 def decode_body(body: bytes) -> Record:

@@ -302,3 +302,37 @@ async def test_transaction_larger_than_the_log_is_refused_not_retried():
     for _ in range(3):
         await mgr.run(big)
     assert await peek(mgr, 102, 0, 4) == bytes([9]) * 4
+
+
+class SlowFlushDevice(MemoryDevice):
+    async def flush(self):
+        await trio.sleep(0.005)            # a disk's fsync (virtual time)
+        await super().flush()
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+async def test_group_commit_shares_flushes(autojump_clock, group_commit):
+    dev = SlowFlushDevice(256)
+    await TxnManager.format(dev, **LOG)
+    mgr = await TxnManager.open(dev, **LOG, group_commit=group_commit)
+    flushes0 = mgr.stats()["log_flushes"]
+
+    async def writer(w):
+        for i in range(10):
+            async def fn(t):
+                await t.lock(("w", w))
+                await t.write(100 + w, 8 * i, i.to_bytes(8, "little"))
+            await mgr.run(fn)
+
+    async with trio.open_nursery() as n:
+        for w in range(32):
+            n.start_soon(writer, w)
+    flushes = mgr.stats()["log_flushes"] - flushes0
+    if group_commit:
+        assert flushes <= 320 // 8, flushes       # many commits per flush
+    else:
+        assert flushes >= 320, flushes            # one (at least) per commit
+    dev.crash()
+    mgr = await reopen(dev)
+    for w in range(32):
+        assert await peek(mgr, 100 + w, 72, 8) == (9).to_bytes(8, "little")
