@@ -36,6 +36,7 @@ MAGIC = b"RFSLOG\x00\x01"
 VERSION = 1
 HEADER = struct.Struct("<8sIIIQIQQ")  # magic, version, block_size, log_blocks, log_id, epoch, start_lsn, ckpt_lsn
 MIN_LOG_BLOCKS = 4
+SCAN_CHUNK_BLOCKS = 256   # recovery reads the log 1 MiB at a time
 
 
 @dataclass
@@ -132,26 +133,41 @@ class Log:
         frame, LSN, epoch or checksum does not check out ends the log (a torn tail).
         """
         hdr = self.header
-        area = await self.device.read_blocks(self.data_start, self.data_blocks)
         cap = self.capacity
+        chunk_blocks = min(SCAN_CHUNK_BLOCKS, self.data_blocks)
+        chunks: dict[int, bytes] = {}
 
-        def get(lsn: int, n: int) -> bytes:
-            off = lsn % cap
-            if off + n <= cap:
-                return area[off:off + n]
-            return area[off:] + area[:off + n - cap]
+        async def get(lsn: int, n: int) -> bytes:
+            # read the circular data area lazily, a chunk at a time: a big log with a
+            # short live part costs only what is live
+            out = bytearray()
+            while n > 0:
+                block = (lsn % cap) // self.bs
+                first = block - block % chunk_blocks
+                if first not in chunks:
+                    count = min(chunk_blocks, self.data_blocks - first)
+                    if len(chunks) > 4:
+                        chunks.clear()
+                    chunks[first] = await self.device.read_blocks(self.data_start + first, count)
+                data = chunks[first]
+                off = lsn % cap - first * self.bs
+                piece = data[off:off + n]
+                out += piece
+                lsn += len(piece)
+                n -= len(piece)
+            return bytes(out)
 
         out = []
         lsn = hdr.start_lsn
         prev_epoch = 0
         while lsn + FRAME_SIZE - hdr.start_lsn <= self.usable:
-            head = get(lsn, FRAME_SIZE)
+            head = await get(lsn, FRAME_SIZE)
             _, length, rlsn, epoch = FRAME.unpack(head)
             end = lsn + FRAME_SIZE + length
             if (rlsn != lsn or length == 0 or end - hdr.start_lsn > self.usable
                     or not prev_epoch <= epoch <= hdr.epoch):
                 break
-            body = get(lsn + FRAME_SIZE, length)
+            body = await get(lsn + FRAME_SIZE, length)
             if not check_frame(head, body, hdr.log_id):
                 break
             try:
@@ -164,7 +180,7 @@ class Log:
         self.start_lsn = hdr.start_lsn
         self.end_lsn = self.durable_lsn = lsn
         self._buf_lsn = lsn - lsn % self.bs
-        self._buf = bytearray(get(self._buf_lsn, lsn - self._buf_lsn))
+        self._buf = bytearray(await get(self._buf_lsn, lsn - self._buf_lsn))
         return out
 
     async def write_header(self, *, start_lsn: int | None = None, ckpt_lsn: int | None = None,

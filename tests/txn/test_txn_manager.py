@@ -336,3 +336,21 @@ async def test_group_commit_shares_flushes(autojump_clock, group_commit):
     mgr = await reopen(dev)
     for w in range(32):
         assert await peek(mgr, 100 + w, 72, 8) == (9).to_bytes(8, "little")
+
+
+async def test_recovery_scan_across_chunks_and_the_wrap(monkeypatch):
+    import replfs.txn.log as logmod
+    monkeypatch.setattr(logmod, "SCAN_CHUNK_BLOCKS", 3)
+    dev = MemoryDevice(200)
+    geo = dict(log_start=0, log_blocks=11)
+    await TxnManager.format(dev, **geo)
+    mgr = await TxnManager.open(dev, **geo, checkpoint_at=0.9)
+    for i in range(400):
+        await mgr.run(lambda t, i=i: t.write(50 + i % 9, (i * 50) % 4000, bytes([i % 256]) * 50))
+    assert mgr.log.end_lsn > 3 * mgr.log.capacity            # wrapped several times
+    dev.crash()
+    mgr = await TxnManager.open(dev, **geo)
+    assert mgr.recovery["winners"] > 50
+    for i in range(300, 400):
+        got = await peek(mgr, 50 + i % 9, (i * 50) % 4000, 50)
+        assert got == bytes([i % 256]) * 50
