@@ -118,6 +118,7 @@ class Disk:
         self.state = "missing"  # active | rebuilding | failed | missing
         self.problem = ""  # why it is not active, for status and errors
         self.rebuild_pos = 0  # rows rebuilt so far (state "rebuilding")
+        self.durable_pos = 0  # rows rebuilt and fsynced: what superblocks may record
         self.read_errors = 0
         self.write_errors = 0
         self.cksum_errors = 0  # checksum mismatches repaired
@@ -249,7 +250,7 @@ class Array:
     # ----------------------------------------------------------------- superblocks
 
     def _member_table(self) -> list[dict]:
-        return [{"state": d.state, "rebuild_pos": d.rebuild_pos, **d.counters()}
+        return [{"state": d.state, "rebuild_pos": d.durable_pos, **d.counters()}
                 for d in self.disks]
 
     def _write_superblocks(self, *, state: str = "dirty", sync: bool = True) -> None:
@@ -467,6 +468,20 @@ class Array:
             bad = (got != disk.crcs[e0:e1]) | ~disk.crc_ok[e0:e1]
             cache[(disk.index, e0, e1)] = (np.frombuffer(buf, dtype=np.uint8),
                                            np.nonzero(bad)[0].tolist() if bad.any() else [])
+
+    def _readahead(self, disks, e0: int, e1: int) -> None:
+        """Ask the kernel to start reading entries e0..e1 of these members (the next
+        step of a rebuild or scrub) while this step is computed and written."""
+        if e1 <= e0:
+            return
+        for d in disks:
+            disk = self.disks[d]
+            if disk.fd is not None:
+                try:
+                    os.posix_fadvise(disk.fd, (self.geo.data_start + e0) * BLOCK_SIZE,
+                                     (e1 - e0) * BLOCK_SIZE, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass
 
     def _block_from(self, cache: dict, d: int, e: int):
         """One verified block of member d at entry e (a view), or None."""
@@ -1092,7 +1107,7 @@ class Array:
             disk.path = path
             disk.state = "rebuilding"
             disk.problem = ""
-            disk.rebuild_pos = 0
+            disk.rebuild_pos = disk.durable_pos = 0
             disk.crcs = np.zeros(g.entries, dtype=np.uint32)
             disk.crc_ok = np.zeros(g.entries, dtype=bool)
             disk.dirty_cs = set(range(g.cs_blocks))
@@ -1115,6 +1130,8 @@ class Array:
                 e0, e1 = row * g.cb, r1 * g.cb
                 cache: dict = {}
                 self._prefetch(cache, [(d, e0, e1) for d in range(g.ndisks) if d != k])
+                self._readahead([d for d in range(g.ndisks) if d != k], e1,
+                                min(g.rows, r1 + batch) * g.cb)
                 acc = np.zeros((e1 - e0) * BLOCK_SIZE, dtype=np.uint8)
                 lost: set[int] = set()
                 for d in range(g.ndisks):
@@ -1139,6 +1156,7 @@ class Array:
                 if time.monotonic() - last_sb > REBUILD_PERSIST_SECS:
                     self._write_checksums()
                     self._fsync_disks([disk])
+                    disk.durable_pos = disk.rebuild_pos
                     self._write_superblocks(sync=False)
                     last_sb = time.monotonic()
             row = r1
@@ -1204,6 +1222,7 @@ class Array:
                 e0, e1 = row * g.cb, r1 * g.cb
                 cache: dict = {}
                 self._prefetch(cache, [(d, e0, e1) for d in range(g.ndisks)])
+                self._readahead(range(g.ndisks), e1, min(g.rows, r1 + batch) * g.cb)
                 bufs = {}
                 lost: set[int] = set()
                 for d in range(g.ndisks):

@@ -186,7 +186,7 @@ def open_array(dirpath: str | os.PathLike, *, force: bool = False) -> Array:
                 m.fd = None
                 if entry["state"] == "rebuilding":
                     d.state = "rebuilding"
-                    d.rebuild_pos = int(entry.get("rebuild_pos", 0))
+                    d.rebuild_pos = d.durable_pos = int(entry.get("rebuild_pos", 0))
                     d.problem = "rebuild interrupted; run `replfs raid rebuild` again"
                 else:
                     d.state = "active"

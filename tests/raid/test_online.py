@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import random
-import time
+import threading
 
 import pytest
 import trio
@@ -86,9 +86,13 @@ async def test_rebuild_while_writes_continue(array_dir):
         writes = 0
         seen_progress = []
 
+        wrote = threading.Event()
+
         def slow_progress(row, rows):
+            # let at least one write land between two rebuild steps (bounded wait)
             seen_progress.append(row)
-            time.sleep(0.002)  # give the writer room between batches
+            wrote.wait(2.0)
+            wrote.clear()
 
         async def writer():
             nonlocal writes
@@ -99,6 +103,7 @@ async def test_rebuild_while_writes_continue(array_dir):
                 for k, v in batch.items():
                     ref[k * 4096:(k + 1) * 4096] = v
                 writes += 1
+                wrote.set()
                 if writes % 10 == 0:
                     await arr.flush()
                 # reads during the rebuild are right too
