@@ -134,3 +134,12 @@ def test_unreadable_block_exit_code(arr):
             "--seed", "1", "--area", "any", "--mode", "flip")
     rc, out, err = run("raid", "read", arr, "--length", str(1 << 20), ok=False)
     assert rc == 4 and "I/O error" in err
+
+
+def test_bench_raid_runs(tmp_path):
+    _, out, _ = run("bench", "raid", "--size", "6M", "--rounds", "1", "--dir", str(tmp_path))
+    text = out.decode()
+    for name in ("raw write", "sequential write", "sequential read", "degraded read",
+                 "rebuild", "scrub", "numpy"):
+        assert name in text, text
+    assert os.listdir(tmp_path) == []  # cleaned up
