@@ -169,7 +169,7 @@ def run_bench(workdir: str, size: int, ndisks: int, chunk: int, rounds: int,
 
 
 def cmd_bench(args) -> int:
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     size = parse_size(args.size)
     chunk = parse_size(args.chunk)
     base = args.dir or tempfile.gettempdir()
@@ -182,7 +182,8 @@ def cmd_bench(args) -> int:
     np_speed, int_speed = _xor_speeds()
     t = Table(title="replfs bench raid")
     for col in ("operation", "MiB", "seconds", "MB/s", "ratio", "vs", "goal", "met"):
-        t.add_column(col, justify="left" if col in ("operation", "vs") else "right")
+        t.add_column(col, justify="left" if col in ("operation", "vs") else "right",
+                     no_wrap=col in ("operation", "vs"))
     failed = 0
     for r in results:
         goal = r["goal"]
