@@ -366,6 +366,8 @@ class TxnManager:
         randomized exponential backoff (the caller never sees them unless `retries`
         attempts all fail). Any other exception aborts (every effect undone) and is
         re-raised. `fn` may commit the transaction itself (e.g. to get the CommitRecord).
+        If `fn` prepared it (2PC), it is left prepared -- committed or aborted or not,
+        only the coordinator's decision may end it; `fn` must hand the Txn out.
         """
         priority = trio.current_time()
         attempt = 0
@@ -373,7 +375,7 @@ class TxnManager:
             txn = self.begin(name, priority=priority)
             try:
                 result = await fn(txn)
-                if txn.state in ("active", "prepared"):
+                if txn.state == "active":
                     await txn.commit()
                 return result
             except Retryable:
@@ -384,7 +386,8 @@ class TxnManager:
                     raise
                 await trio.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** min(attempt, 10))))
             except BaseException:
-                await txn.abort()
+                if txn.state != "prepared":
+                    await txn.abort()
                 raise
 
     async def apply(self, changes: Iterable[tuple[int, int, bytes]], payload: Any = None

@@ -354,3 +354,21 @@ async def test_recovery_scan_across_chunks_and_the_wrap(monkeypatch):
     for i in range(300, 400):
         got = await peek(mgr, 50 + i % 9, (i * 50) % 4000, 50)
         assert got == bytes([i % 256]) * 50
+
+
+async def test_run_leaves_a_prepared_txn_to_the_coordinator():
+    dev, mgr = await fresh()
+    stash = []
+
+    async def participant(t):
+        await t.lock(("dirent", 2, "b"))
+        await t.write(95, 0, b"2pc")
+        await t.prepare({"gtid": 1})
+        stash.append(t)
+
+    await mgr.run(participant)
+    (t,) = stash
+    assert t.state == "prepared" and mgr.in_doubt() == [t]
+    await mgr.log_decision(1, True, ["g0", "g1"])
+    await t.commit()
+    assert mgr.in_doubt() == [] and await peek(mgr, 95, 0, 3) == b"2pc"
