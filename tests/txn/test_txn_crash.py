@@ -241,3 +241,25 @@ async def test_crash_and_recovery_over_the_raid5_array(tmp_path):
             await recover_and_check(image, committed)
         except AssertionError as exc:
             raise AssertionError(f"array, after crash at {spec}: {exc}") from exc
+
+
+@pytest.mark.soak
+async def test_soak_recovery_at_random_occurrences(point_counts, tmp_path):
+    # every crash point at many random occurrences (run with --soak)
+    import random
+    rng = random.Random(os.getpid())
+    runs = [f"{name}:{rng.randint(1, count)}" for name, count in sorted(point_counts.items())
+            for _ in range(8)]
+
+    async def one(i, spec):
+        image = tmp_path / f"s{i}"
+        _, committed = await child(image, "run", crash_at=spec)
+        try:
+            await recover_and_check(image, committed)
+        except AssertionError as exc:
+            raise AssertionError(f"after crash at {spec}: {exc}") from exc
+        image.unlink()
+
+    async with trio.open_nursery() as n:
+        for i, spec in enumerate(runs):
+            n.start_soon(one, i, spec)

@@ -230,6 +230,8 @@ async def test_log_never_grows_without_bound_and_state_is_right():
         model[(blk, off)] = data
         assert mgr.log.used <= mgr.log.usable
     st = mgr.stats()
+    import json
+    json.dumps(st)                       # stats are JSON-able (for `replfs status`)
     assert st["log_bytes_written"] > 5 * st["log_size"]
     assert st["checkpoints"] > 5
     dev.crash()
