@@ -73,6 +73,9 @@ class Request:
     leave `commit` None."""
     payload: Callable[[Any], Any]
     commit: Any = None
+    # awaited as before_commit(txn, result) inside the transaction, just before it
+    # commits (the replication server records its at-most-once reply there)
+    before_commit: Callable[[Any, Any], Any] | None = None
 
 
 current_request: ContextVar[Request | None] = ContextVar("replfs_fs_request", default=None)
@@ -118,6 +121,8 @@ class FileSystem:
             result = await fn(op, *args)
             req = current_request.get()
             if req is not None and not readonly:
+                if req.before_commit is not None:
+                    await req.before_commit(txn, result)
                 req.commit = await txn.commit(req.payload(result))
             return result
 

@@ -79,7 +79,8 @@ async def mkfs(device, *, group: int = 0, uid: int = 0, gid: int = 0, root_mode:
 
 
 async def open_fs(device, *, history=None, lock_timeout: float = 10.0,
-                  cache_blocks: int = 16384, _creating: bool = False) -> FileSystem:
+                  cache_blocks: int = 16384, reclaim: bool = True,
+                  _creating: bool = False) -> FileSystem:
     """Open the filesystem on `device`: recover the log, load the maps, reclaim orphans.
     Raises FormatError (a ReplfsError with what to do) if there is none."""
     sb = Superblock.unpack(await device.read_block(0))
@@ -101,6 +102,6 @@ async def open_fs(device, *, history=None, lock_timeout: float = 10.0,
     await mgr.run(load, name="load-maps")
     fs = FileSystem(sb, mgr, ByteMap("blocks", sb.bmap_start, sb.nblocks, sb.data_start, maps["blocks"]),
                     ByteMap("inodes", sb.imap_start, sb.ninodes, FIRST_FREE_SLOT, maps["inodes"]))
-    if not _creating:
+    if reclaim and not _creating:   # reclaim=False: clients may still hold orphans (replication)
         fs.orphans_reclaimed = await fs.reclaim_orphans()
     return fs

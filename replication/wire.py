@@ -382,16 +382,35 @@ async def serve(port: int, secret: bytes, on_connection, *, host: str = "127.0.0
                 log.warning("refused connection from %s: %s", ch.peer, exc)
                 return
             await on_connection(ch)
-        except ProtocolError as exc:
-            log.warning("closing connection from %s: %s", ch.peer, exc)
-        except (EOFError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except BaseException as exc:
+            proto, rest = _split(exc)
+            if proto is not None:
+                log.warning("closing connection from %s: %s", ch.peer, proto)
+            if rest is not None:
+                raise rest
         finally:
             await ch.aclose()
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(handler, listeners)
+
+
+def _split(exc: BaseException):
+    """(the first ProtocolError in `exc` or None, what remains that is not a connection
+    error or None): a connection's errors end that connection only."""
+    if isinstance(exc, BaseExceptionGroup):
+        proto, rest = exc.split(ProtocolError)
+        rest = rest.split(CONN_ERRORS)[1] if rest is not None else None
+        first = proto.exceptions[0] if proto is not None else None
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        return first, rest
+    if isinstance(exc, ProtocolError):
+        return exc, None
+    if isinstance(exc, CONN_ERRORS):
+        return None, None
+    return None, exc
 
 
 CONN_ERRORS = (OSError, EOFError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError,

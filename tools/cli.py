@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "fsck_cmd",
     "fault",
     "bench",
+    "cluster_cmd",      # after mount_cmd: it extends the `mount` parser
 ]
 
 

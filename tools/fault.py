@@ -167,6 +167,12 @@ def _register_fail_disk(fsub) -> None:
 
 FAULTS = [_register_corrupt, _register_fail_disk]
 
+# --- replication faults (issue 5): kill, partition, loss, heal -- see tools/fault_net.py
+from replfs.tools.fault_net import FAULTS as _NET_FAULTS  # noqa: E402
+
+FAULTS += _NET_FAULTS
+# --- end of replication faults
+
 
 def register(sub) -> None:
     p = sub.add_parser("fault", help="inject faults (corrupt images, fail disks, ...)")

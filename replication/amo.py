@@ -1,0 +1,121 @@
+"""At-most-once: the last reply per client lane, kept in the replicated block space.
+
+The table lives in a reserved tail of the array's logical blocks, outside the filesystem
+(`replfs init` makes the filesystem `TAIL_BLOCKS` blocks shorter than the array):
+
+    [n - TAIL_BLOCKS, n - 1)   the table: SLOTS_PER_BLOCK slots of SLOT bytes per block
+    n - 1                      this replica's replication position (never replicated)
+
+A slot holds ``[client, lane, seq, reply]`` (msgpack, 2-byte length first). The primary
+writes a request's slot *inside the operation's own transaction* (fs `Request.before_commit`),
+so the reply is durable exactly when the operation is, travels to the backup with the
+operation's other changes, survives restarts, and is part of every state transfer.
+A lane has one request outstanding at a time, so its last reply is all we need.
+"""
+
+from __future__ import annotations
+
+import msgpack
+
+from replfs.fs.layout import BLOCK_SIZE
+from replfs.replication import wire
+
+TABLE_BLOCKS = 64
+TAIL_BLOCKS = TABLE_BLOCKS + 1
+SLOT = 512
+SLOTS_PER_BLOCK = BLOCK_SIZE // SLOT
+
+
+def tail_start(nblocks: int) -> int:
+    return nblocks - TAIL_BLOCKS
+
+
+def position_block(nblocks: int) -> int:
+    return nblocks - 1
+
+
+def pack_position(incarnation: str, lsn: int) -> bytes:
+    body = msgpack.packb([incarnation, lsn])
+    return (len(body).to_bytes(2, "little") + body).ljust(BLOCK_SIZE, b"\0")
+
+
+def unpack_position(data: bytes) -> tuple[str, int]:
+    n = int.from_bytes(data[:2], "little")
+    try:
+        inc, lsn = msgpack.unpackb(data[2:2 + n]) if n else ("", 0)
+        return str(inc), int(lsn)
+    except Exception:
+        return "", 0
+
+
+class AmoTable:
+    """The primary's view of the table: lookups from memory, writes through the
+    operation's transaction."""
+
+    def __init__(self, nblocks: int):
+        self.first = tail_start(nblocks)
+        self.entries: dict[tuple[str, int], tuple[int, bytes]] = {}   # key -> (seq, packed reply)
+        self.slots: dict[tuple[str, int], int] = {}
+        self.free: list[int] = []
+        self._clock = 0
+        self._used: dict[tuple[str, int], int] = {}
+
+    async def load(self, mgr) -> None:
+        """Read the whole table (one read-only transaction)."""
+        async def fn(txn):
+            return [await txn.read(self.first + i) for i in range(TABLE_BLOCKS)]
+        blocks = await mgr.run(fn, name="amo-load")
+        taken = set()
+        for i, data in enumerate(blocks):
+            for j in range(SLOTS_PER_BLOCK):
+                raw = data[j * SLOT:(j + 1) * SLOT]
+                n = int.from_bytes(raw[:2], "little")
+                if not n:
+                    continue
+                try:
+                    client, lane, seq, reply = msgpack.unpackb(raw[2:2 + n])
+                except Exception:
+                    continue
+                slot = i * SLOTS_PER_BLOCK + j
+                key = (client, lane)
+                self.entries[key] = (seq, reply)
+                self.slots[key] = slot
+                taken.add(slot)
+        self.free = [s for s in range(TABLE_BLOCKS * SLOTS_PER_BLOCK) if s not in taken][::-1]
+
+    def lookup(self, key) -> tuple[int, bytes] | None:
+        return self.entries.get(key)
+
+    def _slot(self, key) -> int:
+        slot = self.slots.get(key)
+        if slot is None:
+            if self.free:
+                slot = self.free.pop()
+            else:           # full: reuse the least recently used lane's slot
+                victim = min(self._used, key=self._used.get) if self._used else next(iter(self.slots))
+                slot = self.slots.pop(victim)
+                self.entries.pop(victim, None)
+                self._used.pop(victim, None)
+            self.slots[key] = slot
+        self._clock += 1
+        self._used[key] = self._clock
+        return slot
+
+    async def record(self, txn, key, seq: int, value) -> bytes:
+        """Write (key, seq, reply) into the caller's transaction; returns the packed reply.
+        Call `remember` once the transaction committed."""
+        reply = wire.pack_value(value)
+        body = msgpack.packb([key[0], key[1], seq, reply])
+        if len(body) + 2 > SLOT:
+            raise ValueError(f"reply of {len(body)} bytes does not fit an at-most-once slot")
+        slot = self._slot(key)
+        blk = self.first + slot // SLOTS_PER_BLOCK
+        off = (slot % SLOTS_PER_BLOCK) * SLOT
+        await txn.lock(("amo", slot), "X")
+        await txn.write(blk, off, (len(body).to_bytes(2, "little") + body).ljust(SLOT, b"\0"))
+        return reply
+
+    def remember(self, key, seq: int, reply: bytes) -> None:
+        old = self.entries.get(key)
+        if old is None or old[0] < seq:
+            self.entries[key] = (seq, reply)

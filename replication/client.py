@@ -1,0 +1,300 @@
+"""`RemoteFS`: the filesystem interface of `FileSystem` (fs/core.py), served by the
+replicated cluster. The FUSE adapter (fs/fuse_ops.py) takes it in place of a local
+`FileSystem` and does not know the difference.
+
+Routing and failover: the client caches the view; it asks the view server only when the
+primary fails to answer within the request timeout, refuses the connection, answers
+`NotPrimary`, or is unknown; then it retries -- a hung primary costs about DeadPings x
+PingInterval (until the view server gives up on it) plus one retry.
+
+At most once: requests go out on *lanes*; a lane has one request outstanding at a time,
+and every request carries (client id, lane, seq) with seq increasing per lane. A retry
+reuses the same triple, so the primary recognises it (its at-most-once table is
+replicated and survives failover) and answers with the recorded reply instead of
+executing it again. A reply is matched to its request by (lane, seq), whichever
+transmission it answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+
+import trio
+
+from replfs.fs.errors import FsError
+from replfs.replication import wire
+from replfs.replication.config import CLIENT, VIEWSERVER, ClusterConfig
+from replfs.replication.viewserver import View
+
+log = logging.getLogger("replfs.client")
+
+REQUEST_TIMEOUT = 0.4       # per transmission; a retry after it is always safe
+CONNECT_TIMEOUT = 0.4
+
+
+class Unavailable(FsError):
+    """No primary answered for `deadline` seconds (EIO to the caller)."""
+
+    def __init__(self, what: str):
+        super().__init__(5, what)
+
+
+class _Conn:
+    """One authenticated connection to a server, with a reader task that hands replies
+    to the waiting requests."""
+
+    def __init__(self, ch: wire.Channel, server: str):
+        self.ch = ch
+        self.server = server
+        self.broken = False
+
+    async def reader(self, client: "RemoteFS") -> None:
+        try:
+            while True:
+                msg = await self.ch.receive()
+                if isinstance(msg, (wire.OpReply, wire.NotPrimary)):
+                    client._deliver(msg)
+        except wire.CONN_ERRORS:
+            pass
+        finally:
+            self.broken = True
+            await self.ch.aclose()
+            client._conn_broken(self)
+
+
+class _Waiter:
+    """A pending request: any transmission's reply (by rid) completes it."""
+
+    def __init__(self):
+        self.event = trio.Event()
+        self.reply = None
+        self.rids: list[int] = []
+        self.conn: _Conn | None = None
+
+
+class RemoteFS:
+    def __init__(self, cfg: ClusterConfig, *, group: int = 0, lanes: int = 16,
+                 request_timeout: float = REQUEST_TIMEOUT, deadline: float = 60.0,
+                 name: str = CLIENT):
+        self.cfg = cfg
+        self.group = group
+        self.secret = cfg.secret()
+        self.name = name
+        self.client_id = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.request_timeout = request_timeout
+        self.deadline = deadline
+        self.view = View()
+        self._conns: dict[str, _Conn] = {}
+        self._connecting: dict[str, trio.Lock] = {}
+        self._lanes = list(range(lanes))
+        self._lane_seq = [0] * lanes
+        self._lane_free = trio.Semaphore(lanes)
+        self._by_rid: dict[int, _Waiter] = {}     # every transmission of a pending request
+        self._rid = 0
+        self._nursery: trio.Nursery | None = None
+        self._view_lock = trio.Lock()
+        self.stats = dict(requests=0, retries=0, view_fetches=0, failovers=0)
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve connection readers until cancelled; start with `nursery.start`."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ---------------------------------------------------------------- plumbing
+    def _deliver(self, msg) -> None:
+        w = self._by_rid.get(msg.rid)
+        if w is not None:
+            w.reply = msg
+            w.event.set()
+
+    def _conn_broken(self, conn: _Conn) -> None:
+        if self._conns.get(conn.server) is conn:
+            del self._conns[conn.server]
+        for w in self._by_rid.values():
+            if w.conn is conn:
+                w.event.set()
+
+    async def _conn(self, server: str) -> _Conn:
+        conn = self._conns.get(server)
+        if conn is not None and not conn.broken:
+            return conn
+        lock = self._connecting.setdefault(server, trio.Lock())
+        async with lock:
+            conn = self._conns.get(server)
+            if conn is not None and not conn.broken:
+                return conn
+            with trio.fail_after(CONNECT_TIMEOUT):
+                ch = await wire.connect(self.cfg.addr(self.name, server), self.secret, self.name)
+            conn = _Conn(ch, server)
+            self._conns[server] = conn
+            self._nursery.start_soon(conn.reader, self)
+            return conn
+
+    async def _fetch_view(self, stale: View) -> View:
+        """Ask the view server (once per staleness: concurrent callers share it)."""
+        async with self._view_lock:
+            if self.view.num > stale.num:
+                return self.view
+            self.stats["view_fetches"] += 1
+            try:
+                with trio.fail_after(max(0.5, self.cfg.ping_interval * 3)):
+                    ch = await wire.connect(self.cfg.addr(self.name, VIEWSERVER), self.secret,
+                                            self.name)
+                    try:
+                        await ch.send(wire.GetView(self.group))
+                        r = await ch.receive()
+                    finally:
+                        await ch.aclose()
+                if isinstance(r, wire.ViewReply) and r.num >= self.view.num:
+                    if r.primary != self.view.primary and self.view.primary:
+                        self.stats["failovers"] += 1
+                        log.info("view %d: primary is now %s", r.num, r.primary)
+                    self.view = View(r.num, r.primary, r.backup)
+            except wire.CONN_ERRORS as exc:
+                log.debug("view server unreachable: %s", exc)
+            return self.view
+
+    async def call(self, method: str, *args, **kwargs):
+        """Run `method` on the primary; returns its value or raises FsError."""
+        await self._lane_free.acquire()
+        lane = self._lanes.pop()
+        self._lane_seq[lane] += 1
+        seq = self._lane_seq[lane]
+        w = _Waiter()
+        self.stats["requests"] += 1
+        try:
+            with trio.fail_after(self.deadline):
+                return await self._call(w, lane, seq, method, list(args), kwargs)
+        except trio.TooSlowError:
+            raise Unavailable(f"{method}: no primary answered for {self.deadline:.0f} s") from None
+        finally:
+            for rid in w.rids:
+                self._by_rid.pop(rid, None)
+            self._lanes.append(lane)
+            self._lane_free.release()
+
+    async def _call(self, w: "_Waiter", lane, seq, method, args, kwargs):
+        view = self.view
+        if not view.primary:
+            view = await self._fetch_view(view)
+        attempt = 0
+        while True:
+            if attempt:
+                self.stats["retries"] += 1
+            attempt += 1
+            if not view.primary:
+                await trio.sleep(self.cfg.ping_interval)
+                view = await self._fetch_view(view)
+                continue
+            try:
+                conn = await self._conn(view.primary)
+            except wire.CONN_ERRORS:
+                view = await self._refetch(view)
+                continue
+            self._rid += 1
+            w.rids.append(self._rid)
+            self._by_rid[self._rid] = w
+            w.conn = conn
+            if w.reply is None:
+                w.event = trio.Event()
+            try:
+                await conn.ch.send(wire.OpRequest(self._rid, self.client_id, lane, seq, method,
+                                                  args, kwargs))
+            except wire.CONN_ERRORS:
+                view = await self._refetch(view)
+                continue
+            with trio.move_on_after(self.request_timeout * min(attempt, 4)):
+                await w.event.wait()
+            reply, w.reply = w.reply, None
+            if isinstance(reply, wire.OpReply):
+                if reply.errno:
+                    raise FsError(reply.errno, reply.message)
+                return reply.value
+            view = await self._refetch(view)
+
+    async def _refetch(self, view: View) -> View:
+        new = await self._fetch_view(view)
+        if new.num == view.num:
+            # nothing new yet: the view server has not given up on the primary; pace
+            await trio.sleep(self.cfg.ping_interval / 2)
+        return new
+
+    async def aclose(self) -> None:
+        for conn in list(self._conns.values()):
+            await conn.ch.aclose()
+
+    # ---------------------------------------------------------------- the interface
+    async def lookup(self, parent, name):
+        return await self.call("lookup", parent, name)
+
+    async def getattr(self, ino):
+        return await self.call("getattr", ino)
+
+    async def setattr(self, ino, *, mode=None, uid=None, gid=None, size=None, atime_ns=None,
+                      mtime_ns=None, atime_now=False, mtime_now=False):
+        kw = dict(mode=mode, uid=uid, gid=gid, size=size, atime_ns=atime_ns,
+                  mtime_ns=mtime_ns, atime_now=atime_now, mtime_now=mtime_now)
+        return await self.call("setattr", ino, **{k: v for k, v in kw.items()
+                                                   if v is not None and v is not False})
+
+    async def mknod(self, parent, name, mode, rdev, uid, gid):
+        return await self.call("mknod", parent, name, mode, rdev, uid, gid)
+
+    async def create(self, parent, name, mode, uid, gid):
+        return await self.call("create", parent, name, mode, uid, gid)
+
+    async def mkdir(self, parent, name, mode, uid, gid):
+        return await self.call("mkdir", parent, name, mode, uid, gid)
+
+    async def symlink(self, parent, name, target, uid, gid):
+        return await self.call("symlink", parent, name, target, uid, gid)
+
+    async def readlink(self, ino):
+        return await self.call("readlink", ino)
+
+    async def link(self, ino, parent, name):
+        return await self.call("link", ino, parent, name)
+
+    async def unlink(self, parent, name):
+        return await self.call("unlink", parent, name)
+
+    async def rmdir(self, parent, name):
+        return await self.call("rmdir", parent, name)
+
+    async def forget(self, ino):
+        return await self.call("forget", ino)
+
+    async def rename(self, p_old, n_old, p_new, n_new, flags=0):
+        return await self.call("rename", p_old, n_old, p_new, n_new, flags)
+
+    async def read(self, ino, offset, size):
+        return await self.call("read", ino, offset, size)
+
+    async def write(self, ino, offset, data):
+        return await self.call("write", ino, offset, bytes(data))
+
+    async def fsync(self, ino=None):
+        return await self.call("fsync")
+
+    async def readdir(self, ino, start, limit=128):
+        return await self.call("readdir", ino, start, limit)
+
+    async def statfs(self):
+        return await self.call("statfs")
+
+    async def getxattr(self, ino, name):
+        return await self.call("getxattr", ino, name)
+
+    async def listxattr(self, ino):
+        return await self.call("listxattr", ino)
+
+    async def setxattr(self, ino, name, value, flags=0):
+        return await self.call("setxattr", ino, name, value, flags)
+
+    async def removexattr(self, ino, name):
+        return await self.call("removexattr", ino, name)
+

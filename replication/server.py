@@ -1,0 +1,698 @@
+"""A replica server (`replfs server DIR --name S`): one array, one log, one filesystem.
+
+Roles follow the view server. As **primary** the server executes each client operation
+as a transaction with `current_request` set (fs/core.py), records the reply in the
+at-most-once table inside that same transaction (replication/amo.py), and answers only
+once its backup has acknowledged the transaction (or the view has no backup). A single
+forwarding task reads the transaction manager's commit stream (`mgr.subscribe()`, commit
+order) and ships batches of commit records (their byte-range after-images) to the
+backup; the backup applies a batch as one local transaction (`mgr.apply`, forced) and
+answers `Ack(lsn)`.
+
+State transfer to a new backup runs inside that same ordered stream: the primary
+computes a plan (every allocated logical block, or only the blocks changed since the
+backup was last in sync), and for each chunk briefly closes the *gate* that update
+operations pass (so no transaction is live and the cache holds committed state only),
+drains the commit stream, reads the chunk, reopens the gate and sends the chunk after the
+forwards it already includes. Updates keep flowing between chunks. Only after
+`SyncDone` does the primary acknowledge the view, so a backup that does not yet hold
+the state can never be promoted.
+
+A backup that comes back after a short absence: the primary remembers the blocks changed
+since the backup's last acknowledged batch (a dirty set, kept while the backup is away);
+the backup reports its durable position (the primary's incarnation id and the LSN of the
+last batch it applied, stored in its own position block in the same transaction as the
+batch), and if it is in the current incarnation only the dirty blocks are sent.
+
+As **backup** it rejects client operations, and forwards from anyone but the primary of
+the view it knows. A server that is not primary of the current view completes no update:
+an update is answered only after the backup acknowledged it, and a backup that learnt of
+a newer view refuses the old primary's forwards; a primary that has not heard from the
+view server for DeadPings x PingInterval stops answering altogether (so its clients go
+and ask the view server).
+
+On promotion the server reopens its filesystem (the in-memory allocation maps of a
+backup are stale) without reclaiming orphans -- clients may still hold unlinked open
+files; orphans are reclaimed only by the primary of view 1 (a fresh cluster start).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+
+import trio
+
+from replfs.fs.core import Request, current_request
+from replfs.fs.errors import FsError
+from replfs.fs.mkfs import open_fs
+from replfs.replication import amo, wire
+from replfs.replication.config import VIEWSERVER, ClusterConfig
+from replfs.replication.viewserver import View
+
+log = logging.getLogger("replfs.server")
+
+UPDATES = frozenset({"setattr", "mknod", "create", "mkdir", "symlink", "link", "unlink",
+                     "rmdir", "forget", "rename", "write", "setxattr", "removexattr"})
+READS = frozenset({"lookup", "getattr", "readlink", "read", "readdir", "statfs",
+                   "getxattr", "listxattr"})
+CHUNK = 64                  # blocks per state-transfer message
+ACK_TIMEOUT = 5.0
+FORWARD_MAX = 2**20     # bytes of after-images per forward batch
+
+
+class NotPrimaryError(Exception):
+    pass
+
+
+class LinkError(Exception):
+    pass
+
+
+class Gate:
+    """Update operations pass the gate concurrently (`passing`); a state-transfer chunk
+    closes it (`closed`) once every operation inside has left. Waiting closers go first."""
+
+    def __init__(self):
+        self._cond = trio.Condition()
+        self.inside = 0
+        self.closing = 0
+        self.shut = False
+
+    async def enter(self) -> None:
+        async with self._cond:
+            while self.shut or self.closing:
+                await self._cond.wait()
+            self.inside += 1
+
+    async def leave(self) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._cond:
+                self.inside -= 1
+                self._cond.notify_all()
+
+    async def close(self) -> None:
+        async with self._cond:
+            self.closing += 1
+            try:
+                while self.inside or self.shut:
+                    await self._cond.wait()
+            finally:
+                self.closing -= 1
+            self.shut = True
+
+    async def open(self) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._cond:
+                self.shut = False
+                self._cond.notify_all()
+
+
+@dataclass
+class Primary:
+    """What a server holds while it is primary (one incarnation)."""
+    incarnation: str
+    table: amo.AmoTable
+    commits: trio.MemoryReceiveChannel
+    committed_lsn: int = 0
+    acked_lsn: int = 0
+    backup_synced: bool = False
+    dirty: set | None = None        # blocks changed since `dirty_base` (None: unknown)
+    dirty_base: int = -1
+    unacked: list | None = None     # [(lsn, blocks)] received from the stream, not acked
+    sync_progress: tuple[int, int] = (0, 0)
+
+
+class ReplicaServer:
+    def __init__(self, cfg: ClusterConfig, name: str, array):
+        self.cfg = cfg
+        self.name = name
+        self.group = cfg.group_of(name)
+        self.secret = cfg.secret()
+        self.array = array
+        self.fs = None
+        self.view = View()
+        self.ping_view = 0          # the view number we acknowledge in pings
+        self.role = "idle"
+        self.primary: Primary | None = None
+        self.serving = False
+        self.last_vs_contact = -1e9
+        self.gate = Gate()
+        self.apply_lock = trio.Lock()
+        self._changed = trio.Event()
+        self._inflight: dict[tuple, trio.Event] = {}
+        self._inflight_result: dict[tuple, object] = {}
+        self._view_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self.backup_synced = False
+        self.position = ("", 0)
+        self.sync_incarnation = ""
+        self.sync_progress = (0, 0)
+        self.applied_lsn = 0
+        self.stats = dict(ops=0, duplicates=0, forwarded_batches=0, applied_batches=0,
+                          transfers_full=0, transfers_dirty=0, blocks_transferred=0,
+                          refused_forwards=0)
+        self.lease = cfg.dead_pings * cfg.ping_interval
+
+    # ---------------------------------------------------------------- lifecycle
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.fs = await open_fs(self.array, reclaim=False)
+        self.position = await self._read_position()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                port = await nursery.start(wire.serve, self.cfg.ports[self.name], self.secret,
+                                           self._on_connection)
+                nursery.start_soon(self._pinger)
+                log.info("server %s (group %d) listening on %d", self.name, self.group, port)
+                task_status.started(port)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.fs.close()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # ---------------------------------------------------------------- view
+    async def _pinger(self) -> None:
+        ch = None
+        interval = self.cfg.ping_interval
+        while True:
+            t0 = trio.current_time()
+            try:
+                if ch is None:
+                    with trio.fail_after(interval * 3):
+                        ch = await wire.connect(self.cfg.addr(self.name, VIEWSERVER),
+                                                self.secret, self.name)
+                with trio.fail_after(interval * 3):
+                    await ch.send(wire.Ping(self.group, self.name, self.ping_view))
+                    reply = await ch.receive()
+                if not isinstance(reply, wire.ViewReply):
+                    raise wire.ProtocolError(f"view server sent {reply.TAG}")
+                self.last_vs_contact = trio.current_time()
+                await self._on_view(View(reply.num, reply.primary, reply.backup))
+            except wire.CONN_ERRORS as exc:
+                if ch is not None:
+                    await ch.aclose()
+                    ch = None
+                log.debug("ping failed: %s", exc)
+            await trio.sleep(max(0.0, interval - (trio.current_time() - t0)))
+
+    async def _on_view(self, v: View) -> None:
+        if v.num <= self.view.num:
+            return
+        old = self.view
+        self.view = v
+        log.info("view %d: primary %s, backup %s (I am %s)", v.num, v.primary,
+                 v.backup or "-", "primary" if v.primary == self.name else
+                 "backup" if v.backup == self.name else "idle")
+        if v.primary == self.name:
+            if self.role != "primary":
+                await self._promote(v)
+            self._start_view_task(v)
+        else:
+            if self.role == "primary":
+                await self._demote()
+            self.role = "backup" if v.backup == self.name else "idle"
+            self.ping_view = v.num
+        self._notify()
+
+    async def _promote(self, v: View) -> None:
+        self.serving = False
+        async with self.apply_lock:
+            await self.fs.close()
+            self.fs = await open_fs(self.array, reclaim=(v.num == 1))
+        table = amo.AmoTable(self.array.nblocks)
+        await table.load(self.fs.mgr)
+        self.primary = Primary(secrets.token_hex(8), table, self.fs.mgr.subscribe())
+        self.role = "primary"
+        self.backup_synced = False
+        log.info("promoted to primary of view %d (incarnation %s)", v.num,
+                 self.primary.incarnation)
+
+    async def _demote(self) -> None:
+        log.warning("no longer primary (view %d)", self.view.num)
+        self.serving = False
+        if self._view_scope is not None:
+            self._view_scope.cancel()
+        if self.primary is not None:
+            self.primary.commits.close()
+        self.primary = None
+        self.role = "idle"
+        self.backup_synced = False
+        # in-flight operations finish (and fail) before we accept a backup's forwards
+        await self.gate.close()
+        await self.gate.open()
+
+    def _start_view_task(self, v: View) -> None:
+        if self._view_scope is not None:
+            self._view_scope.cancel()
+        scope = trio.CancelScope()
+        self._view_scope = scope
+
+        async def run():
+            with scope:
+                await self._replicate(v)
+        self._nursery.start_soon(run)
+
+    # ---------------------------------------------------------------- primary: replication
+    async def _replicate(self, v: View) -> None:
+        p = self.primary
+        if p.unacked is not None or p.backup_synced:
+            self._lost_backup(p)
+        if not v.backup:
+            # everything consumed from the commit stream so far is as acknowledged as
+            # it can be: there is nobody to wait for
+            p.acked_lsn = max(p.acked_lsn, p.committed_lsn)
+            self.serving = True
+            self._notify()
+            self.ping_view = v.num
+            log.warning("serving alone in view %d: the group is unprotected", v.num)
+            while True:
+                batch = await self._next_batch(p)
+                p.acked_lsn = batch[-1].lsn
+                self._track_dirty(p, batch)
+                self._notify()
+        self.serving = True
+        while True:
+            try:
+                await self._link(v, p)
+            except (LinkError, *wire.CONN_ERRORS) as exc:
+                log.warning("link to backup %s failed: %s", v.backup, exc)
+                self._lost_backup(p)
+                self.backup_synced = False
+                await trio.sleep(self.cfg.ping_interval)
+
+    def _track_dirty(self, p: Primary, batch) -> None:
+        if p.dirty is not None:
+            for rec in batch:
+                p.dirty.update(c.block for c in rec.changes)
+
+    def _lost_backup(self, p: Primary) -> None:
+        """The link failed: remember what the backup may lack, for a later short sync."""
+        if p.backup_synced:
+            p.dirty = set()
+            p.dirty_base = p.acked_lsn
+            p.backup_synced = False
+        if p.dirty is not None and p.unacked:
+            for _, blocks in p.unacked:
+                p.dirty.update(blocks)
+        p.unacked = None
+
+    async def _next_batch(self, p: Primary):
+        rec = await p.commits.receive()
+        batch = [rec]
+        size = sum(len(c.data) for c in rec.changes)
+        while size < FORWARD_MAX:
+            try:
+                rec = p.commits.receive_nowait()
+            except trio.WouldBlock:
+                break
+            batch.append(rec)
+            size += sum(len(c.data) for c in rec.changes)
+        p.committed_lsn = batch[-1].lsn
+        return batch
+
+    def _drain(self, p: Primary) -> list:
+        out = []
+        while True:
+            try:
+                out.append(p.commits.receive_nowait())
+            except trio.WouldBlock:
+                return out
+
+    async def _link(self, v: View, p: Primary) -> None:
+        with trio.fail_after(ACK_TIMEOUT):
+            ch = await wire.connect(self.cfg.addr(self.name, v.backup), self.secret, self.name)
+        try:
+            with trio.fail_after(ACK_TIMEOUT):
+                await ch.send(wire.SyncStart(v.num, self.name, p.incarnation))
+                pos = await ch.receive()
+            if isinstance(pos, wire.Refused):
+                await self._refused(pos)
+            if not isinstance(pos, wire.SyncPosition):
+                raise LinkError(f"backup answered {pos.TAG} to sync-start")
+            p.unacked = []
+            if (pos.incarnation == p.incarnation and p.dirty is not None
+                    and pos.lsn >= p.dirty_base):
+                plan = sorted(p.dirty)
+                self.stats["transfers_dirty"] += 1
+                kind = "changed"
+            else:
+                plan = self._all_blocks()
+                self.stats["transfers_full"] += 1
+                kind = "allocated"
+            p.dirty = None
+            log.info("state transfer to %s: %d %s blocks", v.backup, len(plan), kind)
+            t0 = time.monotonic()
+            last_lsn = p.acked_lsn
+            for i in range(0, len(plan), CHUNK):
+                chunk = plan[i:i + CHUNK]
+                last_lsn = await self._forward_ready(ch, v, p, last_lsn)
+                await self.gate.close()
+                try:
+                    recs = self._drain(p)
+                    if recs:
+                        p.committed_lsn = recs[-1].lsn
+                    datas = await self._read_blocks(chunk)
+                finally:
+                    await self.gate.open()
+                if recs:
+                    last_lsn = await self._send_forward(ch, v, p, recs)
+                await self._call(ch, wire.Snapshot(v.num, self.name, list(zip(chunk, datas)),
+                                                   i + len(chunk), len(plan)))
+                p.sync_progress = (i + len(chunk), len(plan))
+                self.stats["blocks_transferred"] += len(chunk)
+            last_lsn = await self._forward_ready(ch, v, p, last_lsn)
+            await self._call(ch, wire.SyncDone(v.num, self.name, p.incarnation, last_lsn))
+            p.backup_synced = True
+            self.backup_synced = True
+            # the transfer covered every commit consumed so far
+            p.acked_lsn = max(p.acked_lsn, p.committed_lsn)
+            p.sync_progress = (len(plan), len(plan))
+            log.info("backup %s in sync after %.2f s; acknowledging view %d", v.backup,
+                     time.monotonic() - t0, v.num)
+            self.ping_view = v.num
+            self._notify()
+            while True:
+                batch = await self._next_batch(p)
+                await self._send_forward(ch, v, p, batch)
+        finally:
+            await ch.aclose()
+
+    async def _forward_ready(self, ch, v, p, last_lsn: int) -> int:
+        recs = self._drain(p)
+        if recs:
+            p.committed_lsn = recs[-1].lsn
+            last_lsn = await self._send_forward(ch, v, p, recs)
+        return last_lsn
+
+    async def _send_forward(self, ch, v: View, p: Primary, batch) -> int:
+        lsn = batch[-1].lsn
+        p.unacked.append((lsn, {c.block for r in batch for c in r.changes}))
+        records = [[r.lsn, [[c.block, c.offset, c.data] for c in r.changes]] for r in batch]
+        await self._call(ch, wire.Forward(v.num, self.name, records))
+        p.unacked = [(l, b) for l, b in p.unacked if l > lsn]
+        p.acked_lsn = max(p.acked_lsn, lsn)
+        self.stats["forwarded_batches"] += 1
+        self._notify()
+        return lsn
+
+    async def _call(self, ch, msg) -> None:
+        with trio.fail_after(ACK_TIMEOUT):
+            await ch.send(msg)
+            reply = await ch.receive()
+        if isinstance(reply, wire.Refused):
+            await self._refused(reply)
+        if not isinstance(reply, wire.Ack):
+            raise LinkError(f"backup answered {reply.TAG}")
+
+    async def _refused(self, r: wire.Refused) -> None:
+        self.stats["refused_forwards"] += 1
+        if r.view > self.view.num:
+            # the backup knows a newer view: we are no longer primary
+            log.warning("backup refused us (%s, it knows view %d)", r.reason, r.view)
+            self.serving = False
+            self._notify()
+        raise LinkError(f"refused: {r.reason}")
+
+    def _all_blocks(self) -> list[int]:
+        sb = self.fs.sb
+        mem = self.fs.bmap.mem
+        log_lo, log_hi = sb.log_start, sb.log_start + sb.log_blocks
+        out = [b for b in range(sb.nblocks) if mem[b] and not log_lo <= b < log_hi]
+        first = amo.tail_start(self.array.nblocks)
+        out.extend(range(first, first + amo.TABLE_BLOCKS))
+        return out
+
+    async def _read_blocks(self, blocks: list[int]) -> list[bytes]:
+        async def fn(txn):
+            return [await txn.read(b) for b in blocks]
+        return await self.fs.mgr.run(fn, name="snapshot")
+
+    # ---------------------------------------------------------------- primary: operations
+    def _check_serving(self) -> None:
+        if self.role != "primary" or not self.serving:
+            raise NotPrimaryError("not primary" if self.role != "primary" else "not ready")
+        if trio.current_time() - self.last_vs_contact > self.lease:
+            raise NotPrimaryError("cut off from the view server")
+
+    async def _wait_acked(self, p: Primary, lsn: int) -> None:
+        while p.acked_lsn < lsn:
+            if self.primary is not p or not self.serving:
+                raise NotPrimaryError("lost the primary role before the backup acknowledged")
+            await self._changed.wait()
+        if self.primary is not p:
+            raise NotPrimaryError("lost the primary role")
+
+    async def execute(self, req: wire.OpRequest):
+        """Run one client operation; returns an OpReply value tuple (value, errno, msg).
+        Raises NotPrimaryError."""
+        self._check_serving()
+        p = self.primary
+        key = (req.client, req.lane)
+        if req.method in UPDATES:
+            prev = p.table.lookup(key)
+            if prev is not None and req.seq <= prev[0]:
+                self.stats["duplicates"] += 1
+                if req.seq < prev[0]:
+                    return None, 0, "stale request"
+                await self._wait_acked(p, p.committed_lsn)   # it may not be acked yet
+                return wire.unpack_value(prev[1]), 0, ""
+            ikey = (req.client, req.lane, req.seq)
+            ev = self._inflight.get(ikey)
+            if ev is not None:      # a retransmission while the first is running
+                self.stats["duplicates"] += 1
+                await ev.wait()
+                res = self._inflight_result.get(ikey)
+                if isinstance(res, Exception):
+                    raise res
+                return res
+            ev = self._inflight[ikey] = trio.Event()
+            try:
+                res = await self._execute_update(p, key, req)
+                self._inflight_result[ikey] = res
+                return res
+            except Exception as exc:
+                self._inflight_result[ikey] = exc
+                raise
+            finally:
+                ev.set()
+                del self._inflight[ikey]
+                self._inflight_result.pop(ikey, None)
+        if req.method == "fsync":
+            await self.fs.fsync()
+            await self._wait_acked(p, p.committed_lsn)
+            return None, 0, ""
+        if req.method not in READS:
+            raise wire.ProtocolError(f"unknown method {req.method!r}")
+        try:
+            return await getattr(self.fs, req.method)(*req.args, **req.kwargs), 0, ""
+        except FsError as exc:
+            return None, exc.errno, str(exc)
+
+    async def _execute_update(self, p: Primary, key, req: wire.OpRequest):
+        packed = {}
+
+        async def before_commit(txn, result):
+            packed["reply"] = await p.table.record(txn, key, req.seq, result)
+
+        token = Request(payload=lambda result: [req.client, req.lane, req.seq],
+                        before_commit=before_commit)
+        await self.gate.enter()
+        try:
+            self._check_serving()
+            reset = current_request.set(token)
+            try:
+                result = await getattr(self.fs, req.method)(*req.args, **req.kwargs)
+            except FsError as exc:
+                return None, exc.errno, str(exc)
+            finally:
+                current_request.reset(reset)
+        finally:
+            await self.gate.leave()
+        self.stats["ops"] += 1
+        if token.commit is not None and token.commit.lsn is not None:
+            p.committed_lsn = max(p.committed_lsn, token.commit.lsn)
+            p.table.remember(key, req.seq, packed["reply"])
+            await self._wait_acked(p, token.commit.lsn)
+        return result, 0, ""
+
+    # ---------------------------------------------------------------- backup
+    def _backup_check(self, view: int, primary: str) -> wire.Refused | None:
+        if self.role != "backup" or view != self.view.num or primary != self.view.primary:
+            self.stats["refused_forwards"] += 1
+            return wire.Refused(self.view.num, f"{self.name} is {self.role} in view "
+                                f"{self.view.num} (primary {self.view.primary or '-'}); "
+                                f"{primary} sent view {view}")
+        return None
+
+    async def _read_position(self) -> tuple[str, int]:
+        blk = amo.position_block(self.array.nblocks)
+
+        async def fn(txn):
+            return await txn.read(blk)
+        return amo.unpack_position(await self.fs.mgr.run(fn, name="position"))
+
+    async def _apply(self, changes: list, position: tuple[str, int] | None) -> None:
+        if position is not None:
+            changes = changes + [(amo.position_block(self.array.nblocks), 0,
+                                  amo.pack_position(*position))]
+        async with self.apply_lock:
+            if changes:
+                await self.fs.mgr.apply(changes)
+        if position is not None:
+            self.position = position
+
+    async def _handle_link_message(self, ch: wire.Channel, msg) -> None:
+        if isinstance(msg, wire.SyncStart):
+            if msg.view > self.view.num:
+                await self._refresh_view()
+            refused = self._backup_check(msg.view, msg.primary)
+            if refused:
+                await ch.send(refused)
+                return
+            await ch.send(wire.SyncPosition(*self.position))
+            self.backup_synced = False
+            self.sync_incarnation = msg.incarnation
+            await self._apply([], ("", 0))        # no consistent position until SyncDone
+            self.sync_progress = (0, 0)
+            return
+        refused = self._backup_check(msg.view, msg.primary)
+        if refused:
+            await ch.send(refused)
+            return
+        if isinstance(msg, wire.Forward):
+            changes = [(b, o, d) for _, cs in msg.records for b, o, d in cs]
+            lsn = msg.records[-1][0]
+            await self._apply(changes, (self.sync_incarnation, lsn) if self.backup_synced else None)
+            self.applied_lsn = lsn
+            self.stats["applied_batches"] += 1
+            await ch.send(wire.Ack(lsn))
+        elif isinstance(msg, wire.Snapshot):
+            await self._apply([(b, 0, d) for b, d in msg.blocks], None)
+            self.sync_progress = (msg.sent, msg.total)
+            if msg.sent == msg.total or msg.sent % (CHUNK * 16) == 0:
+                log.info("state transfer: %d of %d blocks", msg.sent, msg.total)
+            await ch.send(wire.Ack(0))
+        elif isinstance(msg, wire.SyncDone):
+            await self._apply([], (msg.incarnation, msg.lsn))
+            self.backup_synced = True
+            log.info("in sync with primary %s (incarnation %s, lsn %d)", msg.primary,
+                     msg.incarnation, msg.lsn)
+            await ch.send(wire.Ack(msg.lsn))
+        else:
+            raise wire.ProtocolError(f"unexpected {msg.TAG} on a replication link")
+
+    async def _refresh_view(self) -> None:
+        try:
+            with trio.fail_after(self.cfg.ping_interval * 3):
+                ch = await wire.connect(self.cfg.addr(self.name, VIEWSERVER), self.secret, self.name)
+                try:
+                    await ch.send(wire.GetView(self.group))
+                    r = await ch.receive()
+                finally:
+                    await ch.aclose()
+            if isinstance(r, wire.ViewReply):
+                await self._on_view(View(r.num, r.primary, r.backup))
+        except wire.CONN_ERRORS:
+            pass
+
+    # ---------------------------------------------------------------- connections
+    async def _on_connection(self, ch: wire.Channel) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                msg = await ch.receive()
+                if isinstance(msg, wire.OpRequest):
+                    _check_op(msg)
+                    nursery.start_soon(self._serve_op, ch, msg)
+                elif isinstance(msg, (wire.SyncStart, wire.Forward, wire.Snapshot, wire.SyncDone)):
+                    _check_link(msg)
+                    await self._handle_link_message(ch, msg)
+                elif isinstance(msg, wire.StatusRequest):
+                    await ch.send(wire.StatusReply(self.status()))
+                else:
+                    raise wire.ProtocolError(f"a server does not take {msg.TAG}")
+
+    async def _serve_op(self, ch: wire.Channel, msg: wire.OpRequest) -> None:
+        try:
+            value, err, text = await self.execute(msg)
+            reply = wire.OpReply(msg.rid, value, err, text)
+        except NotPrimaryError as exc:
+            reply = wire.NotPrimary(msg.rid, self.view.num, str(exc))
+        except (TypeError, ValueError, wire.ProtocolError) as exc:
+            log.warning("bad request %s from %s: %s", msg.method, ch.peer, exc)
+            reply = wire.OpReply(msg.rid, None, 22, f"bad request: {exc}")
+        except OSError as exc:
+            log.error("%s failed: %s", msg.method, exc)
+            reply = wire.OpReply(msg.rid, None, exc.errno or 5, str(exc))
+        try:
+            await ch.send(reply)
+        except wire.CONN_ERRORS:
+            pass
+
+    def status(self) -> dict:
+        import psutil
+        proc = psutil.Process()
+        p = self.primary
+        mgr = self.fs.mgr if self.fs is not None else None
+        out = dict(name=self.name, group=self.group, role=self.role, pid=os.getpid(),
+                   view=self.view.num, serving=self.serving, acked_view=self.ping_view,
+                   cpu_percent=proc.cpu_percent(interval=None),
+                   rss=proc.memory_info().rss, stats=dict(self.stats),
+                   array=_array_summary(self.array),
+                   txn=mgr.stats() if mgr is not None else {},
+                   backup_synced=self.backup_synced)
+        if p is not None:
+            out.update(incarnation=p.incarnation, committed_lsn=p.committed_lsn,
+                       acked_lsn=p.acked_lsn, lag_bytes=max(0, p.committed_lsn - p.acked_lsn),
+                       sync_progress=list(p.sync_progress))
+        else:
+            out.update(position=list(self.position),
+                       sync_progress=list(getattr(self, "sync_progress", (0, 0))))
+        return out
+
+
+def _array_summary(array) -> dict:
+    try:
+        st = array.status()
+    except Exception as exc:        # status must never take the server down
+        return dict(health=f"unknown ({exc})")
+    disks = st.get("disks", [])
+    return dict(health=st.get("health", array.health()),
+                disks_ok=sum(1 for d in disks if d.get("state") == "active"),
+                disks=len(disks),
+                repaired=sum(int(d.get("cksum_errors", 0) or 0) for d in disks))
+
+
+def _check_op(msg: wire.OpRequest) -> None:
+    if not (isinstance(msg.rid, int) and isinstance(msg.client, str) and isinstance(msg.lane, int)
+            and isinstance(msg.seq, int) and isinstance(msg.method, str)
+            and isinstance(msg.args, list) and isinstance(msg.kwargs, dict)
+            and all(isinstance(k, str) for k in msg.kwargs)):
+        raise wire.ProtocolError("malformed op request")
+    if msg.method not in UPDATES and msg.method not in READS and msg.method != "fsync":
+        raise wire.ProtocolError(f"unknown method {msg.method!r}")
+
+
+def _check_link(msg) -> None:
+    if not (isinstance(msg.view, int) and isinstance(msg.primary, str)):
+        raise wire.ProtocolError(f"malformed {msg.TAG}")
+    if isinstance(msg, wire.Forward):
+        ok = isinstance(msg.records, list) and msg.records and all(
+            isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], list)
+            and all(isinstance(c, list) and len(c) == 3 and isinstance(c[0], int)
+                    and isinstance(c[1], int) and isinstance(c[2], bytes) for c in r[1])
+            for r in msg.records)
+    elif isinstance(msg, wire.Snapshot):
+        ok = isinstance(msg.blocks, list) and all(
+            isinstance(b, list) and len(b) == 2 and isinstance(b[0], int)
+            and isinstance(b[1], bytes) and len(b[1]) == 4096 for b in msg.blocks)
+    else:
+        ok = isinstance(msg.incarnation, str)
+    if not ok:
+        raise wire.ProtocolError(f"malformed {msg.TAG}")

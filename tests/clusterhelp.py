@@ -1,0 +1,117 @@
+"""Helpers for tests of a real replicated cluster: real processes on 127.0.0.1, each in
+its own process group; everything stopped and unmounted even when a test fails."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import trio
+
+from mounthelp import force_unmount, is_mounted
+from replfs.replication import amo
+from replfs.replication.config import ClusterConfig
+from replfs.tools.cluster import Cluster, init_cluster
+
+DISK_SIZE = 32 * 2**20
+
+
+def make_cluster(path: Path, disk_size: int = DISK_SIZE) -> Cluster:
+    trio.run(lambda: init_cluster(str(path), disk_size=disk_size, progress=lambda *a: None))
+    return Cluster(str(path))
+
+
+class Running:
+    """A started cluster with (optionally) its FUSE client mounted."""
+
+    def __init__(self, path: Path, mnt: Path):
+        self.cluster = make_cluster(path)
+        self.cfg: ClusterConfig = self.cluster.cfg
+        self.mnt = mnt
+
+    def start(self, mount: bool = True) -> "Running":
+        self.cluster.start_all()
+        self.cluster.wait_protected(timeout=60)
+        if mount:
+            self.mount()
+        return self
+
+    def mount(self) -> None:
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        proc = self.cluster.start("mount", ["mount", self.cfg.dir, str(self.mnt)])
+        deadline = time.monotonic() + 30
+        while not is_mounted(self.mnt):
+            assert proc.poll() is None, f"mount exited: {self.log('mount')}"
+            assert time.monotonic() < deadline, "not mounted after 30 s"
+            time.sleep(0.05)
+
+    def unmount(self) -> None:
+        if is_mounted(self.mnt):
+            subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True, timeout=30)
+        self.cluster.stop("mount")
+        force_unmount(self.mnt)
+
+    def stop(self) -> None:
+        try:
+            self.unmount()
+        finally:
+            self.cluster.stop_all()
+            for proc in self.cluster.procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+            force_unmount(self.mnt)
+
+    def log(self, name: str) -> str:
+        p = Path(self.cfg.log_dir()) / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def primary(self) -> str:
+        st = self.cluster.status()
+        return st["viewserver"]["groups"]["0"]["primary"]
+
+    def view(self) -> dict:
+        return self.cluster.status()["viewserver"]["groups"]["0"]
+
+    def sh(self, script: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=self.mnt,
+                           capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"workload failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        return r
+
+
+def compare_replicas(cfg: ClusterConfig) -> dict:
+    """With the cluster stopped: ({server: [blocks that differ from the first server's]},
+    number of blocks compared),
+    over every block the first server's filesystem has allocated (metadata included, the
+    log excluded) and the at-most-once table."""
+    from replfs.fs.layout import Superblock
+    from replfs.raid import open_array
+
+    async def blocks_of(server):
+        array = open_array(cfg.server_dir(server))
+        try:
+            sb = Superblock.unpack(await array.read_block(0))
+            data = {}
+            bmap = b"".join([await array.read_block(sb.bmap_start + i) for i in range(sb.bmap_blocks)])
+            lo, hi = sb.log_start, sb.log_start + sb.log_blocks
+            wanted = [b for b in range(sb.nblocks) if bmap[b] and not lo <= b < hi]
+            first = amo.tail_start(array.nblocks)
+            wanted += list(range(first, first + amo.TABLE_BLOCKS))
+            for b in wanted:
+                data[b] = await array.read_block(b)
+            return data
+        finally:
+            array.close()
+
+    async def go():
+        ref = await blocks_of(cfg.servers[0])
+        out = {}
+        for s in cfg.servers[1:]:
+            other = await blocks_of(s)
+            out[s] = sorted(b for b in set(ref) | set(other) if ref.get(b) != other.get(b))
+        return out, len(ref)
+    return trio.run(go)

@@ -1,0 +1,395 @@
+"""`replfs init | up | down | status | viewserver | server | proxy`, and `replfs mount DIR
+MNT` without --local: the replicated cluster, its daemons and its FUSE client."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import trio
+
+from replfs.errors import ReplfsError
+from replfs.replication.config import CONFIG, VIEWSERVER, ClusterConfig
+from replfs.tools.sizes import parse_size
+
+log = logging.getLogger("replfs.cluster")
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("init", help="write a replicated cluster (config, secret, arrays) in DIR")
+    p.add_argument("dir")
+    p.add_argument("--replicas", type=int, default=2, help="servers in the group (default 2)")
+    p.add_argument("--disks", type=int, default=4, help="disks per array (default 4)")
+    p.add_argument("--size", default="128M", help="size of each disk image (default 128M)")
+    p.add_argument("--no-proxy", action="store_true",
+                   help="no fault-injection proxy (partition/loss faults unavailable)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("up", help="start the cluster in DIR (initialising it) and mount it on MNT")
+    p.add_argument("dir")
+    p.add_argument("mountpoint")
+    p.add_argument("--daemon", action="store_true", help="return once mounted (stop with `replfs down DIR`)")
+    p.add_argument("--no-restart", action="store_true", help="do not restart servers that die")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="unmount and stop the cluster started by `replfs up DIR`")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("status", help="views, roles, processes, arrays and replication of DIR")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("viewserver", help="run the view server of the cluster in DIR")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_viewserver)
+
+    p = sub.add_parser("server", help="run one replica server of the cluster in DIR")
+    p.add_argument("dir")
+    p.add_argument("--name", required=True, help="which server (s0, s1, ...)")
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("proxy", help="run the fault-injection proxy of the cluster in DIR")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_proxy)
+
+    # `replfs mount DIR MNT` (replicated) shares the `mount` parser of mount_cmd.py, whose
+    # --local is then optional: without it, the mount is a client of the cluster in DIR.
+    mp = sub.choices.get("mount")
+    if mp is not None:
+        for action in mp._actions:
+            if "--local" in action.option_strings:
+                action.required = False
+        local_func = mp.get_default("func")
+        mp.set_defaults(func=lambda args: (local_func(args) if args.local else cmd_mount(args)))
+
+
+def _logging(dirpath: str | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+
+
+# ---------------------------------------------------------------- init
+def cmd_init(args) -> int:
+    from replfs.tools.cluster import init_cluster
+    cfg = trio.run(lambda: init_cluster(args.dir, replicas=args.replicas, disks=args.disks,
+                                        disk_size=parse_size(args.size), proxy=not args.no_proxy))
+    print(f"replfs: cluster in {cfg.dir}: view server on {cfg.ports[VIEWSERVER]}, "
+          + ", ".join(f"{s} on {cfg.ports[s]}" for s in cfg.servers)
+          + (", fault proxy on" if cfg.proxy else "") + (" (secret mode 0600)"))
+    return 0
+
+
+# ---------------------------------------------------------------- daemons
+def cmd_viewserver(args) -> int:
+    from replfs.replication.viewserver import ViewService, serve_viewserver
+    _logging()
+    cfg = ClusterConfig.load(args.dir)
+    service = ViewService(cfg.ping_interval, cfg.dead_pings)
+    trio.run(_until_signal, lambda ts: serve_viewserver(cfg.ports[VIEWSERVER], cfg.secret(),
+                                                          service, task_status=ts))
+    return 0
+
+
+def cmd_proxy(args) -> int:
+    from replfs.replication.proxy import run_proxy
+    _logging()
+    cfg = ClusterConfig.load(args.dir)
+    trio.run(_until_signal, lambda ts: run_proxy(cfg, task_status=ts))
+    return 0
+
+
+def cmd_server(args) -> int:
+    from replfs.raid import open_array
+    from replfs.replication.server import ReplicaServer
+    _logging()
+    cfg = ClusterConfig.load(args.dir)
+    cfg.group_of(args.name)
+    array = open_array(cfg.server_dir(args.name))
+    try:
+        server = ReplicaServer(cfg, args.name, array)
+        trio.run(_until_signal, lambda ts: server.run(task_status=ts))
+    finally:
+        array.close()
+    return 0
+
+
+async def _until_signal(start) -> None:
+    """Run `start(task_status)` until SIGINT/SIGTERM (then cancel it: clean close)."""
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+            await nursery.start(lambda task_status: start(task_status))
+            async for sig in sigs:
+                log.info("signal %d: stopping", sig)
+                nursery.cancel_scope.cancel()
+                return
+
+
+# ---------------------------------------------------------------- mount
+def cmd_mount(args) -> int:
+    from replfs.tools.mount_cmd import _check_mountpoint
+    _check_mountpoint(args.mountpoint)
+    cfg = ClusterConfig.load(args.dir)
+    if args.daemon:
+        return _spawn_and_wait(["mount", cfg.dir, args.mountpoint], cfg, "mount",
+                               f"mounted {cfg.dir} on {args.mountpoint}")
+    _logging()
+    trio.run(serve_remote, cfg.dir, args.mountpoint, args.allow_other, args.ready_fd)
+    return 0
+
+
+def _spawn_and_wait(argv: list[str], cfg: ClusterConfig, name: str, what: str) -> int:
+    """Start `replfs ARGV --ready-fd W` detached; return once it writes "ready"."""
+    r, w = os.pipe()
+    logpath = os.path.join(cfg.log_dir(), f"{name}.log")
+    with open(logpath, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "replfs.tools.cli", *argv,
+                                 "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=logf, start_new_session=True)
+    os.close(w)
+    with os.fdopen(r, "rb") as rf:
+        msg = rf.read()
+    if msg.startswith(b"ready"):
+        print(f"replfs: {what} (pid {proc.pid}, log {logpath})")
+        return 0
+    rc = proc.wait()
+    raise ReplfsError(f"{name} exited (code {rc}) before it was ready; see {logpath}"
+                      + (f": {msg.decode(errors='replace').strip()}" if msg else ""))
+
+
+async def serve_remote(dirpath: str, mnt: str, allow_other: bool = False,
+                       ready_fd: int | None = None) -> None:
+    """Mount the cluster in `dirpath` on `mnt` (a RemoteFS behind the FUSE adapter) and
+    serve until unmounted or signalled."""
+    import pyfuse3
+
+    from replfs.fs.fuse_ops import Operations
+    from replfs.replication.client import RemoteFS
+    from replfs.tools.mount_cmd import _on_signal
+
+    def fail(msg):
+        if ready_fd is not None:
+            os.write(ready_fd, b"error: " + msg.encode())
+        raise ReplfsError(msg)
+
+    cfg = ClusterConfig.load(dirpath)
+    rfs = RemoteFS(cfg)
+    async with trio.open_nursery() as outer:
+        await outer.start(rfs.run)
+        try:
+            with trio.fail_after(30):
+                await rfs.statfs()
+        except (trio.TooSlowError, OSError) as exc:
+            fail(f"no primary of the cluster in {dirpath} answered ({exc}); is it up? "
+                 f"(`replfs status {dirpath}`)")
+        options = set(pyfuse3.default_options) | {"fsname=replfs", "subtype=replfs"}
+        if allow_other:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(Operations(rfs), mnt, options)
+        except RuntimeError as exc:
+            fail(f"cannot mount on {mnt}: {exc}")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_on_signal, nursery)
+                if ready_fd is not None:
+                    os.write(ready_fd, b"ready\n")
+                    os.close(ready_fd)
+                log.info("mounted cluster %s on %s", dirpath, mnt)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            await rfs.aclose()
+            log.info("unmounted %s (client stats %s)", mnt, rfs.stats)
+            outer.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- up / down
+def cmd_up(args) -> int:
+    from replfs.tools.cluster import Cluster, init_cluster
+    from replfs.tools.mount_cmd import _check_mountpoint
+    _check_mountpoint(args.mountpoint)
+    if not os.path.exists(os.path.join(args.dir, CONFIG)):
+        if os.path.isdir(args.dir) and os.listdir(args.dir):
+            raise ReplfsError(f"{args.dir} is neither empty nor a replfs cluster; pick another "
+                              f"directory")
+        trio.run(lambda: init_cluster(args.dir))
+    cfg = ClusterConfig.load(args.dir)
+    if args.daemon:
+        argv = ["up", cfg.dir, os.path.abspath(args.mountpoint)]
+        if args.no_restart:
+            argv.append("--no-restart")
+        return _spawn_and_wait(argv, cfg, "up", f"cluster {cfg.dir} up, mounted on "
+                               f"{args.mountpoint}; stop it with `replfs down {args.dir}`")
+    _logging()
+    cluster = Cluster(cfg.dir)
+    if any(cluster.alive(n) for n in [VIEWSERVER, *cfg.servers]):
+        raise ReplfsError(f"the cluster in {cfg.dir} is already running; `replfs down {cfg.dir}` first")
+    with open(cfg.pid_path("up"), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    stop = [False]
+
+    def on_signal(sig, frame):
+        stop[0] = True
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        cluster.start_all()
+        cluster.wait_protected(timeout=120)
+        cluster.start("mount", ["mount", cfg.dir, os.path.abspath(args.mountpoint)])
+        _wait_mounted(cluster, args.mountpoint)
+        print(f"replfs: {cfg.dir} mounted on {args.mountpoint}; Ctrl-C unmounts and stops",
+              flush=True)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ready\n")
+            os.close(args.ready_fd)
+            args.ready_fd = None
+        died: dict[str, float] = {}
+        while not stop[0]:
+            time.sleep(0.2)
+            if not cluster.alive("mount"):
+                log.warning("the mount process exited; stopping the cluster")
+                break
+            for s in cfg.servers:
+                if cluster.alive(s):
+                    died.pop(s, None)
+                elif not args.no_restart:
+                    t = died.setdefault(s, time.monotonic())
+                    if time.monotonic() - t > 1.0:
+                        log.warning("server %s died; restarting it", s)
+                        cluster.start_server(s)
+                        died.pop(s, None)
+    except ReplfsError as exc:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"error: " + str(exc).encode())
+        raise
+    finally:
+        _unmount(args.mountpoint)
+        cluster.stop_all()
+        try:
+            os.unlink(cfg.pid_path("up"))
+        except FileNotFoundError:
+            pass
+        print("replfs: unmounted and stopped", flush=True)
+    return 0
+
+
+def _wait_mounted(cluster, mnt: str, timeout: float = 30.0) -> None:
+    from replfs.tools.mount_cmd import _is_mounted
+    deadline = time.monotonic() + timeout
+    while not _is_mounted(mnt):
+        if not cluster.alive("mount"):
+            raise ReplfsError(f"the mount process exited; see {cluster.cfg.log_dir()}/mount.log")
+        if time.monotonic() > deadline:
+            raise ReplfsError(f"{mnt} not mounted after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _unmount(mnt: str) -> None:
+    from replfs.tools.mount_cmd import _is_mounted
+    if _is_mounted(mnt):
+        r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+        if r.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+
+
+def cmd_down(args) -> int:
+    import psutil
+
+    from replfs.tools.cluster import Cluster
+    cluster = Cluster(args.dir)
+    pid = cluster.pid("up")
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        try:
+            psutil.Process(pid).wait(60)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:
+            raise ReplfsError(f"`replfs up` (pid {pid}) did not stop within 60 s") from None
+    running = [n for n in ["mount", *cluster.cfg.servers, "proxy", VIEWSERVER] if cluster.alive(n)]
+    cluster.stop_all()
+    print(f"replfs: cluster {cluster.dir} stopped"
+          + (f" (also stopped {', '.join(running)})" if running else ""))
+    return 0
+
+
+# ---------------------------------------------------------------- status
+def cmd_status(args) -> int:
+    import psutil
+
+    from replfs.tools.cluster import Cluster
+    cluster = Cluster(args.dir)
+    st = cluster.status()
+    for name in ["up", VIEWSERVER, "proxy", "mount", *cluster.cfg.servers]:
+        pid = cluster.pid(name)
+        info = dict(pid=pid, running=pid is not None)
+        if pid is not None:
+            try:
+                p = psutil.Process(pid)
+                info.update(cpu_percent=p.cpu_percent(interval=0.05), rss=p.memory_info().rss)
+            except psutil.Error:
+                pass
+        st.setdefault("processes", {})[name] = info
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+        return 0
+    _print_status(cluster.cfg, st)
+    return 0
+
+
+def _print_status(cfg, st: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    vs = st.get("viewserver") or {}
+    if not vs:
+        console.print("[red]view server not answering[/red]")
+    for g, v in (vs.get("groups") or {}).items():
+        state = "[red]UNPROTECTED (no backup)[/red]" if v["unprotected"] else "[green]protected[/green]"
+        if not v["acked"]:
+            state += " [yellow](view not yet acknowledged: state transfer?)[/yellow]"
+        console.print(f"group {g}: view {v['view']}  primary {v['primary'] or '-'}  "
+                      f"backup {v['backup'] or '-'}  {state}")
+    t = Table(title=f"replfs cluster {cfg.dir}")
+    for col in ("server", "role", "pid", "CPU %", "memory", "array", "log used", "commits",
+                "aborts", "replication"):
+        t.add_column(col)
+    for s in cfg.servers:
+        info = st["servers"].get(s) or {}
+        proc = st.get("processes", {}).get(s, {})
+        if not info:
+            t.add_row(s, "[red]down[/red]" if not proc.get("running") else "[yellow]not answering[/yellow]",
+                      str(proc.get("pid") or "-"), "", "", "", "", "", "", "")
+            continue
+        txn = info.get("txn", {})
+        arr = info.get("array", {})
+        if info["role"] == "primary":
+            lag = info.get("lag_bytes", 0)
+            done, total = info.get("sync_progress", [0, 0])
+            rep = f"lag {info['committed_lsn'] - info['acked_lsn']} log bytes"
+            if total and done < total:
+                rep += f", transfer {done}/{total} blocks"
+            del lag
+        else:
+            done, total = info.get("sync_progress", [0, 0])
+            rep = ("in sync" if info.get("backup_synced") else
+                   f"transfer {done}/{total}" if total else "not in sync")
+        t.add_row(s, info["role"] + ("" if info["role"] != "primary" or info["serving"] else " (not serving)"),
+                  str(info["pid"]), f"{proc.get('cpu_percent', 0):.0f}",
+                  f"{proc.get('rss', info.get('rss', 0)) / 2**20:.0f} MiB",
+                  f"{arr.get('health', '?')} {arr.get('disks_ok', '?')}/{arr.get('disks', '?')}"
+                  + (f", {arr['repaired']} repaired" if arr.get("repaired") else ""),
+                  f"{txn.get('log_bytes_used', 0) / 2**20:.1f}/{txn.get('log_size', 0) / 2**20:.0f} MiB",
+                  str(txn.get("commits", "")), str(txn.get("aborts", "")), rep)
+    console.print(t)
