@@ -132,6 +132,11 @@ def _examine(dirpath: str, cfg: dict, writable: bool) -> tuple[list[_Member], di
             m.problem = (f"is disk {sb.get('index')} of this array but is listed as disk {i} "
                          f"in {CONFIG_NAME}: disks are in the wrong order")
             continue
+        size = _disk_size(m.fd)
+        if size < sb["disk_blocks"] * BLOCK_SIZE:
+            m.problem = (f"image is {size} bytes, a member needs {sb['disk_blocks'] * BLOCK_SIZE}"
+                         f" (truncated?); rebuild it")
+            continue
         m.sb = sb
         m.damaged_copies = got.damaged
     good = [m for m in members if m.sb]

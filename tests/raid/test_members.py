@@ -192,3 +192,19 @@ def test_counters_persist_across_processes(new_array):
         assert arr.disks[2].cksum_errors == repaired
     finally:
         arr.close()
+
+
+def test_truncated_image_is_named_and_not_used(new_array):
+    arr, ref = new_array
+    d = arr.dir
+    arr.close()
+    os.truncate(disk_path(d, 1), 1 << 20)
+    arr = open_array(d)
+    try:
+        assert arr.disks[1].state == "failed" and "truncated" in arr.disks[1].problem
+        assert_same(arr, ref)
+        arr.rebuild(1)  # the image is grown back to size and refilled
+        arr.fail_disk(3)
+        assert_same(arr, ref)
+    finally:
+        arr.close()
