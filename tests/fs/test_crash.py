@@ -13,10 +13,10 @@ import pytest
 from mounthelp import Mount, replfs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from crash_workload import data  # noqa: E402
+from fs_crash_workload import data  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
-WORKLOAD = Path(__file__).parent / "crash_workload.py"
+WORKLOAD = Path(__file__).parent / "fs_crash_workload.py"
 
 
 def check_after_crash(mnt: Path, journal: Path) -> int:
