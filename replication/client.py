@@ -30,7 +30,8 @@ from replfs.replication.viewserver import View
 
 log = logging.getLogger("replfs.client")
 
-REQUEST_TIMEOUT = 0.4       # per transmission; a retry after it is always safe
+REQUEST_TIMEOUT = 0.4       # largest wait for one transmission; a retry is always safe
+MIN_RTO = 0.05
 CONNECT_TIMEOUT = 0.4
 
 
@@ -96,6 +97,8 @@ class RemoteFS:
         self._nursery: trio.Nursery | None = None
         self._view_lock = trio.Lock()
         self.stats = dict(requests=0, retries=0, view_fetches=0, failovers=0)
+        self._vs: wire.Channel | None = None
+        self._srtt = 0.01
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve connection readers until cancelled; start with `nursery.start`."""
@@ -135,20 +138,19 @@ class RemoteFS:
             return conn
 
     async def _fetch_view(self, stale: View) -> View:
-        """Ask the view server (once per staleness: concurrent callers share it)."""
+        """Ask the view server (concurrent callers share one answer), over one kept
+        connection."""
         async with self._view_lock:
             if self.view.num > stale.num:
                 return self.view
             self.stats["view_fetches"] += 1
             try:
-                with trio.fail_after(max(0.5, self.cfg.ping_interval * 3)):
-                    ch = await wire.connect(self.cfg.addr(self.name, VIEWSERVER), self.secret,
-                                            self.name)
-                    try:
-                        await ch.send(wire.GetView(self.group))
-                        r = await ch.receive()
-                    finally:
-                        await ch.aclose()
+                with trio.fail_after(max(0.3, self.cfg.ping_interval * 3)):
+                    if self._vs is None:
+                        self._vs = await wire.connect(self.cfg.addr(self.name, VIEWSERVER),
+                                                      self.secret, self.name)
+                    await self._vs.send(wire.GetView(self.group))
+                    r = await self._vs.receive()
                 if isinstance(r, wire.ViewReply) and r.num >= self.view.num:
                     if r.primary != self.view.primary and self.view.primary:
                         self.stats["failovers"] += 1
@@ -156,7 +158,17 @@ class RemoteFS:
                     self.view = View(r.num, r.primary, r.backup)
             except wire.CONN_ERRORS as exc:
                 log.debug("view server unreachable: %s", exc)
+                if self._vs is not None:
+                    await self._vs.aclose()
+                    self._vs = None
             return self.view
+
+    def _rto(self, attempt: int) -> float:
+        """Retransmission timeout: a few smoothed round trips (retransmitting to a live
+        primary is harmless: it answers the duplicate from its table), doubling per
+        retry up to `request_timeout`."""
+        base = min(self.request_timeout, max(MIN_RTO, 4 * self._srtt))
+        return min(self.request_timeout * 2, base * 2 ** min(attempt - 1, 5))
 
     async def call(self, method: str, *args, **kwargs):
         """Run `method` on the primary; returns its value or raises FsError."""
@@ -207,14 +219,20 @@ class RemoteFS:
             except wire.CONN_ERRORS:
                 view = await self._refetch(view)
                 continue
-            with trio.move_on_after(self.request_timeout * min(attempt, 4)):
+            t0 = trio.current_time()
+            with trio.move_on_after(self._rto(attempt)):
                 await w.event.wait()
             reply, w.reply = w.reply, None
             if isinstance(reply, wire.OpReply):
+                if attempt == 1:        # Karn: time only unambiguous round trips
+                    self._srtt = 0.875 * self._srtt + 0.125 * (trio.current_time() - t0)
                 if reply.errno:
                     raise FsError(reply.errno, reply.message)
                 return reply.value
-            view = await self._refetch(view)
+            if isinstance(reply, wire.NotPrimary) or w.conn.broken:
+                view = await self._refetch(view)
+            else:               # no answer in time: lost, slow, or a hung primary
+                view = await self._fetch_view(view)
 
     async def _refetch(self, view: View) -> View:
         new = await self._fetch_view(view)
@@ -224,6 +242,8 @@ class RemoteFS:
         return new
 
     async def aclose(self) -> None:
+        if self._vs is not None:
+            await self._vs.aclose()
         for conn in list(self._conns.values()):
             await conn.ch.aclose()
 
