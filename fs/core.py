@@ -102,6 +102,22 @@ class FileSystem:
         self.orphan_ino = make_ino(sb.group, ORPHAN_SLOT)
         self._generation = _now() & 0xFFFFFFFF
         self.failsafe: str | None = None
+        # The committed state of recently changed inodes, so that getattr (the most
+        # frequent request) needs no transaction. Reading one object's committed value
+        # is serializable on its own (it orders the read before any live writer).
+        self._committed_inodes: dict[int, Inode] = {}
+
+    def inodes_committed(self, nodes: dict[int, Inode]) -> None:
+        """Called after a transaction committed, with the inodes it wrote."""
+        cache = self._committed_inodes
+        for ino, node in nodes.items():
+            if node.mode == 0:
+                cache.pop(ino, None)
+            else:
+                cache[ino] = node
+        if len(cache) > 65536:
+            for ino in list(cache)[:16384]:
+                del cache[ino]
 
     def next_generation(self) -> int:
         self._generation = (self._generation + 1) & 0xFFFFFFFF
@@ -198,8 +214,13 @@ class FileSystem:
         return await self._run("lookup", fn, readonly=True)
 
     async def getattr(self, ino: int) -> Attr:
+        node = self._committed_inodes.get(ino)
+        if node is not None:
+            return Attr.of(ino, node)
+
         async def fn(op):
-            return Attr.of(ino, await op.inode(ino, "S"))
+            node = await op.inode(ino, "S")
+            return Attr.of(ino, node)
         return await self._run("getattr", fn, readonly=True)
 
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,

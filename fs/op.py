@@ -25,6 +25,7 @@ class Op:
         self.sb = fs.sb
         self._inodes: dict[int, Inode] = {}
         self._modes: dict[int, str] = {}
+        self._written: set[int] = set()
         self.alloc_blocks: list[int] = []
         self.freed_blocks: list[int] = []
         self.alloc_inodes: list[int] = []
@@ -65,6 +66,7 @@ class Op:
         """Write `node` back (the caller holds X on it)."""
         blk, off = self._where(self._slot(ino))
         self._inodes[ino] = node
+        self._written.add(ino)
         await self.txn.write(blk, off, node.pack())
 
     async def new_inode(self, node: Inode, near: int | None = None) -> int:
@@ -108,3 +110,4 @@ class Op:
     def committed(self) -> None:
         self.fs.bmap.commit_freed(self.freed_blocks)
         self.fs.imap.commit_freed(self.freed_inodes)
+        self.fs.inodes_committed({ino: self._inodes[ino] for ino in self._written})
