@@ -2,11 +2,14 @@
 
 Layout of the region ``[log_start, log_start + log_blocks)``:
 
-- block ``log_start`` is the log header (magic, version, geometry, random log id, epoch,
-  ``start_lsn`` = the oldest LSN recovery needs, ``ckpt_lsn`` = the last checkpoint record,
-  and a crc32c). It is rewritten by each truncation and by each recovery (epoch + 1).
-- blocks ``log_start + 1 ..`` hold the record stream: LSN ``l`` lives at byte ``l mod C``
-  of the data area (C = (log_blocks - 1) * block_size). Records are framed by
+- blocks ``log_start`` and ``log_start + 1`` are two slots of the log header (magic,
+  version, geometry, random log id, epoch, ``start_lsn`` = the oldest LSN recovery needs,
+  ``ckpt_lsn`` = the last checkpoint record, a sequence number, and a crc32c). Each
+  rewrite (truncation, and recovery's epoch + 1) goes to the other slot with the next
+  sequence number, so a torn header write leaves the previous header intact; the valid
+  slot with the highest sequence number wins.
+- blocks ``log_start + 2 ..`` hold the record stream: LSN ``l`` lives at byte ``l mod C``
+  of the data area (C = (log_blocks - 2) * block_size). Records are framed by
   `records.frame`; a record may span blocks and the wrap-around.
 
 The live log is ``[start_lsn, end_lsn)``. It may use at most ``C - block_size`` bytes so
@@ -33,9 +36,11 @@ from .errors import LogCorrupt, TxnManagerFailed
 from .records import FRAME, FRAME_SIZE, Record, check_frame, decode_body, frame
 
 MAGIC = b"RFSLOG\x00\x01"
-VERSION = 1
-HEADER = struct.Struct("<8sIIIQIQQ")  # magic, version, block_size, log_blocks, log_id, epoch, start_lsn, ckpt_lsn
-MIN_LOG_BLOCKS = 4
+VERSION = 2
+# magic, version, block_size, log_blocks, log_id, epoch, start_lsn, ckpt_lsn, seq
+HEADER = struct.Struct("<8sIIIQIQQQ")
+HEADER_SLOTS = 2
+MIN_LOG_BLOCKS = 6
 SCAN_CHUNK_BLOCKS = 256   # recovery reads the log 1 MiB at a time
 
 
@@ -47,10 +52,11 @@ class LogHeader:
     epoch: int
     start_lsn: int
     ckpt_lsn: int
+    seq: int = 0
 
     def pack(self) -> bytes:
         raw = HEADER.pack(MAGIC, VERSION, self.block_size, self.log_blocks, self.log_id,
-                          self.epoch, self.start_lsn, self.ckpt_lsn)
+                          self.epoch, self.start_lsn, self.ckpt_lsn, self.seq)
         raw += struct.pack("<I", crc32c.crc32c(raw))
         return raw + bytes(self.block_size - len(raw))
 
@@ -58,7 +64,7 @@ class LogHeader:
     def unpack(cls, data: bytes) -> "LogHeader":
         raw = data[:HEADER.size]
         (crc,) = struct.unpack_from("<I", data, HEADER.size)
-        magic, version, bs, nblocks, log_id, epoch, start, ckpt = HEADER.unpack(raw)
+        magic, version, bs, nblocks, log_id, epoch, start, ckpt, seq = HEADER.unpack(raw)
         if magic != MAGIC:
             raise LogCorrupt("no replfs log at this place on the device (bad magic); "
                              "format it first or check --log-start")
@@ -66,7 +72,7 @@ class LogHeader:
             raise LogCorrupt("log header checksum mismatch: the log header is damaged")
         if version != VERSION:
             raise LogCorrupt(f"log version {version} not supported (expected {VERSION})")
-        return cls(bs, nblocks, log_id, epoch, start, ckpt)
+        return cls(bs, nblocks, log_id, epoch, start, ckpt, seq)
 
 
 class Log:
@@ -88,8 +94,8 @@ class Log:
         self.bs = device.block_size
         self.log_start = log_start
         self.log_blocks = log_blocks
-        self.data_start = log_start + 1
-        self.data_blocks = log_blocks - 1
+        self.data_start = log_start + HEADER_SLOTS
+        self.data_blocks = log_blocks - HEADER_SLOTS
         self.capacity = self.data_blocks * self.bs
         self.usable = self.capacity - self.bs
         self.group_commit = group_commit
@@ -111,15 +117,29 @@ class Log:
 
     async def format(self) -> None:
         """Write a fresh header (new random log id, epoch 1) and an empty stream."""
-        self.header = LogHeader(self.bs, self.log_blocks, int.from_bytes(os.urandom(8), "little"),
-                                1, 0, 0)
+        log_id = int.from_bytes(os.urandom(8), "little")
+        slots = {}
+        for seq in (1, 2):   # both slots: nothing of an earlier format may outrank them
+            self.header = LogHeader(self.bs, self.log_blocks, log_id, 1, 0, 0, seq)
+            slots[self.log_start + seq % HEADER_SLOTS] = self.header.pack()
         self.start_lsn = self.end_lsn = self.durable_lsn = self._buf_lsn = 0
         self._buf = bytearray()
-        await self.device.write_blocks({self.log_start: self.header.pack()})
+        await self.device.write_blocks(slots)
 
     async def read_header(self) -> LogHeader:
-        data = await self.device.read_block(self.log_start)
-        hdr = LogHeader.unpack(data)
+        """Read both header slots; the valid one with the highest sequence number wins.
+
+        Raises `LogCorrupt` (saying why) when neither slot holds a valid header."""
+        data = await self.device.read_blocks(self.log_start, HEADER_SLOTS)
+        valid, errors = [], []
+        for i in range(HEADER_SLOTS):
+            try:
+                valid.append(LogHeader.unpack(data[i * self.bs:(i + 1) * self.bs]))
+            except LogCorrupt as exc:
+                errors.append(exc)
+        if not valid:
+            raise errors[0]
+        hdr = max(valid, key=lambda h: h.seq)
         if hdr.block_size != self.bs or hdr.log_blocks != self.log_blocks:
             raise LogCorrupt(f"log header says {hdr.log_blocks} blocks of {hdr.block_size} "
                              f"bytes, opened with {self.log_blocks} of {self.bs}")
@@ -193,7 +213,8 @@ class Log:
             hdr.ckpt_lsn = ckpt_lsn
         if epoch is not None:
             hdr.epoch = epoch
-        await self.device.write_blocks({self.log_start: hdr.pack()})
+        hdr.seq += 1
+        await self.device.write_blocks({self.log_start + hdr.seq % HEADER_SLOTS: hdr.pack()})
         crash_point("txn.log.header_written")
         await self.device.flush()
         self.start_lsn = hdr.start_lsn

@@ -350,8 +350,8 @@ class TxnManager:
         the first attempt's time to every retry."""
         if self.closed:
             raise TxnAborted("transaction manager is closed")
-        if self.log.failed is not None:
-            raise TxnAborted(f"log failed: {self.log.failed!r}")
+        # After a log failure a transaction may still read (the filesystem's failsafe
+        # mode serves reads); its first write raises TxnManagerFailed from the log.
         txn = Txn(self, self._next_id, name,
                   trio.current_time() if priority is None else priority)
         self._next_id += 1
