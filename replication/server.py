@@ -126,6 +126,14 @@ class Primary:
     sync_progress: tuple[int, int] = (0, 0)
 
 
+class _Inflight:
+    """An update being executed; retransmissions wait for its result."""
+
+    def __init__(self):
+        self.done = trio.Event()
+        self.result = None
+
+
 class ReplicaServer:
     def __init__(self, cfg: ClusterConfig, name: str, array):
         self.cfg = cfg
@@ -143,8 +151,7 @@ class ReplicaServer:
         self.gate = Gate()
         self.apply_lock = trio.Lock()
         self._changed = trio.Event()
-        self._inflight: dict[tuple, trio.Event] = {}
-        self._inflight_result: dict[tuple, object] = {}
+        self._inflight: dict[tuple, _Inflight] = {}
         self._view_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self.backup_synced = False
@@ -464,26 +471,26 @@ class ReplicaServer:
                 await self._wait_acked(p, p.committed_lsn)   # it may not be acked yet
                 return wire.unpack_value(prev[1]), 0, ""
             ikey = (req.client, req.lane, req.seq)
-            ev = self._inflight.get(ikey)
-            if ev is not None:      # a retransmission while the first is running
+            running = self._inflight.get(ikey)
+            if running is not None:     # a retransmission while the first is running
                 self.stats["duplicates"] += 1
-                await ev.wait()
-                res = self._inflight_result.get(ikey)
-                if isinstance(res, Exception):
-                    raise res
-                return res
-            ev = self._inflight[ikey] = trio.Event()
+                await running.done.wait()
+                if isinstance(running.result, Exception):
+                    raise running.result
+                return running.result
+            running = self._inflight[ikey] = _Inflight()
             try:
-                res = await self._execute_update(p, key, req)
-                self._inflight_result[ikey] = res
-                return res
+                running.result = await self._execute_update(p, key, req)
+                return running.result
             except Exception as exc:
-                self._inflight_result[ikey] = exc
+                running.result = exc
+                raise
+            except BaseException:
+                running.result = NotPrimaryError("interrupted")
                 raise
             finally:
-                ev.set()
+                running.done.set()
                 del self._inflight[ikey]
-                self._inflight_result.pop(ikey, None)
         if req.method == "fsync":
             await self.fs.fsync()
             await self._wait_acked(p, p.committed_lsn)

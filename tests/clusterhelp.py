@@ -4,6 +4,7 @@ its own process group; everything stopped and unmounted even when a test fails."
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -33,7 +34,11 @@ class Running:
 
     def start(self, mount: bool = True) -> "Running":
         self.cluster.start_all()
-        self.cluster.wait_protected(timeout=60)
+        try:
+            self.cluster.wait_protected(timeout=60)
+        except Exception:
+            self.dump_stacks()
+            raise
         if mount:
             self.mount()
         return self
@@ -63,6 +68,14 @@ class Running:
                     proc.kill()
                     proc.wait(10)
             force_unmount(self.mnt)
+
+    def dump_stacks(self) -> None:
+        """Every server writes its threads' stacks to its log (faulthandler, SIGUSR1)."""
+        for s in self.cfg.servers:
+            pid = self.cluster.pid(s)
+            if pid:
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
 
     def log(self, name: str) -> str:
         p = Path(self.cfg.log_dir()) / f"{name}.log"

@@ -74,7 +74,9 @@ def register(sub) -> None:
 
 
 def _logging(dirpath: str | None = None) -> None:
+    import faulthandler
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)    # `kill -USR1 PID`: stacks to the log
 
 
 # ---------------------------------------------------------------- init

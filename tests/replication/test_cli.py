@@ -1,0 +1,60 @@
+"""The commands: init, up --daemon, status (table and --json), fault kill, down."""
+
+import json
+import os
+import stat
+import time
+
+import psutil
+import pytest
+
+from mounthelp import force_unmount, is_mounted, replfs
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+
+def test_init_writes_secret_0600_and_refuses_twice(tmp_path):
+    d = tmp_path / "c"
+    replfs("init", d, "--size", "16M")
+    assert stat.S_IMODE(os.stat(d / "secret").st_mode) == 0o600
+    cfg = json.loads((d / "cluster.json").read_text())
+    assert cfg["groups"] == {"0": ["s0", "s1"]} and cfg["disks"] == 4
+    r = replfs("init", d, check=False)
+    assert r.returncode != 0 and "already holds a cluster" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_up_daemon_status_kill_down(tmp_path):
+    d, mnt = tmp_path / "c", tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        replfs("up", d, mnt, "--daemon")
+        assert is_mounted(mnt)
+        (mnt / "hello").write_text("world\n")
+        st = json.loads(replfs("status", d, "--json").stdout)
+        view = st["viewserver"]["groups"]["0"]
+        assert view["primary"] and view["backup"] and not view["unprotected"]
+        prim = view["primary"]
+        assert st["servers"][prim]["role"] == "primary"
+        assert st["processes"][prim]["running"]
+        table = replfs("status", d).stdout
+        assert "protected" in table and prim in table
+        replfs("fault", "kill", d, "--server", prim)
+        # the mount keeps working; `up` restarts the dead server, which comes back as backup
+        (mnt / "after").write_text("kill\n")
+        assert (mnt / "hello").read_text() == "world\n"
+        deadline = time.monotonic() + 60
+        while True:
+            st = json.loads(replfs("status", d, "--json").stdout)
+            v = st["viewserver"]["groups"]["0"]
+            if v["primary"] != prim and v["backup"] == prim and v["acked"]:
+                break
+            assert time.monotonic() < deadline, v
+            time.sleep(0.2)
+        pids = [st["processes"][n]["pid"] for n in st["processes"] if st["processes"][n]["pid"]]
+        replfs("down", d)
+        assert not is_mounted(mnt)
+        assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    finally:
+        force_unmount(mnt)
+        replfs("down", d, check=False)
