@@ -25,10 +25,36 @@ CLIENT = "client"
 HOST = "127.0.0.1"
 
 
+_taken: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = map(int, f.read().split())
+            return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A port that is free now and outside the kernel's ephemeral range, so that no
+    outgoing connection can be holding it when the cluster starts later."""
+    import random
+    lo, hi = _ephemeral_range()
+    candidates = [(10000, lo - 1)] if lo > 11000 else [(hi + 1, 65535)]
+    for _ in range(1000):
+        port = random.randint(*candidates[0])
+        if port in _taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
+    raise ReplfsError("no free TCP port found on 127.0.0.1")
 
 
 @dataclass

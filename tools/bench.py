@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCH_MODULES = ["bench_raid", "bench_txn", "bench_fs"]
+BENCH_MODULES = ["bench_raid", "bench_txn", "bench_fs", "bench_failover"]
 
 
 def register(sub) -> None:
