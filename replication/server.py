@@ -42,7 +42,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -62,6 +62,8 @@ READS = frozenset({"lookup", "getattr", "readlink", "read", "readdir", "statfs",
 CHUNK = 64                  # blocks per state-transfer message
 ACK_TIMEOUT = 5.0
 FORWARD_MAX = 2**20     # bytes of after-images per forward batch
+APPLY_MAX = 2**20       # bytes of after-images per backup transaction
+QUEUE_MAX = 16 * 2**20  # bytes a backup holds unapplied before it stops reading
 
 
 class NotPrimaryError(Exception):
@@ -122,7 +124,11 @@ class Primary:
     backup_synced: bool = False
     dirty: set | None = None        # blocks changed since `dirty_base` (None: unknown)
     dirty_base: int = -1
-    unacked: list | None = None     # [(lsn, blocks)] received from the stream, not acked
+    unacked: list | None = None     # [(lsn, blocks)] sent, not yet durable on the backup
+    backup_durable: int = 0
+    markers: list = field(default_factory=list)     # fsyncs waiting for the backup's flush
+    pump: trio.CancelScope | None = None
+    stream: trio.MemorySendChannel | None = None
     sync_progress: tuple[int, int] = (0, 0)
 
 
@@ -159,9 +165,16 @@ class ReplicaServer:
         self.sync_incarnation = ""
         self.sync_progress = (0, 0)
         self.applied_lsn = 0
+        self._applyq: list = []
+        self._applyq_event = trio.Event()
+        self._queued_bytes = 0
+        self._received = 0
+        self._applied = 0
+        self._q_synced = False
+        self._q_inc = ""
         self.stats = dict(ops=0, duplicates=0, forwarded_batches=0, applied_batches=0,
                           transfers_full=0, transfers_dirty=0, blocks_transferred=0,
-                          refused_forwards=0)
+                          refused_forwards=0, execute_seconds=0.0, ack_wait_seconds=0.0)
         self.lease = cfg.dead_pings * cfg.ping_interval
 
     # ---------------------------------------------------------------- lifecycle
@@ -174,6 +187,7 @@ class ReplicaServer:
                 port = await nursery.start(wire.serve, self.cfg.ports[self.name], self.secret,
                                            self._on_connection)
                 nursery.start_soon(self._pinger)
+                nursery.start_soon(self._applier)
                 log.info("server %s (group %d) listening on %d", self.name, self.group, port)
                 task_status.started(port)
         finally:
@@ -230,12 +244,17 @@ class ReplicaServer:
 
     async def _promote(self, v: View) -> None:
         self.serving = False
+        await self._wait_applied()      # everything the backup acknowledged, applied
         async with self.apply_lock:
             await self.fs.close()
             self.fs = await open_fs(self.array, reclaim=(v.num == 1))
         table = amo.AmoTable(self.array.nblocks)
         await table.load(self.fs.mgr)
-        self.primary = Primary(secrets.token_hex(8), table, self.fs.mgr.subscribe())
+        send, recv = trio.open_memory_channel(float("inf"))
+        self.primary = Primary(secrets.token_hex(8), table, recv)
+        self.primary.stream = send
+        self.primary.pump = trio.CancelScope()
+        self._nursery.start_soon(self._pump, self.fs.mgr.subscribe(), send, self.primary.pump)
         self.role = "primary"
         self.backup_synced = False
         log.info("promoted to primary of view %d (incarnation %s)", v.num,
@@ -247,7 +266,8 @@ class ReplicaServer:
         if self._view_scope is not None:
             self._view_scope.cancel()
         if self.primary is not None:
-            self.primary.commits.close()
+            self.primary.pump.cancel()
+            self.primary.commits.close()     # waiting fsyncs see the role gone
         self.primary = None
         self.role = "idle"
         self.backup_synced = False
@@ -280,9 +300,11 @@ class ReplicaServer:
             self.ping_view = v.num
             log.warning("serving alone in view %d: the group is unprotected", v.num)
             while True:
+                self._release_markers(p)        # fsync: the primary alone is all there is
                 batch = await self._next_batch(p)
-                p.acked_lsn = batch[-1].lsn
-                self._track_dirty(p, batch)
+                if batch:
+                    p.acked_lsn = batch[-1].lsn
+                    self._track_dirty(p, batch)
                 self._notify()
         self.serving = True
         while True:
@@ -300,37 +322,68 @@ class ReplicaServer:
                 p.dirty.update(c.block for c in rec.changes)
 
     def _lost_backup(self, p: Primary) -> None:
-        """The link failed: remember what the backup may lack, for a later short sync."""
+        """The link failed: remember what the backup may lack, for a later short sync
+        (everything after the last batch it had made durable)."""
         if p.backup_synced:
             p.dirty = set()
-            p.dirty_base = p.acked_lsn
+            p.dirty_base = p.backup_durable
             p.backup_synced = False
         if p.dirty is not None and p.unacked:
             for _, blocks in p.unacked:
                 p.dirty.update(blocks)
         p.unacked = None
 
-    async def _next_batch(self, p: Primary):
-        rec = await p.commits.receive()
-        batch = [rec]
-        size = sum(len(c.data) for c in rec.changes)
+    async def _pump(self, sub, send, scope: trio.CancelScope) -> None:
+        """Commit records (commit order) into the primary's own stream, which also
+        carries fsync markers in their place."""
+        with scope:
+            async for rec in sub:
+                send.send_nowait(rec)
+
+    def _release_markers(self, p: Primary) -> None:
+        for m in p.markers:
+            m.set()
+        if p.markers:
+            p.markers = []
+            self._notify()
+
+    def _take(self, p: Primary, item, batch: list) -> int:
+        if isinstance(item, trio.Event):
+            p.markers.append(item)
+            return 0
+        batch.append(item)
+        p.committed_lsn = item.lsn
+        return sum(len(c.data) for c in item.changes)
+
+    async def _next_batch(self, p: Primary) -> list:
+        """The next commit records (possibly none: only fsync markers)."""
+        batch: list = []
+        size = self._take(p, await p.commits.receive(), batch)
         while size < FORWARD_MAX:
             try:
-                rec = p.commits.receive_nowait()
+                item = p.commits.receive_nowait()
             except trio.WouldBlock:
                 break
-            batch.append(rec)
-            size += sum(len(c.data) for c in rec.changes)
-        p.committed_lsn = batch[-1].lsn
+            size += self._take(p, item, batch)
         return batch
 
     def _drain(self, p: Primary) -> list:
-        out = []
+        out: list = []
         while True:
             try:
-                out.append(p.commits.receive_nowait())
+                self._take(p, p.commits.receive_nowait(), out)
             except trio.WouldBlock:
                 return out
+
+    async def _flush_backup(self, ch, v: View, p: Primary) -> None:
+        """Answer waiting fsyncs: the backup forces everything it received."""
+        if not p.markers:
+            return
+        markers, p.markers = p.markers, []
+        await self._call(ch, wire.Flush(v.num, self.name, p.acked_lsn))
+        for m in markers:
+            m.set()
+        self._notify()
 
     async def _link(self, v: View, p: Primary) -> None:
         with trio.fail_after(ACK_TIMEOUT):
@@ -363,8 +416,6 @@ class ReplicaServer:
                 await self.gate.close()
                 try:
                     recs = self._drain(p)
-                    if recs:
-                        p.committed_lsn = recs[-1].lsn
                     datas = await self._read_blocks(chunk)
                 finally:
                     await self.gate.open()
@@ -386,16 +437,18 @@ class ReplicaServer:
             self.ping_view = v.num
             self._notify()
             while True:
+                await self._flush_backup(ch, v, p)
                 batch = await self._next_batch(p)
-                await self._send_forward(ch, v, p, batch)
+                if batch:
+                    await self._send_forward(ch, v, p, batch)
         finally:
             await ch.aclose()
 
     async def _forward_ready(self, ch, v, p, last_lsn: int) -> int:
         recs = self._drain(p)
         if recs:
-            p.committed_lsn = recs[-1].lsn
             last_lsn = await self._send_forward(ch, v, p, recs)
+        await self._flush_backup(ch, v, p)
         return last_lsn
 
     async def _send_forward(self, ch, v: View, p: Primary, batch) -> int:
@@ -403,7 +456,6 @@ class ReplicaServer:
         p.unacked.append((lsn, {c.block for r in batch for c in r.changes}))
         records = [[r.lsn, [[c.block, c.offset, c.data] for c in r.changes]] for r in batch]
         await self._call(ch, wire.Forward(v.num, self.name, records))
-        p.unacked = [(l, b) for l, b in p.unacked if l > lsn]
         p.acked_lsn = max(p.acked_lsn, lsn)
         self.stats["forwarded_batches"] += 1
         self._notify()
@@ -417,6 +469,11 @@ class ReplicaServer:
             await self._refused(reply)
         if not isinstance(reply, wire.Ack):
             raise LinkError(f"backup answered {reply.TAG}")
+        p = self.primary
+        if p is not None and isinstance(reply.durable, int) and reply.durable > p.backup_durable:
+            p.backup_durable = reply.durable
+            if p.unacked:
+                p.unacked = [(l, b) for l, b in p.unacked if l > reply.durable]
 
     async def _refused(self, r: wire.Refused) -> None:
         self.stats["refused_forwards"] += 1
@@ -494,6 +551,12 @@ class ReplicaServer:
         if req.method == "fsync":
             await self.fs.fsync()
             await self._wait_acked(p, p.committed_lsn)
+            marker = trio.Event()
+            p.stream.send_nowait(marker)
+            while not marker.is_set():
+                if self.primary is not p or not self.serving:
+                    raise NotPrimaryError("lost the primary role during fsync")
+                await self._changed.wait()
             return None, 0, ""
         if req.method not in READS:
             raise wire.ProtocolError(f"unknown method {req.method!r}")
@@ -510,6 +573,7 @@ class ReplicaServer:
 
         token = Request(payload=lambda result: [req.client, req.lane, req.seq],
                         before_commit=before_commit)
+        t0 = time.perf_counter()
         await self.gate.enter()
         try:
             self._check_serving()
@@ -523,10 +587,13 @@ class ReplicaServer:
         finally:
             await self.gate.leave()
         self.stats["ops"] += 1
+        t1 = time.perf_counter()
+        self.stats["execute_seconds"] += t1 - t0
         if token.commit is not None and token.commit.lsn is not None:
             p.committed_lsn = max(p.committed_lsn, token.commit.lsn)
             p.table.remember(key, req.seq, packed["reply"])
             await self._wait_acked(p, token.commit.lsn)
+        self.stats["ack_wait_seconds"] += time.perf_counter() - t1
         return result, 0, ""
 
     # ---------------------------------------------------------------- backup
@@ -555,6 +622,61 @@ class ReplicaServer:
         if position is not None:
             self.position = position
 
+    # The backup acknowledges a forward once it holds it (in memory, in order) and
+    # applies it in the background, several batches per local transaction (one force):
+    # an update acknowledged to a client is durable on the primary and held by the
+    # backup, so it survives the crash of either; `Flush` (fsync) waits until the backup
+    # has forced everything it received. A backup that crashes loses only what the
+    # primary still remembers as not durable there (`Ack.durable`).
+
+    def _enqueue(self, item: tuple, nbytes: int) -> None:
+        self._applyq.append((item, nbytes))
+        self._queued_bytes += nbytes
+        self._received += 1
+        self._applyq_event.set()
+
+    async def _wait_applied(self) -> None:
+        target = self._received
+        while self._applied < target:
+            await self._changed.wait()
+
+    async def _applier(self) -> None:
+        while True:
+            if not self._applyq:
+                self._applyq_event = trio.Event()
+                await self._applyq_event.wait()
+                continue
+            group, size = [], 0
+            while self._applyq and (not group or size < APPLY_MAX):
+                item, nbytes = self._applyq.pop(0)
+                group.append(item)
+                size += nbytes
+            changes: list = []
+            pos = None
+            synced, inc = self._q_synced, self._q_inc
+            for item in group:
+                kind = item[0]
+                if kind == "unsync":
+                    synced, inc, pos = False, item[1], ("", 0)
+                elif kind == "fwd":
+                    changes.extend(item[1])
+                    if synced:
+                        pos = (inc, item[2])
+                elif kind == "snap":
+                    changes.extend(item[1])
+                elif kind == "synced":
+                    synced, inc, pos = True, item[1], (item[1], item[2])
+            await self._apply(changes, pos)
+            self._q_synced, self._q_inc = synced, inc
+            self.backup_synced = synced
+            self._queued_bytes -= size
+            self._applied += len(group)
+            self.stats["applied_batches"] += 1
+            self._notify()
+
+    def _durable_for(self, incarnation: str) -> int:
+        return self.position[1] if self.position[0] == incarnation and self.position[0] else 0
+
     async def _handle_link_message(self, ch: wire.Channel, msg) -> None:
         if isinstance(msg, wire.SyncStart):
             if msg.view > self.view.num:
@@ -563,35 +685,39 @@ class ReplicaServer:
             if refused:
                 await ch.send(refused)
                 return
+            await self._wait_applied()          # report the position on disk
             await ch.send(wire.SyncPosition(*self.position))
-            self.backup_synced = False
             self.sync_incarnation = msg.incarnation
-            await self._apply([], ("", 0))        # no consistent position until SyncDone
+            self._enqueue(("unsync", msg.incarnation), 0)   # no position until SyncDone
             self.sync_progress = (0, 0)
             return
         refused = self._backup_check(msg.view, msg.primary)
         if refused:
             await ch.send(refused)
             return
+        while self._queued_bytes > QUEUE_MAX:   # flow control
+            await self._changed.wait()
+        durable = self._durable_for(self.sync_incarnation)
         if isinstance(msg, wire.Forward):
             changes = [(b, o, d) for _, cs in msg.records for b, o, d in cs]
             lsn = msg.records[-1][0]
-            await self._apply(changes, (self.sync_incarnation, lsn) if self.backup_synced else None)
+            self._enqueue(("fwd", changes, lsn), sum(len(c[2]) for c in changes))
             self.applied_lsn = lsn
-            self.stats["applied_batches"] += 1
-            await ch.send(wire.Ack(lsn))
+            await ch.send(wire.Ack(lsn, durable))
         elif isinstance(msg, wire.Snapshot):
-            await self._apply([(b, 0, d) for b, d in msg.blocks], None)
+            self._enqueue(("snap", [(b, 0, d) for b, d in msg.blocks]), 4096 * len(msg.blocks))
             self.sync_progress = (msg.sent, msg.total)
             if msg.sent == msg.total or msg.sent % (CHUNK * 16) == 0:
                 log.info("state transfer: %d of %d blocks", msg.sent, msg.total)
-            await ch.send(wire.Ack(0))
+            await ch.send(wire.Ack(0, durable))
         elif isinstance(msg, wire.SyncDone):
-            await self._apply([], (msg.incarnation, msg.lsn))
-            self.backup_synced = True
+            self._enqueue(("synced", msg.incarnation, msg.lsn), 0)
             log.info("in sync with primary %s (incarnation %s, lsn %d)", msg.primary,
                      msg.incarnation, msg.lsn)
-            await ch.send(wire.Ack(msg.lsn))
+            await ch.send(wire.Ack(msg.lsn, durable))
+        elif isinstance(msg, wire.Flush):
+            await self._wait_applied()
+            await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))
         else:
             raise wire.ProtocolError(f"unexpected {msg.TAG} on a replication link")
 
@@ -617,7 +743,8 @@ class ReplicaServer:
                 if isinstance(msg, wire.OpRequest):
                     _check_op(msg)
                     nursery.start_soon(self._serve_op, ch, msg)
-                elif isinstance(msg, (wire.SyncStart, wire.Forward, wire.Snapshot, wire.SyncDone)):
+                elif isinstance(msg, (wire.SyncStart, wire.Forward, wire.Snapshot, wire.SyncDone,
+                                      wire.Flush)):
                     _check_link(msg)
                     await self._handle_link_message(ch, msg)
                 elif isinstance(msg, wire.StatusRequest):
@@ -699,6 +826,8 @@ def _check_link(msg) -> None:
         ok = isinstance(msg.blocks, list) and all(
             isinstance(b, list) and len(b) == 2 and isinstance(b[0], int)
             and isinstance(b[1], bytes) and len(b[1]) == 4096 for b in msg.blocks)
+    elif isinstance(msg, wire.Flush):
+        ok = isinstance(msg.lsn, int)
     else:
         ok = isinstance(msg.incarnation, str)
     if not ok:

@@ -204,9 +204,21 @@ class SyncDone:
 
 
 @message
+class Flush:
+    """fsync: answer once everything received so far is on the backup's stable storage."""
+    TAG: ClassVar[str] = "flush"
+    view: int
+    primary: str
+    lsn: int
+
+
+@message
 class Ack:
+    """`lsn`: received (held in memory, applied in order); `durable`: the last LSN whose
+    batch is applied and forced on the backup."""
     TAG: ClassVar[str] = "ack"
     lsn: int
+    durable: int = 0
 
 
 @message
