@@ -80,6 +80,7 @@ class AmoTable:
                 key = (client, lane)
                 self.entries[key] = (seq, reply)
                 self.slots[key] = slot
+                self._used[key] = 0         # older than anything used from now on
                 taken.add(slot)
         self.free = [s for s in range(TABLE_BLOCKS * SLOTS_PER_BLOCK) if s not in taken][::-1]
 
@@ -92,7 +93,7 @@ class AmoTable:
             if self.free:
                 slot = self.free.pop()
             else:           # full: reuse the least recently used lane's slot
-                victim = min(self._used, key=self._used.get) if self._used else next(iter(self.slots))
+                victim = min(self._used, key=self._used.get)
                 slot = self.slots.pop(victim)
                 self.entries.pop(victim, None)
                 self._used.pop(victim, None)

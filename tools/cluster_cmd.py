@@ -239,9 +239,12 @@ def cmd_up(args) -> int:
     with open(cfg.pid_path("up"), "w") as f:
         f.write(f"{os.getpid()}\n")
     stop = [False]
+    mounted = [False]
 
     def on_signal(sig, frame):
         stop[0] = True
+        if not mounted[0]:
+            raise KeyboardInterrupt     # still starting: give up now (the finally cleans up)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
@@ -249,6 +252,7 @@ def cmd_up(args) -> int:
         cluster.wait_protected(timeout=120)
         cluster.start("mount", ["mount", cfg.dir, os.path.abspath(args.mountpoint)])
         _wait_mounted(cluster, args.mountpoint)
+        mounted[0] = True
         print(f"replfs: {cfg.dir} mounted on {args.mountpoint}; Ctrl-C unmounts and stops",
               flush=True)
         if args.ready_fd is not None:
