@@ -677,49 +677,57 @@ class ReplicaServer:
     def _durable_for(self, incarnation: str) -> int:
         return self.position[1] if self.position[0] == incarnation and self.position[0] else 0
 
-    async def _handle_link_message(self, ch: wire.Channel, msg) -> None:
-        if isinstance(msg, wire.SyncStart):
-            if msg.view > self.view.num:
-                await self._refresh_view()
-            refused = self._backup_check(msg.view, msg.primary)
-            if refused:
-                await ch.send(refused)
-                return
-            await self._wait_applied()          # report the position on disk
-            await ch.send(wire.SyncPosition(*self.position))
-            self.sync_incarnation = msg.incarnation
-            self._enqueue(("unsync", msg.incarnation), 0)   # no position until SyncDone
-            self.sync_progress = (0, 0)
+    async def _on_sync_start(self, ch: wire.Channel, msg: wire.SyncStart) -> None:
+        if msg.view > self.view.num:
+            await self._refresh_view()
+        if await self._refuse(ch, msg):
             return
+        await self._wait_applied()          # report the position that is on disk
+        await ch.send(wire.SyncPosition(*self.position))
+        self.sync_incarnation = msg.incarnation
+        self._enqueue(("unsync", msg.incarnation), 0)   # no position until SyncDone
+        self.sync_progress = (0, 0)
+
+    async def _refuse(self, ch: wire.Channel, msg) -> bool:
         refused = self._backup_check(msg.view, msg.primary)
         if refused:
             await ch.send(refused)
-            return
-        while self._queued_bytes > QUEUE_MAX:   # flow control
+            return True
+        while self._queued_bytes > QUEUE_MAX:   # flow control: stop reading the link
             await self._changed.wait()
-        durable = self._durable_for(self.sync_incarnation)
-        if isinstance(msg, wire.Forward):
-            changes = [(b, o, d) for _, cs in msg.records for b, o, d in cs]
-            lsn = msg.records[-1][0]
-            self._enqueue(("fwd", changes, lsn), sum(len(c[2]) for c in changes))
-            self.applied_lsn = lsn
-            await ch.send(wire.Ack(lsn, durable))
-        elif isinstance(msg, wire.Snapshot):
-            self._enqueue(("snap", [(b, 0, d) for b, d in msg.blocks]), 4096 * len(msg.blocks))
-            self.sync_progress = (msg.sent, msg.total)
-            if msg.sent == msg.total or msg.sent % (CHUNK * 16) == 0:
-                log.info("state transfer: %d of %d blocks", msg.sent, msg.total)
-            await ch.send(wire.Ack(0, durable))
-        elif isinstance(msg, wire.SyncDone):
-            self._enqueue(("synced", msg.incarnation, msg.lsn), 0)
-            log.info("in sync with primary %s (incarnation %s, lsn %d)", msg.primary,
-                     msg.incarnation, msg.lsn)
-            await ch.send(wire.Ack(msg.lsn, durable))
-        elif isinstance(msg, wire.Flush):
-            await self._wait_applied()
-            await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))
-        else:
-            raise wire.ProtocolError(f"unexpected {msg.TAG} on a replication link")
+        return False
+
+    async def _on_forward(self, ch: wire.Channel, msg: wire.Forward) -> None:
+        if await self._refuse(ch, msg):
+            return
+        changes = [(b, o, d) for _, cs in msg.records for b, o, d in cs]
+        lsn = msg.records[-1][0]
+        self._enqueue(("fwd", changes, lsn), sum(len(c[2]) for c in changes))
+        self.applied_lsn = lsn
+        await ch.send(wire.Ack(lsn, self._durable_for(self.sync_incarnation)))
+
+    async def _on_snapshot(self, ch: wire.Channel, msg: wire.Snapshot) -> None:
+        if await self._refuse(ch, msg):
+            return
+        self._enqueue(("snap", [(b, 0, d) for b, d in msg.blocks]), 4096 * len(msg.blocks))
+        self.sync_progress = (msg.sent, msg.total)
+        if msg.sent == msg.total or msg.sent % (CHUNK * 16) == 0:
+            log.info("state transfer: %d of %d blocks", msg.sent, msg.total)
+        await ch.send(wire.Ack(0, self._durable_for(self.sync_incarnation)))
+
+    async def _on_sync_done(self, ch: wire.Channel, msg: wire.SyncDone) -> None:
+        if await self._refuse(ch, msg):
+            return
+        self._enqueue(("synced", msg.incarnation, msg.lsn), 0)
+        log.info("in sync with primary %s (incarnation %s, lsn %d)", msg.primary,
+                 msg.incarnation, msg.lsn)
+        await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))
+
+    async def _on_flush(self, ch: wire.Channel, msg: wire.Flush) -> None:
+        if await self._refuse(ch, msg):
+            return
+        await self._wait_applied()
+        await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))
 
     async def _refresh_view(self) -> None:
         try:
@@ -737,16 +745,21 @@ class ReplicaServer:
 
     # ---------------------------------------------------------------- connections
     async def _on_connection(self, ch: wire.Channel) -> None:
+        """Operations run concurrently (one task each); replication-link messages are
+        handled in order, one at a time."""
+        link = {wire.SyncStart: self._on_sync_start, wire.Forward: self._on_forward,
+                wire.Snapshot: self._on_snapshot, wire.SyncDone: self._on_sync_done,
+                wire.Flush: self._on_flush}
         async with trio.open_nursery() as nursery:
             while True:
                 msg = await ch.receive()
-                if isinstance(msg, wire.OpRequest):
+                handler = link.get(type(msg))
+                if handler is not None:
+                    _check_link(msg)
+                    await handler(ch, msg)
+                elif isinstance(msg, wire.OpRequest):
                     _check_op(msg)
                     nursery.start_soon(self._serve_op, ch, msg)
-                elif isinstance(msg, (wire.SyncStart, wire.Forward, wire.Snapshot, wire.SyncDone,
-                                      wire.Flush)):
-                    _check_link(msg)
-                    await self._handle_link_message(ch, msg)
                 elif isinstance(msg, wire.StatusRequest):
                     await ch.send(wire.StatusReply(self.status()))
                 else:
