@@ -15,6 +15,7 @@ in-memory allocator and their map bytes are disjoint (fs/alloc.py).
 from __future__ import annotations
 
 import errno
+import logging
 import stat
 import time
 from contextvars import ContextVar
@@ -31,6 +32,9 @@ from replfs.fs.layout import (BLOCK_SIZE, INLINE_MAX, MAX_FILE_SIZE, NAME_MAX, O
                               ROOT_SLOT, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, SYMLINK_MAX,
                               XATTR_NAME_MAX, Inode, Superblock, make_ino)
 from replfs.fs.op import Op
+from replfs.txn import TxnAborted, TxnManagerFailed
+
+log = logging.getLogger(__name__)
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -144,6 +148,16 @@ class FileSystem:
 
         try:
             result = await self.mgr.run(attempt, name=name)
+        except (TxnManagerFailed, TxnAborted, OSError) as exc:
+            if ops:
+                ops[-1].aborted()
+            if not isinstance(exc, TxnManagerFailed) and self.mgr.log.failed is None:
+                raise       # e.g. one unreadable block: EIO for this operation only
+            # the log cannot be written any more: stop writing (more damage), keep reading
+            if not self.failsafe:
+                self.failsafe = str(exc)
+                log.error("filesystem enters failsafe mode (writes refused, reads served): %s", exc)
+            raise FsError(errno.EIO, f"the log cannot be written: {exc}") from None
         except BaseException:
             if ops:
                 ops[-1].aborted()

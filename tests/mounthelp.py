@@ -64,7 +64,10 @@ class Mount:
             self.proc = subprocess.Popen([*REPLFS, "mount", "--local", str(self.data), str(self.mnt),
                                           *extra],
                                          stdout=logf, stderr=logf, env=e, start_new_session=True)
-        wait_for_mount(self.proc, self.mnt)
+        try:
+            wait_for_mount(self.proc, self.mnt)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its log ends:\n{self.logtext()[-3000:]}") from None
         return self
 
     def kill9(self) -> None:

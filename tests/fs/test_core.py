@@ -360,3 +360,32 @@ async def test_lookup_and_create_do_not_scan_a_big_directory():
     assert len(await names(fs, d.ino)) == n + 12
     assert (await fsck(fs)).clean
     await fs.close()
+
+
+async def test_failsafe_when_the_log_cannot_be_written():
+    """When the device stops taking writes, the filesystem refuses writes (EIO, then
+    EROFS) but keeps serving reads of what committed."""
+    from replfs.fs.mkfs import mkfs
+    from replfs.raid.blockdev import MemoryDevice
+
+    class FailingDevice(MemoryDevice):
+        broken = False
+
+        async def flush(self):
+            if self.broken:
+                raise OSError(errno.EIO, "disk gone")
+            await super().flush()
+
+    dev = FailingDevice(8192)
+    await mkfs(dev)
+    fs = await open_fs(dev)
+    f = await fs.create(ROOT, b"kept", 0o644, 0, 0)
+    await fs.write(f.ino, 0, b"committed")
+    dev.broken = True
+    with err(errno.EIO):
+        await fs.create(ROOT, b"new", 0o644, 0, 0)
+    with err(errno.EROFS):
+        await fs.write(f.ino, 0, b"more")
+    assert fs.failsafe
+    assert await fs.read(f.ino, 0, 100) == b"committed"
+    assert (await fs.lookup(ROOT, b"kept")).ino == f.ino
