@@ -17,6 +17,8 @@ import trio
 from replfs.crash import crash_point
 from replfs.raid.blockdev import BlockDevice
 
+from .errors import TxnManagerFailed
+
 
 class Page:
     __slots__ = ("block", "data", "dirty", "lsn", "version", "installing")
@@ -95,7 +97,10 @@ class BufferCache:
         if victim is None:   # everything is being installed by others: let them finish
             await trio.sleep(0)
             return
-        await self.install([victim])
+        try:
+            await self.install([victim])
+        except TxnManagerFailed:
+            return   # nothing can be installed any more: let the cache grow instead
         if not victim.dirty and self.pages.get(victim.block) is victim:
             del self.pages[victim.block]
             self.evictions += 1

@@ -261,6 +261,8 @@ class Log:
         target = self.end_lsn if lsn is None else lsn
         if not self.group_commit:
             async with self._flush_lock:
+                if self.failed is not None:
+                    raise TxnManagerFailed(f"log write failed: {self.failed!r}")
                 await self._flush_once()
             return
         while self.durable_lsn < target:
@@ -296,10 +298,9 @@ class Log:
             crash_point("txn.log.written")
             await self.device.flush()
             crash_point("txn.log.flushed")
-        except BaseException as exc:
-            if not isinstance(exc, trio.Cancelled):
-                self.failed = exc
-            raise
+        except Exception as exc:
+            self.failed = exc
+            raise TxnManagerFailed(f"log write failed: {exc!r}") from exc
         self.flushes += 1
         self.durable_lsn = max(self.durable_lsn, end)
         keep_from = end - end % self.bs

@@ -48,7 +48,7 @@ from replfs.crash import crash_point
 from replfs.raid.blockdev import BlockDevice
 
 from .cache import BufferCache
-from .errors import LogFull, Retryable, TxnAborted, TxnTooLarge
+from .errors import LogFull, Retryable, TxnAborted, TxnManagerFailed, TxnTooLarge
 from .history import BlockRange, HistoryRecorder
 from .locks import LockManager
 from .log import Log
@@ -566,13 +566,30 @@ class TxnManager:
             await self.log.force(end)
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
-                await self.log.force(end)
+                await self._force_or_fail(txn, end)
                 await self._commit_durable(txn)
+            raise
+        except TxnManagerFailed:
+            with trio.CancelScope(shield=True):
+                await self._fail_commit(txn)
             raise
         await self._commit_durable(txn)
         if self.log.used > self.checkpoint_at * self.log.usable and not self._ckpt_running:
             await self.checkpoint()
         return rec
+
+    async def _force_or_fail(self, txn: Txn, end: int) -> None:
+        try:
+            await self.log.force(end)
+        except TxnManagerFailed:
+            await self._fail_commit(txn)
+            raise
+
+    async def _fail_commit(self, txn: Txn) -> None:
+        """The log died before this COMMIT was known durable: it may or may not be on
+        disk (recovery decides); the live manager treats it as aborted."""
+        await self._undo(txn)
+        await self._finish(txn, "aborted")
 
     async def _commit_durable(self, txn: Txn) -> None:
         crash_point("txn.commit.durable")
@@ -585,24 +602,40 @@ class TxnManager:
         with trio.CancelScope(shield=True):
             was_prepared = txn.state == "prepared"
             txn.state = "aborting"
-            for u in reversed(txn.updates):
-                if u.old is None:
-                    continue
-                page = await self.cache.get(u.block)
+            try:
+                await self._undo(txn)
+                if txn.first_lsn is not None and self.log.failed is None:
+                    _, end = self.log.append(Abort(txn.id), reserved=ABORT_SIZE)
+                    txn.reserved -= ABORT_SIZE
+                    crash_point("txn.abort.logged")
+                    if was_prepared:   # the coordinator may forget us once we answer
+                        await self.log.force(end)
+            finally:
+                await self._finish(txn, "aborted")
+
+    async def _undo(self, txn: Txn) -> None:
+        """Put back the old bytes of `txn`'s updates, newest first, logging a CLR each.
+
+        After a log failure nothing can be logged (nor installed: the log never becomes
+        durable again), so the undo is done in memory only -- readers of the live manager
+        see the old state, and the locks can still be released."""
+        for u in reversed(txn.updates):
+            if u.old is None:
+                continue
+            page = await self.cache.get(u.block)
+            end = None
+            if self.log.failed is None:
                 size = _size(len(u.old))
-                _, end = self.log.append(Clr(txn.id, u.block, u.offset, u.old, u.lsn),
-                                         reserved=size)
-                txn.reserved -= size
-                page.data[u.offset:u.offset + len(u.old)] = u.old
+                try:
+                    _, end = self.log.append(Clr(txn.id, u.block, u.offset, u.old, u.lsn),
+                                             reserved=size)
+                    txn.reserved -= size
+                except TxnManagerFailed:
+                    end = None
+            page.data[u.offset:u.offset + len(u.old)] = u.old
+            if end is not None:
                 self.cache.changed(page, end)
                 crash_point("txn.abort.clr")
-            if txn.first_lsn is not None:
-                _, end = self.log.append(Abort(txn.id), reserved=ABORT_SIZE)
-                txn.reserved -= ABORT_SIZE
-                crash_point("txn.abort.logged")
-                if was_prepared:   # the coordinator may forget us once we answer
-                    await self.log.force(end)
-            await self._finish(txn, "aborted")
 
     async def _finish(self, txn: Txn, state: str) -> None:
         self.log.reserved -= txn.reserved
@@ -628,6 +661,14 @@ class TxnManager:
                     self._subscribers.remove(ch)
 
     # ---- checkpoint / close / stats -----------------------------------------------------
+
+    @property
+    def failed(self) -> str | None:
+        """Why the log cannot be written any more (a device error), or None.
+
+        Once set: writes and commits raise `TxnManagerFailed`, reads still work (and see
+        the committed state plus nothing of failed transactions); reopen to recover."""
+        return None if self.log.failed is None else repr(self.log.failed)
 
     async def force(self) -> None:
         """Make every record appended so far durable (commits already are when they return;
@@ -683,7 +724,8 @@ class TxnManager:
         for txn in list(self._active.values()):
             if txn.state == "active":
                 await txn.abort()
-        await self.checkpoint()
+        if self.log.failed is None:
+            await self.checkpoint()
         self.closed = True
         for ch in self._subscribers:
             ch.close()
@@ -714,5 +756,6 @@ class TxnManager:
             cache_installs=c.installs,
             cache_evictions=c.evictions,
             decisions=len(self._decisions),
+            failed=self.failed,
             recovery=dict(self.recovery),
         )

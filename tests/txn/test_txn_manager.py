@@ -393,3 +393,42 @@ async def test_a_torn_header_write_falls_back_to_the_other_slot():
         dev._durable[LOG["log_start"] + slot] = bytes(4096)
     with pytest.raises(LogCorrupt):
         await reopen(dev)
+
+
+async def test_log_failure_refuses_writes_but_serves_reads_and_releases_locks():
+    from replfs.txn import TxnManagerFailed
+
+    class FailingDevice(MemoryDevice):
+        broken = False
+
+        async def flush(self):
+            if self.broken:
+                raise OSError(5, "disk gone")
+            await super().flush()
+
+    dev = FailingDevice(256)
+    await TxnManager.format(dev, **LOG)
+    mgr = await TxnManager.open(dev, **LOG, lock_timeout=1)
+
+    async def put(t, data):
+        await t.lock(("inode", 1))
+        await t.write(97, 0, data)
+
+    await mgr.run(lambda t: put(t, b"good"))
+    dev.broken = True
+    with pytest.raises(TxnManagerFailed):
+        await mgr.run(lambda t: put(t, b"lost"))
+    assert mgr.failed and mgr.stats()["failed"]
+    assert mgr.locks.holders(("inode", 1)) == {}
+
+    async def get(t):
+        await t.lock(("inode", 1), "S")
+        return await t.read(97, 0, 4)
+    assert await mgr.run(get) == b"good"          # the failed commit is not visible
+    with pytest.raises(TxnManagerFailed):
+        await mgr.run(lambda t: put(t, b"more"))
+    await mgr.close()
+    dev.broken = False
+    dev.crash()
+    mgr = await reopen(dev)
+    assert await peek(mgr, 97, 0, 4) in (b"good", b"lost")     # whole either way

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replfs.raid.blockdev import MemoryDevice
-from replfs.txn import TxnManager
+from replfs.txn import TxnManager, TxnManagerFailed
 
 LOG = dict(log_start=0, log_blocks=10)
 BLOCKS = range(20, 26)
@@ -118,7 +118,7 @@ async def _run(ops, seed):
                 if kind == "commit":
                     try:
                         await txn.commit()
-                    except PowerCut:
+                    except (PowerCut, TxnManagerFailed):
                         await cut_and_recover(writes)
                         continue
                     model.update(writes)
@@ -129,7 +129,7 @@ async def _run(ops, seed):
             elif kind == "cut":
                 dev.cut_at = dev.ops + o[1]
                 rng.seed(o[2])
-        except PowerCut:
+        except (PowerCut, TxnManagerFailed):
             await cut_and_recover(None)
     dev.cut_at = None
     await cut_and_recover(None)
