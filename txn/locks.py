@@ -1,12 +1,15 @@
 """A keyed S/X lock table for strict two-phase locking, with deadlock detection.
 
 The shape is S3QL's ``MultiLock`` (one table, one `trio.Condition`), with trio's
-``acquire`` / ``acquire_nowait`` split and ``statistics()``. Owners are transactions:
+``acquire`` / ``acquire_nowait`` split and ``statistics()``. Waiters are served in
+arrival order per key (a newcomer never overtakes a conflicting waiter), except that an
+upgrade S -> X goes first. Owners are transactions:
 objects with ``id``, ``priority`` (smaller = older) and a writable ``doomed`` flag.
 
 Deadlocks: whenever an owner is about to wait, the wait-for graph (waiter -> every other
 holder of the key whose mode conflicts with the request) is searched for a cycle through
-it. The victim is the *youngest* owner on the cycle (largest ``priority``, i.e. the latest
+it (waiting also counts as waiting for the conflicting waiters queued ahead). The
+victim is the *youngest* owner on the cycle (largest ``priority``, i.e. the latest
 first-attempt time; ties by id): it has usually done the least work, and because a retried
 transaction keeps its first-attempt time, it gets older with every retry and is
 eventually never the victim -- no starvation. The victim is marked doomed and woken; its
@@ -57,6 +60,7 @@ class LockManager:
         self._table: dict[Hashable, dict[Any, str]] = {}
         self._held: dict[Any, dict[Hashable, str]] = defaultdict(dict)
         self._waiting: dict[Any, tuple[Hashable, str]] = {}
+        self._queues: dict[Hashable, list] = {}   # key -> waiting owners, arrival order
         self._acquired = self._waits = self._deadlocks = self._timeouts = 0
 
     # ---- queries --------------------------------------------------------------------
@@ -74,16 +78,33 @@ class LockManager:
 
     # ---- acquire / release ----------------------------------------------------------
 
+    def _ahead(self, owner, key, mode) -> list:
+        """Waiters queued for `key` before `owner` (all, if it is not queued) whose
+        requests conflict with `mode`: FIFO fairness, so that a stream of readers
+        cannot starve a writer."""
+        out = []
+        for o in self._queues.get(key, ()):
+            if o is owner:
+                break
+            if not o.doomed and (mode == "X" or self._waiting[o][1] == "X"):
+                out.append(o)
+        return out
+
     def _grantable(self, owner, key, mode) -> bool:
         holders = self._table.get(key)
-        if not holders:
-            return True
-        mine = holders.get(owner)
+        mine = holders.get(owner) if holders else None
         if mine == "X" or mine == mode:
             return True
-        if mode == "S":
-            return all(m == "S" for o, m in holders.items() if o is not owner)
-        return all(o is owner for o in holders)
+        if holders:
+            if mode == "S":
+                ok = all(m == "S" for o, m in holders.items() if o is not owner)
+            else:
+                ok = all(o is owner for o in holders)
+            if not ok:
+                return False
+        # a newcomer does not overtake conflicting waiters; an upgrade does (the
+        # upgrader already holds the key: making it queue would only make deadlocks)
+        return mine is not None or not self._ahead(owner, key, mode)
 
     def _grant(self, owner, key, mode) -> None:
         holders = self._table.setdefault(key, {})
@@ -122,6 +143,7 @@ class LockManager:
         deadline = trio.current_time() + timeout
         async with self._cond:
             self._waiting[owner] = (key, mode)
+            self._queues.setdefault(key, []).append(owner)
             try:
                 while True:
                     if owner.doomed:
@@ -149,6 +171,12 @@ class LockManager:
                         await self._cond.wait()
             finally:
                 del self._waiting[owner]
+                queue = self._queues[key]
+                queue.remove(owner)
+                if queue:
+                    self._cond.notify_all()    # those queued behind us may go now
+                else:
+                    del self._queues[key]
 
     async def release_all(self, owner) -> None:
         """Release every lock of `owner` (commit/abort) and wake the waiters."""
@@ -173,8 +201,11 @@ class LockManager:
         if want is None or owner.doomed:
             return []
         key, mode = want
-        return [o for o, m in self._table.get(key, {}).items()
-                if o is not owner and (mode == "X" or m == "X")]
+        holders = self._table.get(key, {})
+        out = [o for o, m in holders.items() if o is not owner and (mode == "X" or m == "X")]
+        if owner not in holders:
+            out += self._ahead(owner, key, mode)
+        return out
 
     def _find_cycle(self, start) -> list | None:
         """A wait-for cycle through `start` as a list of owners, or None (iterative DFS)."""

@@ -94,6 +94,7 @@ async def test_bank_transfers_conserve_total_and_are_serializable():
     st = mgr.stats()
     assert st["deadlocks"] > 0, st
     assert st["retries"] >= st["deadlocks"]
+    assert st["lock_timeouts"] == 0, "a deadlock was left to the timeout"
     assert audits and all(t == ACCOUNTS * START for t in audits), audits
     result = check_serializable(hist)
     assert result, f"conflict cycle among transactions {result.cycle}"

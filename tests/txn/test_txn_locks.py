@@ -113,3 +113,59 @@ async def test_lock_wait_times_out(autojump_clock):
 def test_bad_mode_rejected():
     with pytest.raises(ValueError):
         LockManager().acquire_nowait(Owner(1), "k", "W")
+
+
+async def test_a_stream_of_readers_does_not_starve_a_writer(autojump_clock):
+    lm = LockManager(timeout=100)
+    got = {}
+
+    async def reader(i):
+        o = Owner(10 + i)
+        await lm.acquire(o, "dir", "S")
+        got.setdefault("readers", []).append((i, trio.current_time()))
+        await trio.sleep(1.0)
+        await lm.release_all(o)
+
+    async def writer():
+        o = Owner(1)
+        await trio.sleep(0.25)
+        await lm.acquire(o, "dir", "X")
+        got["writer"] = trio.current_time()
+        await trio.sleep(0.1)
+        await lm.release_all(o)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(writer)
+        for i in range(20):            # overlapping readers, one every 0.5 s
+            n.start_soon(reader, i)
+            await trio.sleep(0.5)
+    # the writer waits only for the one reader holding the lock when it came
+    assert got["writer"] == pytest.approx(1.0)
+    assert lm.statistics().deadlocks == 0
+
+
+async def test_queued_waiter_counts_in_the_wait_for_graph():
+    # A holds k1 (S); W waits X on k1; B holds k2 and asks S on k1 (queued behind W);
+    # A asks k2 -> cycle A -> B -> W -> A through the queue edge: detected.
+    lm = LockManager(timeout=30)
+    a, w, b = Owner(1, 1.0), Owner(2, 2.0), Owner(3, 3.0)
+    await lm.acquire(a, "k1", "S")
+    await lm.acquire(b, "k2", "X")
+    out = {}
+
+    async def want(o, key, mode):
+        try:
+            await lm.acquire(o, key, mode)
+            out[o.id] = "ok"
+        except Deadlock:
+            out[o.id] = "victim"
+        await lm.release_all(o)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(want, w, "k1", "X")
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(want, b, "k1", "S")
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(want, a, "k2", "X")
+    assert out[3] == "victim" and out[1] == "ok" and out[2] == "ok"
+    assert lm.statistics().timeouts == 0
