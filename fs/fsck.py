@@ -18,7 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from replfs.fs import blockmap, directory
-from replfs.fs.layout import FIRST_FREE_SLOT, ORPHAN_SLOT, ROOT_SLOT, Inode, make_ino
+from replfs.fs.layout import (FIRST_FREE_SLOT, INODE_SIZE, INODES_PER_BLOCK, ORPHAN_SLOT,
+                              ROOT_SLOT, Inode, make_ino)
 from replfs.fs.op import Op
 
 
@@ -85,21 +86,32 @@ async def fsck(fs, repair: bool = False) -> FsckReport:
     fixes_nlink: dict[int, int] = {}
     fixes_parent: dict[int, int] = {}
     unreachable: list[int] = []
+    imap_fix: list[tuple[int, int]] = []
 
     async def scan_inodes(txn):
         op = Op(fs, txn)
         used_blocks: Counter[int] = Counter()
         allocated = []
-        for slot in range(FIRST_FREE_SLOT, sb.ninodes):
-            if not fs.imap.mem[slot]:
-                continue
-            ino = make_ino(g, slot)
-            allocated.append(ino)
+        # every slot of the inode table: a used inode the map calls free is a problem too
+        for tblk in range(sb.itable_blocks):
+            data = await txn.read(sb.itable_start + tblk)
+            for k in range(INODES_PER_BLOCK):
+                slot = tblk * INODES_PER_BLOCK + k
+                if slot < FIRST_FREE_SLOT:
+                    continue
+                in_use = Inode.unpack(data[k * INODE_SIZE:(k + 1) * INODE_SIZE]).mode != 0
+                if in_use and not fs.imap.mem[slot]:
+                    rep.problems.append(f"inode {make_ino(g, slot)} is in use but marked free "
+                                        "in the inode map")
+                    imap_fix.append((slot, 1))
+                if fs.imap.mem[slot] or in_use:
+                    allocated.append(make_ino(g, slot))
         for ino in [root, orphan] + allocated:
             node = nodes.get(ino) or await op.inode(ino, "S", must_exist=False)
             nodes[ino] = node
             if node.mode == 0:
                 rep.problems.append(f"inode {ino} is marked allocated but is empty")
+                imap_fix.append((ino & ((1 << 48) - 1), 0))
                 continue
             for blk in await blockmap.all_blocks(op, node):
                 used_blocks[blk] += 1
@@ -155,6 +167,17 @@ async def fsck(fs, repair: bool = False) -> FsckReport:
     if repair and rep.problems:
         await _repair(fs, rep, bad_entries, fixes_nlink, fixes_parent, unreachable,
                       used_blocks, leaked, nodes)
+        if imap_fix:
+            async def fix_imap(txn):
+                for slot, val in imap_fix:
+                    b, off = fs.imap._locate(slot)
+                    await txn.write(b, off, bytes([val]))
+                for slot, val in imap_fix:
+                    if fs.imap.mem[slot] != val:
+                        fs.imap.mem[slot] = val
+                        fs.imap.nfree += -1 if val else 1
+            await fs.mgr.run(fix_imap, name="fsck-repair")
+            rep.repaired.append(f"corrected {len(imap_fix)} entries of the inode map")
     return rep
 
 
@@ -174,6 +197,26 @@ async def _repair(fs, rep, bad_entries, fixes_nlink, fixes_parent, unreachable, 
                   leaked, nodes) -> None:
     sb = fs.sb
     root = make_ino(sb.group, ROOT_SLOT)
+    # the block map first (before any repair allocates): mark referenced blocks used,
+    # free leaked ones
+    async def fix_map(txn):
+        op = Op(fs, txn)
+        n = 0
+        for blk in used_blocks:
+            if sb.data_start <= blk < sb.nblocks and not fs.bmap.mem[blk]:
+                fs.bmap.mem[blk] = 1
+                fs.bmap.nfree -= 1
+                b, off = fs.bmap._locate(blk)
+                await txn.write(b, off, b"\1")
+                n += 1
+        for blk in leaked:
+            await op.free_block(blk)
+            n += 1
+        op.committed()
+        return n
+    if leaked or any(not fs.bmap.mem[b] for b in used_blocks if b < sb.nblocks):
+        n = await fs.mgr.run(fix_map, name="fsck-repair")
+        rep.repaired.append(f"corrected {n} entries of the block map")
     for d, name in bad_entries:
         async def rm(txn, d=d, name=name):
             op = Op(fs, txn)
@@ -216,22 +259,4 @@ async def _repair(fs, rep, bad_entries, fixes_nlink, fixes_parent, unreachable, 
                 await op.put(lf, pnode)
             await fs.mgr.run(relink, name="fsck-repair")
             rep.repaired.append(f"linked unreachable inode {ino} into /lost+found")
-    # the block map: mark referenced blocks used, free leaked ones
-    async def fix_map(txn):
-        op = Op(fs, txn)
-        n = 0
-        for blk in used_blocks:
-            if sb.data_start <= blk < sb.nblocks and not fs.bmap.mem[blk]:
-                fs.bmap.mem[blk] = 1
-                fs.bmap.nfree -= 1
-                b, off = fs.bmap._locate(blk)
-                await txn.write(b, off, b"\1")
-                n += 1
-        for blk in leaked:
-            await op.free_block(blk)
-            n += 1
-        op.committed()
-        return n
-    if leaked or any(not fs.bmap.mem[b] for b in used_blocks if b < sb.nblocks):
-        n = await fs.mgr.run(fix_map, name="fsck-repair")
-        rep.repaired.append(f"corrected {n} entries of the block map")
+
