@@ -274,8 +274,11 @@ class Log:
             self._flushing = True
             self._flush_done = trio.Event()
             try:
-                # one scheduling round before taking the batch: tasks that are already
-                # runnable (just woken by the previous flush) append their COMMITs first
+                # two scheduling rounds before taking the batch: every task that is
+                # already runnable (woken by the previous flush) runs its next
+                # transaction up to its COMMIT first -- trio orders a round randomly, so
+                # one round could still find this leader ahead of them
+                await trio.lowlevel.checkpoint()
                 await trio.lowlevel.checkpoint()
                 await self._flush_once()
             finally:
