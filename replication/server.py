@@ -176,6 +176,7 @@ class ReplicaServer:
                           transfers_full=0, transfers_dirty=0, blocks_transferred=0,
                           refused_forwards=0, execute_seconds=0.0, ack_wait_seconds=0.0)
         self.lease = cfg.dead_pings * cfg.ping_interval
+        self.boot = secrets.token_hex(8)
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -210,7 +211,7 @@ class ReplicaServer:
                         ch = await wire.connect(self.cfg.addr(self.name, VIEWSERVER),
                                                 self.secret, self.name)
                 with trio.fail_after(interval * 3):
-                    await ch.send(wire.Ping(self.group, self.name, self.ping_view))
+                    await ch.send(wire.Ping(self.group, self.name, self.ping_view, self.boot))
                     reply = await ch.receive()
                 if not isinstance(reply, wire.ViewReply):
                     raise wire.ProtocolError(f"view server sent {reply.TAG}")

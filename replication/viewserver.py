@@ -38,15 +38,32 @@ class View:
 class GroupState:
     view: View = field(default_factory=View)
     acked: bool = False
+    recovered_at: float | None = None   # the view came from the state file, not from pings
     last_ping: dict[str, float] = field(default_factory=dict)   # server -> time (insertion order = first seen)
     restarted: set[str] = field(default_factory=set)
+    boots: dict[str, str] = field(default_factory=dict)    # server -> its process's boot id
 
 
 class ViewService:
-    def __init__(self, ping_interval: float = 0.1, dead_pings: int = 5):
+    """`save(views)` (optional) is called with {group: View} after every view change, so
+    that a restarted view server can `restore` them (see `ping`)."""
+
+    def __init__(self, ping_interval: float = 0.1, dead_pings: int = 5, save=None):
         self.ping_interval = ping_interval
         self.dead_pings = dead_pings
         self.groups: dict[int, GroupState] = {}
+        self.save = save
+
+    def restore(self, views: dict[int, View], now: float) -> None:
+        """Start from the views a previous view server had (its servers keep their state
+        on disk, so the last primary's state is the group's state)."""
+        for group, v in views.items():
+            if v.num:
+                self.groups[group] = GroupState(view=v, acked=False, recovered_at=now)
+
+    def _changed(self) -> None:
+        if self.save is not None:
+            self.save({g: st.view for g, st in self.groups.items()})
 
     def _group(self, group: int) -> GroupState:
         return self.groups.setdefault(group, GroupState())
@@ -57,25 +74,52 @@ class ViewService:
         t = g.last_ping.get(server)
         return t is None or now - t > self.dead_pings * self.ping_interval
 
-    def ping(self, group: int, server: str, viewnum: int, now: float) -> View:
-        """`server` of `group` pings, acknowledging `viewnum`; returns the current view."""
+    def ping(self, group: int, server: str, viewnum: int, now: float, boot: str = "") -> View:
+        """`server` of `group` pings, acknowledging `viewnum`; returns the current view.
+        With `boot` (the server process's id), a ping 0 counts as a restart only from a
+        new process."""
         g = self._group(group)
         g.last_ping[server] = now
+        seen = g.boots.get(server)
+        if boot:
+            g.boots[server] = boot
+        restart = viewnum == 0 and not (boot and seen in (None, boot))
         v = g.view
         if v.num == 0:
             g.view = View(1, server, "")
             g.acked = False
             log.info("group %d: view 1: primary %s (no backup)", group, server)
+            self._changed()
+            return g.view
+        if g.recovered_at is not None:
+            # after a view-server restart: the last primary resumes (its state is on
+            # disk); its backup only if the primary stays away, and no one else ever
+            grace = 4 * self.dead_pings * self.ping_interval
+            if server == v.primary or (server == v.backup and now - g.recovered_at > grace):
+                g.view = View(v.num + 1, server, "")
+                g.acked = False
+                g.recovered_at = None
+                g.restarted.clear()
+                log.info("group %d: view %d: primary %s resumes after a view-server restart",
+                         group, g.view.num, server)
+                self._changed()
             return g.view
         if server == v.primary:
             if viewnum == v.num:
                 g.acked = True
-            elif viewnum == 0:
+            elif restart:
                 g.restarted.add(server)
-        elif server == v.backup and viewnum == 0:
+        elif server == v.backup and restart:
             g.restarted.add(server)
         self._advance(group, g, now)
         return g.view
+
+    def stalled(self, seconds: float) -> None:
+        """The view server itself did not run for `seconds` (overloaded machine): pings
+        it could not receive meanwhile must not count as missed."""
+        for g in self.groups.values():
+            for s in g.last_ping:
+                g.last_ping[s] += seconds
 
     def tick(self, now: float) -> None:
         for group, g in self.groups.items():
@@ -111,6 +155,7 @@ class ViewService:
         g.view = View(v.num + 1, p, b)
         g.acked = False
         g.restarted -= removed
+        self._changed()
         log.info("group %d: view %d: primary %s, backup %s%s", group, g.view.num, p,
                  b or "(none)", "" if b else " -- unprotected")
 
@@ -127,8 +172,11 @@ class ViewService:
 
 
 async def serve_viewserver(port: int, secret: bytes, service: ViewService,
+                           restore: dict[int, View] | None = None,
                            task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `service` on 127.0.0.1:port until cancelled."""
+    """Serve `service` on 127.0.0.1:port until cancelled, resuming from `restore`."""
+    if restore:
+        service.restore(restore, trio.current_time())
     async def on_connection(ch: wire.Channel) -> None:
         while True:
             msg = await ch.receive()
@@ -137,7 +185,8 @@ async def serve_viewserver(port: int, secret: bytes, service: ViewService,
                 if not (isinstance(msg.group, int) and isinstance(msg.server, str)
                         and isinstance(msg.view, int)):
                     raise wire.ProtocolError("malformed ping")
-                v = service.ping(msg.group, msg.server, msg.view, now)
+                v = service.ping(msg.group, msg.server, msg.view, now,
+                                 msg.boot if isinstance(msg.boot, str) else "")
                 await ch.send(_reply(service, msg.group, v))
             elif isinstance(msg, wire.GetView):
                 if not isinstance(msg.group, int):
@@ -152,7 +201,13 @@ async def serve_viewserver(port: int, secret: bytes, service: ViewService,
 
     async def ticker() -> None:
         while True:
+            t0 = trio.current_time()
             await trio.sleep(service.ping_interval)
+            late = trio.current_time() - t0 - service.ping_interval
+            if late > service.ping_interval:
+                log.warning("the view server was stalled for %.2f s; not counting it "
+                            "against the servers", late)
+                service.stalled(late)
             service.tick(trio.current_time())
 
     async with trio.open_nursery() as nursery:
@@ -163,3 +218,28 @@ async def serve_viewserver(port: int, secret: bytes, service: ViewService,
 
 def _reply(service: ViewService, group: int, v: View) -> wire.ViewReply:
     return wire.ViewReply(group, v.num, v.primary, v.backup, service._group(group).acked)
+
+
+def load_views(path: str) -> dict[int, View]:
+    import json
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return {int(g): View(int(v[0]), str(v[1]), str(v[2])) for g, v in d.items()}
+    except (FileNotFoundError, ValueError, TypeError, IndexError):
+        return {}
+
+
+def saver(path: str):
+    """A `save` callback writing the views to `path` atomically."""
+    import json
+    import os
+
+    def save(views: dict[int, View]) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({str(g): [v.num, v.primary, v.backup] for g, v in views.items()}, f)
+        # no fsync: it could stall the pings for long under load (a view server crash
+        # is not a power loss; and the views only pick who resumes)
+        os.replace(tmp, path)
+    return save

@@ -86,11 +86,14 @@ class AuthOk:
 # view service
 @message
 class Ping:
-    """A server's heartbeat: `view` is the view it acknowledges (0 right after a start)."""
+    """A server's heartbeat: `view` is the view it acknowledges (0 right after a start);
+    `boot` names the server process (a repeated ping 0 from the same process, e.g. after
+    a lost reply, is not a restart)."""
     TAG: ClassVar[str] = "ping"
     group: int
     server: str
     view: int
+    boot: str = ""
 
 
 @message

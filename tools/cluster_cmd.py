@@ -92,12 +92,16 @@ def cmd_init(args) -> int:
 
 # ---------------------------------------------------------------- daemons
 def cmd_viewserver(args) -> int:
-    from replfs.replication.viewserver import ViewService, serve_viewserver
+    from replfs.replication.viewserver import ViewService, load_views, saver, serve_viewserver
     _logging()
     cfg = ClusterConfig.load(args.dir)
-    service = ViewService(cfg.ping_interval, cfg.dead_pings)
+    path = os.path.join(cfg.dir, "views.json")
+    service = ViewService(cfg.ping_interval, cfg.dead_pings, save=saver(path))
+    views = load_views(path)
+    if views:
+        log.info("resuming from the views in %s: %s", path, views)
     trio.run(_until_signal, lambda ts: serve_viewserver(cfg.ports[VIEWSERVER], cfg.secret(),
-                                                          service, task_status=ts))
+                                                          service, views, task_status=ts))
     return 0
 
 

@@ -58,3 +58,25 @@ def test_up_daemon_status_kill_down(tmp_path):
     finally:
         force_unmount(mnt)
         replfs("down", d, check=False)
+
+
+def test_whole_cluster_restart_after_running_unprotected_keeps_the_newest_state(tmp_path):
+    d, mnt = tmp_path / "c", tmp_path / "mnt"
+    mnt.mkdir()
+    replfs("init", d, "--size", "32M")
+    try:
+        replfs("up", d, mnt, "--daemon", "--no-restart")
+        (mnt / "a").write_text("1\n")
+        st = json.loads(replfs("status", d, "--json").stdout)
+        backup = st["viewserver"]["groups"]["0"]["backup"]
+        replfs("fault", "kill", d, "--server", backup)
+        with open(mnt / "a", "a") as f:      # the primary goes on alone
+            f.write("2\n")
+        replfs("down", d)
+        for _ in range(3):                   # whichever server pings first, a must hold 1, 2
+            replfs("up", d, mnt, "--daemon", "--no-restart")
+            assert (mnt / "a").read_text() == "1\n2\n"
+            replfs("down", d)
+    finally:
+        force_unmount(mnt)
+        replfs("down", d, check=False)

@@ -144,3 +144,59 @@ def test_groups_are_independent():
     vs.ping(1, "x", 0, 0.0)
     assert vs.get(0) == View(1, "a", "")
     assert vs.get(1) == View(1, "x", "")
+
+
+def test_restarted_view_server_resumes_with_the_last_primary():
+    saved = {}
+    vs = ViewService(PI, 5, save=saved.update)
+    vs.ping(0, "a", 0, 0.0)
+    vs.ping(0, "a", 1, 0.0)
+    vs.ping(0, "b", 0, 0.0)
+    vs.ping(0, "a", 2, 0.1)
+    t = 0.1
+    for _ in range(10):             # b dies: a goes on alone (b's state is now stale)
+        t += PI
+        vs.ping(0, "a", vs.get(0).num, t)
+        vs.tick(t)
+    assert saved[0] == View(3, "a", "")
+    # the whole cluster restarts: b (stale) pings first, then a
+    vs2 = ViewService(PI, 5)
+    vs2.restore(dict(saved), 100.0)
+    assert vs2.ping(0, "b", 0, 100.0) == View(3, "a", "")     # b cannot take over
+    assert vs2.ping(0, "a", 0, 100.1) == View(4, "a", "")     # a resumes
+    vs2.ping(0, "a", 4, 100.2)
+    assert vs2.ping(0, "b", 0, 100.3) == View(5, "a", "b")
+
+
+def test_restarted_view_server_lets_the_backup_resume_if_the_primary_stays_away():
+    vs = ViewService(PI, 5)
+    vs.restore({0: View(7, "a", "b")}, 50.0)
+    assert vs.ping(0, "b", 0, 50.1) == View(7, "a", "b")      # grace: wait for a
+    assert vs.ping(0, "c", 0, 60.0) == View(7, "a", "b")      # never a stranger
+    assert vs.ping(0, "b", 0, 60.0) == View(8, "b", "")
+
+
+def test_repeated_ping_0_from_the_same_process_is_not_a_restart():
+    vs = make()
+    vs.ping(0, "a", 0, 0.0, boot="A1")
+    assert vs.ping(0, "a", 0, 0.05, boot="A1") == View(1, "a", "")   # first reply was lost
+    vs.ping(0, "a", 1, 0.1, boot="A1")
+    vs.ping(0, "b", 0, 0.1, boot="B1")
+    assert vs.get(0) == View(2, "a", "b")
+    vs.ping(0, "a", 2, 0.12, boot="A1")
+    vs.ping(0, "a", 0, 0.15, boot="A1")                              # lost reply again
+    assert vs.get(0) == View(2, "a", "b")
+    vs.ping(0, "a", 0, 0.2, boot="A2")                               # a new process
+    assert vs.get(0) == View(3, "b", "")
+
+
+def test_a_stalled_view_server_does_not_count_its_own_stall_as_missed_pings():
+    vs = make()
+    vs.ping(0, "a", 0, 0.0)
+    vs.ping(0, "a", 1, 0.0)
+    vs.ping(0, "b", 0, 0.0)
+    vs.ping(0, "a", 2, 0.0)
+    vs.ping(0, "b", 2, 0.0)
+    vs.stalled(2.0)                 # nothing ran for 2 s
+    vs.tick(2.05)
+    assert vs.get(0) == View(2, "a", "b")
