@@ -338,8 +338,12 @@ class ReplicaServer:
         """Commit records (commit order) into the primary's own stream, which also
         carries fsync markers in their place."""
         with scope:
-            async for rec in sub:
-                send.send_nowait(rec)
+            async with sub:         # closing it drops the subscription in the manager
+                async for rec in sub:
+                    try:
+                        send.send_nowait(rec)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return      # demoted meanwhile
 
     def _release_markers(self, p: Primary) -> None:
         for m in p.markers:
