@@ -6,8 +6,11 @@ at-most-once table inside that same transaction (replication/amo.py), and answer
 once its backup has acknowledged the transaction (or the view has no backup). A single
 forwarding task reads the transaction manager's commit stream (`mgr.subscribe()`, commit
 order) and ships batches of commit records (their byte-range after-images) to the
-backup; the backup applies a batch as one local transaction (`mgr.apply`, forced) and
-answers `Ack(lsn)`.
+backup; the backup answers `Ack(lsn)` as soon as it holds a batch and applies batches in
+order in the background, several per local transaction (`mgr.apply`, forced). So an
+acknowledged update is durable on the primary and held by the backup (it survives the
+crash of either); `fsync` additionally sends `Flush` and returns once the backup has
+forced everything it received.
 
 State transfer to a new backup runs inside that same ordered stream: the primary
 computes a plan (every allocated logical block, or only the blocks changed since the

@@ -73,7 +73,7 @@ def register(sub) -> None:
         mp.set_defaults(func=lambda args: (local_func(args) if args.local else cmd_mount(args)))
 
 
-def _logging(dirpath: str | None = None) -> None:
+def _logging() -> None:
     import faulthandler
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     faulthandler.register(signal.SIGUSR1, all_threads=True)    # `kill -USR1 PID`: stacks to the log
@@ -385,12 +385,10 @@ def _print_status(cfg, st: dict) -> None:
         txn = info.get("txn", {})
         arr = info.get("array", {})
         if info["role"] == "primary":
-            lag = info.get("lag_bytes", 0)
             done, total = info.get("sync_progress", [0, 0])
-            rep = f"lag {info['committed_lsn'] - info['acked_lsn']} log bytes"
+            rep = f"lag {info.get('lag_bytes', 0)} log bytes"
             if total and done < total:
                 rep += f", transfer {done}/{total} blocks"
-            del lag
         else:
             done, total = info.get("sync_progress", [0, 0])
             rep = ("in sync" if info.get("backup_synced") else
