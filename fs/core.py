@@ -106,6 +106,9 @@ class FileSystem:
         self.orphan_ino = make_ino(sb.group, ORPHAN_SLOT)
         self._generation = _now() & 0xFFFFFFFF
         self.failsafe: str | None = None
+        # Operations commit lazily (durable at the next fsync, or within the flush-behind
+        # interval of a mount); False makes every operation force the log.
+        self.lazy_commits = True
         # The committed state of recently changed inodes, so that getattr (the most
         # frequent request) needs no transaction. Reading one object's committed value
         # is serializable on its own (it orders the read before any live writer).
@@ -144,6 +147,10 @@ class FileSystem:
                 if req.before_commit is not None:
                     await req.before_commit(txn, result)
                 req.commit = await txn.commit(req.payload(result))
+            elif self.lazy_commits and not readonly:
+                # like a journaling filesystem's write(2): committed (whole or absent
+                # after a crash) but durable only at the next fsync or flush-behind
+                await txn.commit(durable=False)
             return result
 
         try:
@@ -154,9 +161,7 @@ class FileSystem:
             if not isinstance(exc, TxnManagerFailed) and self.mgr.log.failed is None:
                 raise       # e.g. one unreadable block: EIO for this operation only
             # the log cannot be written any more: stop writing (more damage), keep reading
-            if not self.failsafe:
-                self.failsafe = str(exc)
-                log.error("filesystem enters failsafe mode (writes refused, reads served): %s", exc)
+            self._enter_failsafe(exc)
             raise FsError(errno.EIO, f"the log cannot be written: {exc}") from None
         except BaseException:
             if ops:
@@ -597,8 +602,18 @@ class FileSystem:
         return await self._run("write", fn)
 
     async def fsync(self, ino: int | None = None) -> None:
-        """Return when every committed operation so far is on stable storage."""
-        await self.mgr.force()
+        """Return when every committed operation so far is on stable storage. Raises
+        FsError(EIO) (and enters failsafe mode) if the log cannot be written."""
+        try:
+            await self.mgr.force()
+        except (TxnManagerFailed, OSError) as exc:
+            self._enter_failsafe(exc)
+            raise FsError(errno.EIO, f"the log cannot be written: {exc}") from None
+
+    def _enter_failsafe(self, exc: BaseException) -> None:
+        if not self.failsafe:
+            self.failsafe = str(exc)
+            log.error("filesystem enters failsafe mode (writes refused, reads served): %s", exc)
 
     # ---------------------------------------------------------------- directories
     async def readdir(self, ino: int, start: int, limit: int = READDIR_BATCH):

@@ -16,6 +16,10 @@ from replfs.tools.sizes import parse_size
 
 log = logging.getLogger("replfs.mount")
 
+# Seconds within which an operation that returned is on stable storage even without
+# fsync (like ext4's commit interval, which is 5 s).
+FLUSH_BEHIND = 1.0
+
 
 def register(sub) -> None:
     p = sub.add_parser("mkfs", help="make a RAID-5 array and a filesystem on it in DIR")
@@ -167,6 +171,7 @@ async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_on_signal, nursery)
+                    nursery.start_soon(fs.mgr.flush_behind, FLUSH_BEHIND)
                     if ready_fd is not None:
                         os.write(ready_fd, b"ready\n")
                         os.close(ready_fd)

@@ -173,13 +173,20 @@ class Txn:
         self._check_usable()
         await self.mgr._prepare(self, payload)
 
-    async def commit(self, payload: Any = None) -> CommitRecord:
+    async def commit(self, payload: Any = None, *, durable: bool = True) -> CommitRecord:
         """Log COMMIT (with `payload`), force the log, release the locks.
 
         Returns the `CommitRecord`, also published to subscribers in commit order.
-        Once it returns, the transaction survives any crash."""
+        Once it returns, the transaction survives any crash.
+
+        `durable=False` (a lazy commit, as a journaling filesystem's write(2)): the
+        COMMIT is appended but not forced, and the locks are released at once. The
+        transaction is committed for everyone who runs after it, and becomes durable
+        with the next force (any durable commit, `TxnManager.force()`, or
+        `flush_behind`); a crash before then loses it whole, never in part, and never
+        without everything that committed after it (the log is one sequence)."""
         self._check_usable("active", "prepared")
-        return await self.mgr._commit(self, payload)
+        return await self.mgr._commit(self, payload, durable=durable)
 
     async def abort(self) -> None:
         """Undo this transaction's updates (logging CLRs), log ABORT, release the locks.
@@ -215,7 +222,7 @@ class TxnManager:
         self._ckpt_running = False
         self.closed = False
         self._stats = dict(commits=0, aborts=0, retries=0, checkpoints=0, log_full_waits=0,
-                           log_full_aborts=0)
+                           log_full_aborts=0, lazy_commits=0)
         self.recovery: dict[str, Any] = {}
 
     # ---- creation -------------------------------------------------------------------
@@ -537,7 +544,7 @@ class TxnManager:
         txn.state = "prepared"
         crash_point("txn.prepare.durable")
 
-    async def _commit(self, txn: Txn, payload: Any) -> CommitRecord:
+    async def _commit(self, txn: Txn, payload: Any, durable: bool = True) -> CommitRecord:
         prepared = txn.state == "prepared"
         if not (txn.updates or prepared or payload is not None):
             rec = CommitRecord(None, txn.id, (), None)   # read-only: nothing to log
@@ -562,6 +569,12 @@ class TxnManager:
         if self._subscribers:
             self._unpublished.append((end, rec))
         crash_point("txn.commit.appended")
+        if not durable and not prepared:
+            self._stats["lazy_commits"] += 1
+            await self._finish(txn, "committed")
+            if self.log.used > self.checkpoint_at * self.log.usable and not self._ckpt_running:
+                await self.checkpoint()
+            return rec
         try:
             await self.log.force(end)
         except trio.Cancelled:
@@ -672,8 +685,22 @@ class TxnManager:
 
     async def force(self) -> None:
         """Make every record appended so far durable (commits already are when they return;
-        this also covers decisions forgotten and aborts logged since)."""
+        this also covers lazy commits, decisions forgotten and aborts logged since)."""
         await self.log.force()
+        self._publish()
+
+    async def flush_behind(self, interval: float = 1.0) -> None:
+        """Run forever (in the caller's nursery): force the log every `interval` seconds
+        when lazy commits are waiting, so none stays volatile for long."""
+        while True:
+            await trio.sleep(interval)
+            if self.closed:
+                return
+            if self.log.durable_lsn < self.log.end_lsn and self.log.failed is None:
+                try:
+                    await self.force()
+                except TxnManagerFailed:
+                    return
 
     async def checkpoint(self) -> None:
         """Install every dirty page, log CHECKPOINT, and truncate the log.

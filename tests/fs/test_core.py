@@ -381,9 +381,11 @@ async def test_failsafe_when_the_log_cannot_be_written():
     fs = await open_fs(dev)
     f = await fs.create(ROOT, b"kept", 0o644, 0, 0)
     await fs.write(f.ino, 0, b"committed")
+    await fs.fsync()
     dev.broken = True
+    await fs.create(ROOT, b"new", 0o644, 0, 0)     # a lazy commit: the log is not written yet
     with err(errno.EIO):
-        await fs.create(ROOT, b"new", 0o644, 0, 0)
+        await fs.fsync()
     with err(errno.EROFS):
         await fs.write(f.ino, 0, b"more")
     assert fs.failsafe

@@ -43,7 +43,8 @@ def check_after_crash(mnt: Path, journal: Path) -> int:
 @pytest.mark.parametrize("crash", [
     "kill-9",
     "txn.commit.appended:150",
-    "txn.commit.durable:150",
+    "txn.log.written:40",
+    "txn.log.flushed:40",
     "txn.write.logged:700",
     "fs.write.blocks_written:90",
     "fs.rename.inserted:12",

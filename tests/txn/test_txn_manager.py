@@ -432,3 +432,47 @@ async def test_log_failure_refuses_writes_but_serves_reads_and_releases_locks():
     dev.crash()
     mgr = await reopen(dev)
     assert await peek(mgr, 97, 0, 4) in (b"good", b"lost")     # whole either way
+
+
+async def test_lazy_commit_is_visible_at_once_durable_after_force():
+    """commit(durable=False): released and visible at once; lost whole on a crash before
+    the next force; durable after force(); a later durable commit covers earlier lazy ones."""
+    from replfs.raid.blockdev import MemoryDevice
+    from replfs.txn import TxnManager
+
+    dev = MemoryDevice(256)
+    await TxnManager.format(dev, log_start=1, log_blocks=64)
+    mgr = await TxnManager.open(dev, log_start=1, log_blocks=64, cache_blocks=64)
+    t = mgr.begin()
+    await t.lock("a", "X")
+    await t.write(100, 0, b"lazy-1")
+    flushes = dev.flushes
+    await t.commit(durable=False)
+    assert dev.flushes == flushes, "a lazy commit must not flush"
+    t2 = mgr.begin()
+    await t2.lock("a", "X")               # the lock was released at commit
+    assert (await t2.read(100, 0, 6)) == b"lazy-1"
+    await t2.abort()
+    dev.crash()
+    mgr2 = await TxnManager.open(dev, log_start=1, log_blocks=64, cache_blocks=64)
+    t = mgr2.begin()
+    assert (await t.read(100, 0, 6)) == bytes(6), "an unforced lazy commit survived a crash"
+    await t.write(100, 0, b"lazy-2")
+    await t.commit(durable=False)
+    t = mgr2.begin()
+    await t.write(101, 0, b"durable")
+    await t.commit()                      # forces the log: covers the lazy one before it
+    dev.crash()
+    mgr3 = await TxnManager.open(dev, log_start=1, log_blocks=64, cache_blocks=64)
+    t = mgr3.begin()
+    assert (await t.read(100, 0, 6)) == b"lazy-2"
+    assert (await t.read(101, 0, 7)) == b"durable"
+    await t.write(102, 0, b"forced")
+    await t.commit(durable=False)
+    await mgr3.force()
+    dev.crash()
+    mgr4 = await TxnManager.open(dev, log_start=1, log_blocks=64, cache_blocks=64)
+    t = mgr4.begin()
+    assert (await t.read(102, 0, 6)) == b"forced"
+    await t.abort()
+    await mgr4.close()
