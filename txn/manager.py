@@ -728,6 +728,12 @@ class TxnManager:
         await self.device.flush()
         crash_point("txn.checkpoint.flushed")
         active = [[t.id, t.first_lsn] for t in self._active.values() if t.first_lsn is not None]
+        # The new tail is taken *now*, with the record: a transaction live now may abort
+        # while the record is forced, and its CLRs/ABORT (appended after the record, not
+        # forced by its abort) may never reach the disk -- recovery must then still find
+        # its first updates. Whatever finished before this point has its COMMIT, or its
+        # CLRs and ABORT, before the record, made durable by the force below.
+        tail = min([redo_lsn] + [first for _, first in active])
         rec = Checkpoint(redo_lsn, self._next_id, active[:64],
                          [[d.gtid, d.commit, d.participants] for d in self._decisions.values()])
         size = _size(_packed_len([rec.active, rec.decisions]))
@@ -736,8 +742,6 @@ class TxnManager:
         lsn, end = self.log.append(rec)
         await self.log.force(end)
         crash_point("txn.checkpoint.logged")
-        tail = min([redo_lsn] + [t.first_lsn for t in self._active.values()
-                                 if t.first_lsn is not None])
         await self.log.write_header(start_lsn=tail, ckpt_lsn=lsn)
         crash_point("txn.checkpoint.truncated")
         self._stats["checkpoints"] += 1

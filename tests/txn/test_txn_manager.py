@@ -476,3 +476,31 @@ async def test_lazy_commit_is_visible_at_once_durable_after_force():
     assert (await t.read(102, 0, 6)) == b"forced"
     await t.abort()
     await mgr4.close()
+
+
+async def test_checkpoint_keeps_the_log_of_a_txn_aborting_during_it(autojump_clock):
+    # Regression: a transaction that aborts while the CHECKPOINT record is being forced
+    # has CLRs that are not durable yet; truncating past its first update would leave
+    # its early (installed) updates with nobody to undo them after a crash.
+    dev = SlowFlushDevice(256)
+    await TxnManager.format(dev, **LOG)
+    mgr = await TxnManager.open(dev, **LOG)
+    loser = mgr.begin()
+    await loser.write(110, 0, b"early")               # before the checkpoint's redo point
+    await mgr.run(lambda t: t.write(111, 0, b"other"))
+    e0 = mgr.log.end_lsn
+
+    async def abort_while_record_is_forced():
+        while mgr.log.end_lsn == e0:                  # until the CHECKPOINT is appended
+            await trio.sleep(0.001)
+        await trio.sleep(0.001)                       # inside the record's flush
+        await loser.abort()                            # CLR + ABORT: in memory only
+
+    async with trio.open_nursery() as n:
+        n.start_soon(abort_while_record_is_forced)
+        await mgr.checkpoint()
+    assert (await dev.read_block(110))[:5] == b"early"      # installed by the checkpoint
+    dev.crash()                                              # the CLR never got out
+    mgr = await reopen(dev)
+    assert await peek(mgr, 110, 0, 5) == bytes(5)
+    assert await peek(mgr, 111, 0, 5) == b"other"
