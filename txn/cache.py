@@ -66,8 +66,9 @@ class BufferCache:
             # make room *before* loading: nothing may evict the page between here and
             # the caller's use of it.
             if len(self.pages) >= self.capacity:
-                await self._shrink()
-                continue
+                if await self._shrink():
+                    continue
+                # nothing can be installed (the log failed): grow instead of spinning
             ev = self._loading[block] = trio.Event()
             try:
                 data = await self.device.read_block(block)
@@ -86,24 +87,26 @@ class BufferCache:
         page.lsn = max(page.lsn, lsn_end)
         page.version += 1
 
-    async def _shrink(self) -> None:
+    async def _shrink(self) -> bool:
+        """Make room for one page; False if impossible (dirty pages, log failed)."""
         for block, page in self.pages.items():
             if not page.dirty and not page.installing:
                 del self.pages[block]
                 self.evictions += 1
                 await trio.lowlevel.checkpoint()
-                return
+                return True
         victim = next((p for p in self.pages.values() if not p.installing), None)
         if victim is None:   # everything is being installed by others: let them finish
             await trio.sleep(0)
-            return
+            return True
         try:
             await self.install([victim])
         except TxnManagerFailed:
-            return   # nothing can be installed any more: let the cache grow instead
+            return False   # nothing can be installed any more: let the cache grow
         if not victim.dirty and self.pages.get(victim.block) is victim:
             del self.pages[victim.block]
             self.evictions += 1
+        return True
 
     async def install(self, pages: list[Page]) -> None:
         """Write `pages` in place (WAL first); mark clean those not changed meanwhile.
