@@ -50,6 +50,43 @@ class ByteMap:
         await txn.write(blk, off, USED)
         return n
 
+    async def allocate_run(self, txn, count: int, near: int | None = None) -> list[int]:
+        """`count` objects, as few contiguous runs as the free space allows (one map
+        write per run). Raises ENOSPC, allocating nothing, if there are not enough."""
+        if count > self.nfree:
+            raise FsError(errno.ENOSPC, f"no free {self.name}")
+        out: list[int] = []
+        start = self.hint if near is None else max(self.first, min(near, self.count - 1))
+        wrapped = False
+        try:
+            while len(out) < count:
+                n = self.mem.find(FREE, start)
+                if n < 0:
+                    if wrapped:
+                        raise FsError(errno.ENOSPC, f"no free {self.name}")
+                    wrapped, start = True, self.first
+                    continue
+                want = count - len(out)
+                end = self.mem.find(USED, n, n + want)
+                end = n + want if end < 0 else end
+                end = min(end, self.count)
+                self.mem[n:end] = USED * (end - n)
+                self.nfree -= end - n
+                out.extend(range(n, end))
+                # one map write per run (it may span two map blocks)
+                pos = n
+                while pos < end:
+                    blk, off = self._locate(pos)
+                    stop = min(end, pos + BLOCK_SIZE - off)
+                    await txn.write(blk, off, USED * (stop - pos))
+                    pos = stop
+                start = end
+        except BaseException:
+            self.rollback_allocated(out)
+            raise
+        self.hint = out[-1] + 1 if out[-1] + 1 < self.count else self.first
+        return out
+
     async def free(self, txn, n: int) -> None:
         if not self.first <= n < self.count:
             raise FsError(errno.EIO, f"freeing {self.name} {n} out of range")

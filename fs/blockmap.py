@@ -75,14 +75,7 @@ async def ensure(op: Op, ino: int, node: Inode, idx: int, near: int | None = Non
     writes all of it. The caller holds X on the inode and writes it back afterwards."""
     if idx >= capacity(MAX_DEPTH):
         raise FsError(errno.EFBIG, "file too large")
-    # grow the tree until it covers idx
-    while idx >= capacity(node.depth):
-        if node.root:
-            new = await op.new_block(near=node.root)
-            node.blocks += 1
-            await op.write_block(new, 0, struct.pack("<I", node.root), undo=False)
-            node.root = new
-        node.depth += 1
+    await _grow(op, node, idx)
     if node.depth == 0:
         if node.root == 0:
             node.root = await op.new_block(near=near, zero=False)
@@ -168,3 +161,80 @@ async def all_blocks(op: Op, node: Inode) -> list[int]:
     if node.root:
         await walk(node.root, node.depth)
     return out
+
+
+async def ensure_range(op: Op, ino: int, node: Inode, first: int, count: int,
+                       near: int | None = None) -> list[tuple[int, bool]]:
+    """(block, newly_allocated) for file blocks first..first+count-1, allocating holes
+    as contiguous runs with one pointer write per run and leaf (the bulk-write path of
+    `ensure`). New data blocks are NOT zeroed."""
+    end = first + count
+    if end > capacity(MAX_DEPTH):
+        raise FsError(errno.EFBIG, "file too large")
+    if end <= 1:
+        return [await ensure(op, ino, node, first, near)]
+    await _grow(op, node, end - 1)
+    out: list[tuple[int, bool]] = []
+    i = first
+    while i < end:
+        leaf_end = min(end, (i // PTRS_PER_BLOCK + 1) * PTRS_PER_BLOCK)
+        leaf = await _leaf(op, node, i)
+        ptrs = memoryview(await op.read_block(leaf)).cast("I")
+        cur = [ptrs[j % PTRS_PER_BLOCK] for j in range(i, leaf_end)]
+        holes = [k for k, b in enumerate(cur) if b == 0]
+        if holes:
+            if near is None:
+                prev = next((b for b in reversed(cur[:holes[0]]) if b), 0)
+                near = prev + 1 if prev else None
+            fresh = await op.new_blocks(len(holes), near)
+            node.blocks += len(fresh)
+            for k, b in zip(holes, fresh):
+                cur[k] = b
+            # write the new pointers, one write per run of consecutive holes
+            r = 0
+            while r < len(holes):
+                q = r
+                while q + 1 < len(holes) and holes[q + 1] == holes[q] + 1:
+                    q += 1
+                slot = (i + holes[r]) % PTRS_PER_BLOCK
+                vals = struct.pack(f"<{q - r + 1}I", *(cur[k] for k in holes[r:q + 1]))
+                await op.write_block(leaf, 4 * slot, vals)
+                r = q + 1
+            hole_set = set(holes)
+            out.extend((b, k in hole_set) for k, b in enumerate(cur))
+            near = fresh[-1] + 1
+        else:
+            out.extend((b, False) for b in cur)
+            near = cur[-1] + 1
+        i = leaf_end
+    return out
+
+
+async def _leaf(op: Op, node: Inode, idx: int) -> int:
+    """The level-0 indirect block covering file block idx (depth >= 1), creating the
+    path to it."""
+    if node.root == 0:
+        node.root = await op.new_block()
+        node.blocks += 1
+    blk = node.root
+    for level in range(node.depth - 1, 0, -1):
+        slot = (idx // PTRS_PER_BLOCK ** level) % PTRS_PER_BLOCK
+        child = _ptr(await op.read_block(blk), slot)
+        if child == 0:
+            child = await op.new_block(near=blk)
+            node.blocks += 1
+            await op.write_block(blk, 4 * slot, struct.pack("<I", child))
+        blk = child
+    return blk
+
+
+async def _grow(op: Op, node: Inode, idx: int) -> None:
+    """Deepen the tree until it covers file block idx (the old tree becomes the first
+    subtree of a new root)."""
+    while idx >= capacity(node.depth):
+        if node.root:
+            new = await op.new_block(near=node.root)
+            node.blocks += 1
+            await op.write_block(new, 0, struct.pack("<I", node.root), undo=False)
+            node.root = new
+        node.depth += 1

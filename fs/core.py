@@ -158,7 +158,7 @@ class FileSystem:
         except (TxnManagerFailed, TxnAborted, OSError) as exc:
             if ops:
                 ops[-1].aborted()
-            if not isinstance(exc, TxnManagerFailed) and self.mgr.log.failed is None:
+            if not isinstance(exc, TxnManagerFailed) and self.mgr.failed is None:
                 raise       # e.g. one unreadable block: EIO for this operation only
             # the log cannot be written any more: stop writing (more damage), keep reading
             self._enter_failsafe(exc)
@@ -550,11 +550,10 @@ class FileSystem:
             first = offset // BLOCK_SIZE
             last = (end - 1) // BLOCK_SIZE
             blks = await blockmap.lookup_range(op, node, first, last - first + 1)
-            parts = []
             zero = bytes(BLOCK_SIZE)
-            for blk in blks:
-                parts.append(await op.read_block(blk) if blk else zero)
-            buf = b"".join(parts)
+            present = [b for b in blks if b]
+            got = iter(await op.txn.read_blocks(present)) if present else iter(())
+            buf = b"".join(next(got) if b else zero for b in blks)
             start = offset - first * BLOCK_SIZE
             return buf[start:start + end - offset]
         return await self._run("read", fn, readonly=True)
@@ -574,15 +573,13 @@ class FileSystem:
             end = offset + len(data)
             first = offset // BLOCK_SIZE
             last = (end - 1) // BLOCK_SIZE
-            near = None
             mv = memoryview(data)
-            for idx in range(first, last + 1):
+            mapped = await blockmap.ensure_range(op, ino, node, first, last - first + 1)
+            for idx, (blk, fresh) in zip(range(first, last + 1), mapped):
                 bstart = idx * BLOCK_SIZE
                 lo = max(offset, bstart)
                 hi = min(end, bstart + BLOCK_SIZE)
                 seg = mv[lo - offset:hi - offset]
-                blk, fresh = await blockmap.ensure(op, ino, node, idx, near=near)
-                near = blk + 1
                 if fresh:
                     inoff = lo - bstart
                     full = bytes(inoff) + bytes(seg) + bytes(BLOCK_SIZE - inoff - len(seg))

@@ -92,6 +92,13 @@ class Op:
             await self.txn.write(n, 0, bytes(BLOCK_SIZE), undo=False)
         return n
 
+    async def new_blocks(self, count: int, near: int | None = None) -> list[int]:
+        """`count` data blocks, contiguous where possible, NOT zeroed (the caller writes
+        them whole)."""
+        blocks = await self.fs.bmap.allocate_run(self.txn, count, near)
+        self.alloc_blocks.extend(blocks)
+        return blocks
+
     async def free_block(self, n: int) -> None:
         await self.fs.bmap.free(self.txn, n)
         self.freed_blocks.append(n)

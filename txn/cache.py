@@ -52,7 +52,9 @@ class BufferCache:
     def dirty_count(self) -> int:
         return sum(1 for p in self.pages.values() if p.dirty)
 
-    async def get(self, block: int) -> Page:
+    async def get(self, block: int, overwrite: bool = False) -> Page:
+        """The page of `block`. `overwrite=True`: the caller replaces all of it before
+        its next await, so a page not cached is made without reading the device."""
         while True:
             page = self.pages.get(block)
             if page is not None:
@@ -69,6 +71,10 @@ class BufferCache:
                 if await self._shrink():
                     continue
                 # nothing can be installed (the log failed): grow instead of spinning
+            if overwrite:
+                self.misses += 1
+                page = self.pages[block] = Page(block, bytes(self.device.block_size))
+                return page
             ev = self._loading[block] = trio.Event()
             try:
                 data = await self.device.read_block(block)

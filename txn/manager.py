@@ -146,6 +146,14 @@ class Txn:
         self._check_usable("active", "prepared")
         return await self.mgr._read(self, block, offset, size)
 
+    async def read_blocks(self, blocks: list[int]) -> list[bytes]:
+        """Whole blocks, in the order asked: cached pages as they are (this
+        transaction's and other committed writes included), the others read from the
+        device in contiguous runs without entering the cache (a bulk read does not
+        push out the working set)."""
+        self._check_usable()
+        return await self.mgr._read_many(self, blocks)
+
     async def write(self, block: int, offset: int, data: bytes, undo: bool = True) -> None:
         """Replace bytes ``[offset, offset+len(data))`` of `block`; logs UPDATE first.
 
@@ -473,6 +481,37 @@ class TxnManager:
             self.history.read(txn.id, BlockRange(block, offset, offset + size))
         return data
 
+    async def _read_many(self, txn: Txn, blocks: list[int]) -> list[bytes]:
+        bs = self.device.block_size
+        out: list[bytes | None] = [None] * len(blocks)
+        misses: list[int] = []
+        pages = self.cache.pages
+        for i, b in enumerate(blocks):
+            self._check_block(b)
+            page = pages.get(b)
+            if page is not None:
+                out[i] = bytes(page.data)
+            else:
+                misses.append(i)
+        j = 0
+        while j < len(misses):
+            k = j
+            while k + 1 < len(misses) and blocks[misses[k + 1]] == blocks[misses[k]] + 1:
+                k += 1
+            start, count = blocks[misses[j]], k - j + 1
+            data = await self.device.read_blocks(start, count)
+            for m in range(count):
+                i = misses[j + m]
+                # a miss means the device holds the latest bytes (pages leave the cache
+                # only once installed); re-check in case someone loaded it meanwhile
+                page = pages.get(start + m)
+                out[i] = bytes(page.data) if page is not None else data[m * bs:(m + 1) * bs]
+            j = k + 1
+        if self.history is not None:
+            for b in blocks:
+                self.history.read(txn.id, BlockRange(b, 0, bs))
+        return out  # type: ignore[return-value]
+
     async def _write(self, txn: Txn, block: int, offset: int, data: bytes, undo: bool) -> None:
         self._check_block(block)
         n = len(data)
@@ -490,7 +529,7 @@ class TxnManager:
         txn.log_bytes += need + keep
         txn.reserved += keep
         try:
-            page = await self.cache.get(block)
+            page = await self.cache.get(block, overwrite=not undo and offset == 0 and n == bs)
             txn._check_usable()
         except BaseException:
             self.log.reserved -= need
