@@ -62,16 +62,6 @@ def register(sub) -> None:
     p.add_argument("dir")
     p.set_defaults(func=cmd_proxy)
 
-    # `replfs mount DIR MNT` (replicated) shares the `mount` parser of mount_cmd.py, whose
-    # --local is then optional: without it, the mount is a client of the cluster in DIR.
-    mp = sub.choices.get("mount")
-    if mp is not None:
-        for action in mp._actions:
-            if "--local" in action.option_strings:
-                action.required = False
-        local_func = mp.get_default("func")
-        mp.set_defaults(func=lambda args: (local_func(args) if args.local else cmd_mount(args)))
-
 
 def _logging() -> None:
     import faulthandler

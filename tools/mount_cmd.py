@@ -30,9 +30,10 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing filesystem")
     p.set_defaults(func=cmd_mkfs)
 
-    p = sub.add_parser("mount", help="mount a filesystem")
-    p.add_argument("--local", action="store_true", required=True,
-                   help="serve the filesystem in this process from the array in DIR")
+    p = sub.add_parser("mount", help="mount a cluster's filesystem (or, --local, one array's)")
+    p.add_argument("--local", action="store_true",
+                   help="serve the filesystem in this process from the array in DIR "
+                        "(without it, DIR is a cluster and this is its replicated client)")
     p.add_argument("dir")
     p.add_argument("mountpoint")
     p.add_argument("--daemon", action="store_true", help="return once mounted")
@@ -93,6 +94,9 @@ def _check_mountpoint(mnt: str) -> None:
 
 
 def cmd_mount(args) -> int:
+    if not args.local:
+        from replfs.tools.cluster_cmd import cmd_mount as cmd_mount_cluster
+        return cmd_mount_cluster(args)
     _check_mountpoint(args.mountpoint)
     if not os.path.exists(os.path.join(args.dir, "array.json")):
         raise ReplfsError(f"{args.dir} holds no replfs array; make one with `replfs mkfs {args.dir}`")
