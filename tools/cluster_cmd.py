@@ -165,11 +165,9 @@ async def serve_remote(dirpath: str, mnt: str, allow_other: bool = False,
                        ready_fd: int | None = None) -> None:
     """Mount the cluster in `dirpath` on `mnt` (a RemoteFS behind the FUSE adapter) and
     serve until unmounted or signalled."""
-    import pyfuse3
-
     from replfs.fs.fuse_ops import Operations
     from replfs.replication.client import RemoteFS
-    from replfs.tools.mount_cmd import _on_signal
+    from replfs.tools.mount_cmd import serve_fuse
 
     def fail(msg):
         if ready_fd is not None:
@@ -186,24 +184,10 @@ async def serve_remote(dirpath: str, mnt: str, allow_other: bool = False,
         except (trio.TooSlowError, OSError) as exc:
             fail(f"no primary of the cluster in {dirpath} answered ({exc}); is it up? "
                  f"(`replfs status {dirpath}`)")
-        options = set(pyfuse3.default_options) | {"fsname=replfs", "subtype=replfs"}
-        if allow_other:
-            options.add("allow_other")
         try:
-            pyfuse3.init(Operations(rfs), mnt, options)
-        except RuntimeError as exc:
-            fail(f"cannot mount on {mnt}: {exc}")
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_on_signal, nursery)
-                if ready_fd is not None:
-                    os.write(ready_fd, b"ready\n")
-                    os.close(ready_fd)
-                log.info("mounted cluster %s on %s", dirpath, mnt)
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
+            await serve_fuse(Operations(rfs), mnt, allow_other=allow_other, ready_fd=ready_fd,
+                             fail=fail)
         finally:
-            pyfuse3.close(unmount=True)
             await rfs.aclose()
             log.info("unmounted %s (client stats %s)", mnt, rfs.stats)
             outer.cancel_scope.cancel()

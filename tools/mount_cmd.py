@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 
 import trio
 
@@ -132,8 +133,6 @@ async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
                       ready_fd: int | None = None) -> None:
     """Open the array in `dirpath`, mount its filesystem on `mnt`, serve until
     unmounted or signalled; always closes the filesystem and the array."""
-    import pyfuse3
-
     from replfs.fs.fuse_ops import Operations
     from replfs.fs.mkfs import open_fs
     from replfs.raid import open_array
@@ -162,30 +161,8 @@ async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
                  f"this; see `replfs raid status {dirpath}`, then `replfs raid scrub` or "
                  f"`replfs fsck --repair`")
         try:
-            ops = Operations(fs)
-            options = set(pyfuse3.default_options)
-            options |= {"fsname=replfs", "subtype=replfs"}
-            if allow_other:
-                options.add("allow_other")
-            try:
-                pyfuse3.init(ops, mnt, options)
-            except RuntimeError as exc:
-                fail(f"cannot mount on {mnt}: {exc}")
-            mounted = True
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_on_signal, nursery)
-                    nursery.start_soon(fs.mgr.flush_behind, FLUSH_BEHIND)
-                    if ready_fd is not None:
-                        os.write(ready_fd, b"ready\n")
-                        os.close(ready_fd)
-                        ready_fd = None
-                    log.info("mounted %s on %s", dirpath, mnt)
-                    await pyfuse3.main()
-                    nursery.cancel_scope.cancel()
-            finally:
-                if mounted:
-                    pyfuse3.close(unmount=True)
+            await serve_fuse(Operations(fs), mnt, allow_other=allow_other, ready_fd=ready_fd,
+                             fail=fail, background=[partial(fs.mgr.flush_behind, FLUSH_BEHIND)])
         finally:
             await fs.close()
             if history is not None:
@@ -222,6 +199,36 @@ def load_history(path: str):
     for t in d["aborted"]:
         h.abort(t)
     return h
+
+
+async def serve_fuse(ops, mnt: str, *, allow_other: bool, ready_fd: int | None, fail,
+                     background=()) -> None:
+    """Mount `ops` (a pyfuse3 Operations) on `mnt` with the replfs options, write "ready"
+    to `ready_fd`, and serve until unmounted or signalled (SIGINT, SIGTERM, SIGHUP),
+    running each of `background` beside it; always unmounts. `fail(msg)` reports a mount
+    that cannot be made (it raises)."""
+    import pyfuse3
+
+    options = set(pyfuse3.default_options) | {"fsname=replfs", "subtype=replfs"}
+    if allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, mnt, options)
+    except RuntimeError as exc:
+        fail(f"cannot mount on {mnt}: {exc}")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_on_signal, nursery)
+            for fn in background:
+                nursery.start_soon(fn)
+            if ready_fd is not None:
+                os.write(ready_fd, b"ready\n")
+                os.close(ready_fd)
+            log.info("mounted on %s", mnt)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
 
 
 async def _on_signal(nursery) -> None:
