@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from replfs.tools.mountpoints import is_mounted
+
 REPO = Path(__file__).resolve().parent.parent
 REPLFS = [sys.executable, "-m", "replfs.tools.cli"]
 
@@ -20,12 +22,6 @@ def replfs(*args, check=True, **kw) -> subprocess.CompletedProcess:
         raise AssertionError(f"replfs {' '.join(map(str, args))} failed ({r.returncode}):\n"
                              f"{r.stdout}\n{r.stderr}")
     return r
-
-
-def is_mounted(mnt) -> bool:
-    mnt = os.path.realpath(mnt)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == mnt for line in f)
 
 
 def wait_for_mount(proc: subprocess.Popen, mnt, timeout: float = 30.0) -> None:

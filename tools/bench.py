@@ -4,20 +4,13 @@ the same run, since the machines are shared and noisy."""
 
 from __future__ import annotations
 
-import importlib
-
 BENCH_MODULES = ["bench_raid", "bench_txn", "bench_fs", "bench_failover"]
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark (raid, txn, fs)")
+    from replfs.tools.cli import register_modules
+
+    p = sub.add_parser("bench", help="run a benchmark (raid, txn, fs, failover)")
     bsub = p.add_subparsers(dest="bench", metavar="WHAT")
     bsub.required = True
-    for name in BENCH_MODULES:
-        try:
-            mod = importlib.import_module(f"replfs.tools.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"replfs.tools.{name}":
-                continue
-            raise
-        mod.register(bsub)
+    register_modules(bsub, BENCH_MODULES)

@@ -15,7 +15,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from replfs.tools.sizes import parse_size
+from replfs.raid import parse_size
+from replfs.tools.mountpoints import unmount, wait_mounted
 
 MiB = 1 << 20
 
@@ -29,28 +30,14 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_bench_fs)
 
 
-def _is_mounted(mnt: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(mnt) for line in f)
-
-
-def _wait_mounted(proc, mnt: Path, what: str) -> None:
-    deadline = time.monotonic() + 60
-    while not _is_mounted(mnt):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not mount on {mnt}")
-        time.sleep(0.05)
-
-
-def _unmount(proc, mnt: Path) -> None:
-    if _is_mounted(mnt):
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+def _stop(proc, mnt: Path) -> None:
+    unmount(mnt)
     try:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
-    if _is_mounted(mnt):
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        proc.wait(10)
+    unmount(mnt)
 
 
 @contextmanager
@@ -63,10 +50,10 @@ def replfs_local(base: Path, disk_size: int):
     proc = subprocess.Popen([sys.executable, "-m", "replfs.tools.cli", "mount", "--local",
                              str(data), str(mnt)], stdout=log, stderr=log)
     try:
-        _wait_mounted(proc, mnt, "replfs")
+        wait_mounted(mnt, lambda: proc.poll() is None, "the replfs mount")
         yield mnt
     finally:
-        _unmount(proc, mnt)
+        _stop(proc, mnt)
         log.close()
 
 
@@ -77,10 +64,10 @@ def passthrough(base: Path):
     mnt.mkdir(parents=True)
     proc = subprocess.Popen([sys.executable, "-m", "replfs.tools.passthrough", str(src), str(mnt)])
     try:
-        _wait_mounted(proc, mnt, "passthrough")
+        wait_mounted(mnt, lambda: proc.poll() is None, "the passthrough mount")
         yield mnt
     finally:
-        _unmount(proc, mnt)
+        _stop(proc, mnt)
 
 
 def _drop_caches() -> None:

@@ -13,16 +13,14 @@ import sys
 
 from replfs.errors import ReplfsError
 
-# Subcommand modules under replfs.tools; each is imported only if present so that the
-# command grows one module at a time.
-COMMAND_MODULES = [
-    "raid_cmd",
-    "mount_cmd",
-    "fsck_cmd",
-    "fault",
-    "bench",
-    "cluster_cmd",      # after mount_cmd: it extends the `mount` parser
-]
+# One module per subcommand (or group of subcommands), each with `register(subparsers)`.
+COMMAND_MODULES = ["raid_cmd", "mount_cmd", "fsck_cmd", "fault", "bench", "cluster_cmd"]
+
+
+def register_modules(sub, names: list[str]) -> None:
+    """Let each module replfs.tools.NAME add its parsers to `sub`."""
+    for name in names:
+        importlib.import_module(f"replfs.tools.{name}").register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,14 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"replfs.tools.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"replfs.tools.{name}":
-                continue
-            raise
-        mod.register(sub)
+    register_modules(sub, COMMAND_MODULES)
     return parser
 
 

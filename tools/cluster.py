@@ -255,7 +255,7 @@ def start_mounted_cluster(base: str, *, disk_size: int = 64 * 2**20, proxy: bool
     """Init and start a two-replica cluster in `base`/cluster and mount it on `base`/mnt
     (for benchmarks: `replfs bench fs` compares it with the local mount). Returns
     (mountpoint, cluster, stop); `stop()` unmounts and stops every process (idempotent)."""
-    from replfs.tools.mount_cmd import _is_mounted
+    from replfs.tools.mountpoints import unmount, wait_mounted
 
     cdir, mnt = os.path.join(base, "cluster"), os.path.join(base, "mnt")
     os.makedirs(mnt, exist_ok=True)
@@ -265,21 +265,15 @@ def start_mounted_cluster(base: str, *, disk_size: int = 64 * 2**20, proxy: bool
 
     def stop():
         try:
-            if _is_mounted(mnt):
-                subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
-                if _is_mounted(mnt):
-                    subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+            unmount(mnt)
         finally:
             cluster.stop_all()
     try:
         cluster.start_all()
         cluster.wait_protected(timeout=60)
         proc = cluster.start("mount", ["mount", cdir, mnt])
-        deadline = time.monotonic() + 30
-        while not _is_mounted(mnt):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise ReplfsError(f"the replicated mount did not come up; see {cdir}/logs/mount.log")
-            time.sleep(0.05)
+        wait_mounted(mnt, lambda: proc.poll() is None,
+                     f"the replicated mount (log {cdir}/logs/mount.log)")
     except BaseException:
         stop()
         raise

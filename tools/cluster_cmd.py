@@ -8,15 +8,14 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import trio
 
 from replfs.errors import ReplfsError
 from replfs.replication.config import CONFIG, VIEWSERVER, ClusterConfig
-from replfs.tools.sizes import parse_size
+from replfs.raid import parse_size
+from replfs.tools.mountpoints import ready_failer, spawn_ready, unmount, wait_mounted
 
 log = logging.getLogger("replfs.cluster")
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -143,22 +142,10 @@ def cmd_mount(args) -> int:
 
 
 def _spawn_and_wait(argv: list[str], cfg: ClusterConfig, name: str, what: str) -> int:
-    """Start `replfs ARGV --ready-fd W` detached; return once it writes "ready"."""
-    r, w = os.pipe()
-    logpath = os.path.join(cfg.log_dir(), f"{name}.log")
-    with open(logpath, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "replfs.tools.cli", *argv,
-                                 "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=logf, start_new_session=True)
-    os.close(w)
-    with os.fdopen(r, "rb") as rf:
-        msg = rf.read()
-    if msg.startswith(b"ready"):
-        print(f"replfs: {what} (pid {proc.pid}, log {logpath})")
-        return 0
-    rc = proc.wait()
-    raise ReplfsError(f"{name} exited (code {rc}) before it was ready; see {logpath}"
-                      + (f": {msg.decode(errors='replace').strip()}" if msg else ""))
+    """Start `replfs ARGV` detached; return once it is serving."""
+    pid = spawn_ready(argv, os.path.join(cfg.log_dir(), f"{name}.log"))
+    print(f"replfs: {what} (pid {pid}, log {cfg.log_dir()}/{name}.log)")
+    return 0
 
 
 async def serve_remote(dirpath: str, mnt: str, allow_other: bool = False,
@@ -169,11 +156,7 @@ async def serve_remote(dirpath: str, mnt: str, allow_other: bool = False,
     from replfs.replication.client import RemoteFS
     from replfs.tools.mount_cmd import serve_fuse
 
-    def fail(msg):
-        if ready_fd is not None:
-            os.write(ready_fd, b"error: " + msg.encode())
-        raise ReplfsError(msg)
-
+    fail = ready_failer(ready_fd)
     cfg = ClusterConfig.load(dirpath)
     rfs = RemoteFS(cfg)
     async with trio.open_nursery() as outer:
@@ -257,7 +240,7 @@ def cmd_up(args) -> int:
             os.write(args.ready_fd, b"error: " + str(exc).encode())
         raise
     finally:
-        _unmount(args.mountpoint)
+        unmount(args.mountpoint)
         cluster.stop_all()
         try:
             os.unlink(cfg.pid_path("up"))
@@ -268,22 +251,8 @@ def cmd_up(args) -> int:
 
 
 def _wait_mounted(cluster, mnt: str, timeout: float = 30.0) -> None:
-    from replfs.tools.mount_cmd import _is_mounted
-    deadline = time.monotonic() + timeout
-    while not _is_mounted(mnt):
-        if not cluster.alive("mount"):
-            raise ReplfsError(f"the mount process exited; see {cluster.cfg.log_dir()}/mount.log")
-        if time.monotonic() > deadline:
-            raise ReplfsError(f"{mnt} not mounted after {timeout:.0f} s")
-        time.sleep(0.05)
-
-
-def _unmount(mnt: str) -> None:
-    from replfs.tools.mount_cmd import _is_mounted
-    if _is_mounted(mnt):
-        r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
-        if r.returncode != 0:
-            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+    wait_mounted(mnt, lambda: cluster.alive("mount"),
+                 f"the mount process (log {cluster.cfg.log_dir()}/mount.log)", timeout)
 
 
 def cmd_down(args) -> int:

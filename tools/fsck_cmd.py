@@ -7,7 +7,6 @@ import json
 
 import trio
 
-from replfs.errors import ReplfsError
 
 
 def register(sub) -> None:

@@ -3,17 +3,18 @@ filesystem on one RAID-5 array, mounted with pyfuse3."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import subprocess
-import sys
 from functools import partial
 
 import trio
 
 from replfs.errors import ReplfsError
-from replfs.tools.sizes import parse_size
+from replfs.raid import parse_size
+from replfs.tools.mountpoints import is_mounted, ready_failer, spawn_ready
 
 log = logging.getLogger("replfs.mount")
 
@@ -39,18 +40,12 @@ def register(sub) -> None:
     p.add_argument("mountpoint")
     p.add_argument("--daemon", action="store_true", help="return once mounted")
     p.add_argument("--allow-other", action="store_true", help="let other users in (FUSE allow_other)")
-    p.add_argument("--debug-log", action="store_true", help="log every error at debug level")
-    p.add_argument("--ready-fd", type=int, default=None, help=argparse_suppress())
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount a replfs mount")
     p.add_argument("mountpoint")
     p.set_defaults(func=cmd_umount)
-
-
-def argparse_suppress():
-    import argparse
-    return argparse.SUPPRESS
 
 
 def cmd_mkfs(args) -> int:
@@ -77,20 +72,10 @@ def cmd_mkfs(args) -> int:
     return 0
 
 
-def _is_mounted(mnt: str) -> bool:
-    mnt = os.path.realpath(mnt)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 1 and parts[1].encode().decode("unicode_escape") == mnt:
-                return True
-    return False
-
-
 def _check_mountpoint(mnt: str) -> None:
     if not os.path.isdir(mnt):
         raise ReplfsError(f"mount point {mnt} is not a directory; create it with mkdir")
-    if _is_mounted(mnt):
+    if is_mounted(mnt):
         raise ReplfsError(f"{mnt} is already mounted; unmount it first (replfs umount {mnt})")
 
 
@@ -109,24 +94,13 @@ def cmd_mount(args) -> int:
 
 
 def _daemonize(args) -> int:
-    r, w = os.pipe()
-    cmd = [sys.executable, "-m", "replfs.tools.cli", "mount", "--local", args.dir,
-           args.mountpoint, "--ready-fd", str(w)]
+    argv = ["mount", "--local", args.dir, args.mountpoint]
     if args.allow_other:
-        cmd.append("--allow-other")
+        argv.append("--allow-other")
     logpath = os.path.join(args.dir, "mount.log")
-    with open(logpath, "ab") as logf:
-        proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=logf, start_new_session=True)
-    os.close(w)
-    with os.fdopen(r, "rb") as rf:
-        msg = rf.read()
-    if msg.startswith(b"ready"):
-        print(f"replfs: mounted {args.dir} on {args.mountpoint} (pid {proc.pid}, log {logpath})")
-        return 0
-    rc = proc.wait()
-    raise ReplfsError(f"the mount process exited (code {rc}) before mounting; see {logpath}"
-                      + (f": {msg.decode(errors='replace').strip()}" if msg else ""))
+    pid = spawn_ready(argv, logpath)
+    print(f"replfs: mounted {args.dir} on {args.mountpoint} (pid {pid}, log {logpath})")
+    return 0
 
 
 async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
@@ -137,11 +111,7 @@ async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
     from replfs.fs.mkfs import open_fs
     from replfs.raid import open_array
 
-    def fail(msg):
-        if ready_fd is not None:
-            os.write(ready_fd, b"error: " + msg.encode())
-        raise ReplfsError(msg)
-
+    fail = ready_failer(ready_fd)
     try:
         array = open_array(dirpath)
     except ReplfsError as exc:
@@ -241,9 +211,9 @@ async def _on_signal(nursery) -> None:
 
 def cmd_umount(args) -> int:
     mnt = args.mountpoint
-    if not os.path.isdir(mnt) and not _is_mounted(mnt):
+    if not os.path.isdir(mnt) and not is_mounted(mnt):
         raise ReplfsError(f"{mnt} is not a directory")
-    if not _is_mounted(mnt):
+    if not is_mounted(mnt):
         raise ReplfsError(f"{mnt} is not mounted")
     r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
     if r.returncode != 0:
