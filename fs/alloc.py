@@ -93,6 +93,17 @@ class ByteMap:
         blk, off = self._locate(n)
         await txn.write(blk, off, FREE)
 
+    async def repair(self, txn, n: int, used: bool) -> bool:
+        """fsck: set object `n`'s map byte (on disk, in `txn`, and in memory) to what
+        was found; True if it changed. Not for normal allocation (see the class doc)."""
+        if bool(self.mem[n]) == used:
+            return False
+        blk, off = self._locate(n)
+        await txn.write(blk, off, USED if used else FREE)
+        self.mem[n] = int(used)
+        self.nfree += -1 if used else 1
+        return True
+
     def rollback_allocated(self, ns) -> None:
         for n in ns:
             self.mem[n] = 0

@@ -196,6 +196,15 @@ class FileSystem:
         pnode.mtime_ns = pnode.ctime_ns = now
         return ino, node
 
+    async def _named_child(self, op: Op, parent: int, name: bytes) -> tuple[Inode, int, Inode]:
+        """X-lock directory `parent` and the inode that `name` names in it; ENOENT if
+        there is none. Returns (parent inode, child ino, child inode)."""
+        pnode = await self._dir(op, parent, "X")
+        ent = await directory.lookup(op, pnode, name)
+        if ent is None:
+            raise FsError(errno.ENOENT, name.decode(errors="replace"))
+        return pnode, ent[0], await op.inode(ent[0], "X")
+
     async def _drop_link(self, op: Op, ino: int, node: Inode) -> None:
         """One name of `ino` is gone: at zero links it becomes an orphan, freed when the
         last reference is forgotten (or at the next mount)."""
@@ -244,8 +253,7 @@ class FileSystem:
 
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None,
-                      atime_ns: int | None = None, mtime_ns: int | None = None,
-                      atime_now: bool = False, mtime_now: bool = False) -> Attr:
+                      atime_ns: int | None = None, mtime_ns: int | None = None) -> Attr:
         async def fn(op):
             node = await op.inode(ino, "X")
             now = _now()
@@ -262,13 +270,9 @@ class FileSystem:
                     raise FsError(errno.EINVAL, "can only truncate regular files")
                 await self._truncate(op, ino, node, size)
                 node.mtime_ns = now
-            if atime_now:
-                node.atime_ns = now
-            elif atime_ns is not None:
+            if atime_ns is not None:
                 node.atime_ns = atime_ns
-            if mtime_now:
-                node.mtime_ns = now
-            elif mtime_ns is not None:
+            if mtime_ns is not None:
                 node.mtime_ns = mtime_ns
             node.ctime_ns = now
             await op.put(ino, node)
@@ -380,18 +384,14 @@ class FileSystem:
     # ---------------------------------------------------------------- removal
     async def unlink(self, parent: int, name: bytes) -> None:
         async def fn(op):
-            pnode = await self._dir(op, parent, "X")
-            ent = await directory.lookup(op, pnode, name)
-            if ent is None:
-                raise FsError(errno.ENOENT, name.decode(errors="replace"))
-            node = await op.inode(ent[0], "X")
+            pnode, ino, node = await self._named_child(op, parent, name)
             if node.is_dir:
                 raise FsError(errno.EISDIR, "use rmdir for directories")
             await directory.remove(op, pnode, name)
             crash_point("fs.unlink.removed")
             pnode.mtime_ns = pnode.ctime_ns = _now()
             await op.put(parent, pnode)
-            await self._drop_link(op, ent[0], node)
+            await self._drop_link(op, ino, node)
         await self._run("unlink", fn)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
@@ -401,11 +401,7 @@ class FileSystem:
             raise FsError(errno.ENOTEMPTY, "cannot remove '..'")
 
         async def fn(op):
-            pnode = await self._dir(op, parent, "X")
-            ent = await directory.lookup(op, pnode, name)
-            if ent is None:
-                raise FsError(errno.ENOENT, name.decode(errors="replace"))
-            node = await op.inode(ent[0], "X")
+            pnode, ino, node = await self._named_child(op, parent, name)
             if not node.is_dir:
                 raise FsError(errno.ENOTDIR, name.decode(errors="replace"))
             if node.dir_entries:
@@ -414,7 +410,7 @@ class FileSystem:
             pnode.nlink -= 1
             pnode.mtime_ns = pnode.ctime_ns = _now()
             await op.put(parent, pnode)
-            await self._drop_link(op, ent[0], node)
+            await self._drop_link(op, ino, node)
         await self._run("rmdir", fn)
 
     async def forget(self, ino: int) -> None:

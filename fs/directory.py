@@ -149,21 +149,21 @@ async def insert(op: Op, ino: int, node: Inode, name: bytes, child: int, typ: in
 
 
 async def _append(op: Op, ino: int, node: Inode, b: int, ent: bytes) -> None:
-    last_idx, last = None, None
-    for idx, page in await _chain(op, node, b):
+    last = None
+    for _, page in await _chain(op, node, b):
         if page.used + len(ent) <= BLOCK_SIZE:
             await op.write_block(page.blk, page.used, ent)
             await op.write_block(page.blk, 0, _HDR.pack(PAGE_MAGIC, page.count + 1,
                                                          page.used + len(ent), page.next))
             return
-        last_idx, last = idx, page
+        last = page
     # every page of the chain is full: chain a new one
-    new_idx = await _new_overflow(op, ino, node)
+    new_idx = _new_overflow(node)
     await _write_page(op, node, new_idx, [ent], 0)
     await op.write_block(last.blk, 0, _HDR.pack(PAGE_MAGIC, last.count, last.used, new_idx))
 
 
-async def _new_overflow(op: Op, ino: int, node: Inode) -> int:
+def _new_overflow(node: Inode) -> int:
     idx = OVF_BASE + node.dir_pages
     node.dir_pages += 1
     return idx
@@ -207,7 +207,7 @@ async def _fill_chain(op: Op, ino: int, node: Inode, pages: list[int], ents: lis
         groups[-1].append(e)
         used += len(e)
     while len(pages) < len(groups):
-        pages.append(await _new_overflow(op, ino, node))
+        pages.append(_new_overflow(node))
     for i, idx in enumerate(pages):
         nxt = pages[i + 1] if i + 1 < len(pages) else 0
         await _write_page(op, node, idx, groups[i] if i < len(groups) else [], nxt, ino)
@@ -263,10 +263,6 @@ async def list_from(op: Op, node: Inode, start: int, limit: int):
             out.append((name, ino, typ, rh + 1))
         r = hi
     return out
-
-
-async def is_empty(op: Op, node: Inode) -> bool:
-    return node.dir_entries == 0
 
 
 async def all_entries(op: Op, node: Inode):

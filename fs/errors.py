@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 
 from replfs.errors import ReplfsError
@@ -21,6 +20,3 @@ class FsError(Exception):
 class FormatError(ReplfsError):
     """The device does not hold a replfs filesystem this code can use."""
 
-
-def enoent(what=""):
-    return FsError(errno.ENOENT, what)

@@ -150,7 +150,6 @@ async def fsck(fs, repair: bool = False) -> FsckReport:
             fixes_nlink[d] = want
 
     # block map
-    reachable_inodes = {root, orphan} | {i for i in allocated if i not in unreachable}
     for blk, n in used_blocks.items():
         if n > 1:
             rep.problems.append(f"block {blk} is used {n} times")
@@ -170,12 +169,7 @@ async def fsck(fs, repair: bool = False) -> FsckReport:
         if imap_fix:
             async def fix_imap(txn):
                 for slot, val in imap_fix:
-                    b, off = fs.imap._locate(slot)
-                    await txn.write(b, off, bytes([val]))
-                for slot, val in imap_fix:
-                    if fs.imap.mem[slot] != val:
-                        fs.imap.mem[slot] = val
-                        fs.imap.nfree += -1 if val else 1
+                    await fs.imap.repair(txn, slot, bool(val))
             await fs.mgr.run(fix_imap, name="fsck-repair")
             rep.repaired.append(f"corrected {len(imap_fix)} entries of the inode map")
     return rep
@@ -200,19 +194,12 @@ async def _repair(fs, rep, bad_entries, fixes_nlink, fixes_parent, unreachable, 
     # the block map first (before any repair allocates): mark referenced blocks used,
     # free leaked ones
     async def fix_map(txn):
-        op = Op(fs, txn)
         n = 0
         for blk in used_blocks:
-            if sb.data_start <= blk < sb.nblocks and not fs.bmap.mem[blk]:
-                fs.bmap.mem[blk] = 1
-                fs.bmap.nfree -= 1
-                b, off = fs.bmap._locate(blk)
-                await txn.write(b, off, b"\1")
-                n += 1
+            if sb.data_start <= blk < sb.nblocks:
+                n += await fs.bmap.repair(txn, blk, True)
         for blk in leaked:
-            await op.free_block(blk)
-            n += 1
-        op.committed()
+            n += await fs.bmap.repair(txn, blk, False)
         return n
     if leaked or any(not fs.bmap.mem[b] for b in used_blocks if b < sb.nblocks):
         n = await fs.mgr.run(fix_map, name="fsck-repair")

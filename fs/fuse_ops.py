@@ -31,6 +31,18 @@ ATTR_TIMEOUT = 5.0
 ENTRY_TIMEOUT = 5.0
 
 
+# (SetattrFields flag, FileSystem.setattr keyword, EntryAttributes field); pyfuse3 has
+# already turned UTIME_NOW into the current time.
+SETATTR_FIELDS = [
+    ("update_mode", "mode", "st_mode"),
+    ("update_uid", "uid", "st_uid"),
+    ("update_gid", "gid", "st_gid"),
+    ("update_size", "size", "st_size"),
+    ("update_atime", "atime_ns", "st_atime_ns"),
+    ("update_mtime", "mtime_ns", "st_mtime_ns"),
+]
+
+
 def entry(attr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = attr.ino
@@ -127,19 +139,8 @@ class Operations(pyfuse3.Operations):
 
     @translate
     async def setattr(self, inode, attr, fields, fh, ctx):
-        kw = {}
-        if fields.update_mode:
-            kw["mode"] = attr.st_mode
-        if fields.update_uid:
-            kw["uid"] = attr.st_uid
-        if fields.update_gid:
-            kw["gid"] = attr.st_gid
-        if fields.update_size:
-            kw["size"] = attr.st_size
-        if fields.update_atime:
-            kw["atime_ns"] = attr.st_atime_ns
-        if fields.update_mtime:
-            kw["mtime_ns"] = attr.st_mtime_ns
+        kw = {name: getattr(attr, src) for flag, name, src in SETATTR_FIELDS
+              if getattr(fields, flag)}
         return entry(await self.fs.setattr(inode, **kw))
 
     @translate

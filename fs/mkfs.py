@@ -62,6 +62,7 @@ async def mkfs(device, *, group: int = 0, uid: int = 0, gid: int = 0, root_mode:
     try:
         async def make_dirs(txn):
             op = Op(fs, txn)
+            ops.append(op)
             for slot, mode in ((ROOT_SLOT, root_mode), (ORPHAN_SLOT, 0o700)):
                 ino = make_ino(group, slot)
                 await op.lock(("inode", ino), "X")
@@ -70,9 +71,9 @@ async def mkfs(device, *, group: int = 0, uid: int = 0, gid: int = 0, root_mode:
                 node.atime_ns = node.mtime_ns = node.ctime_ns = time.time_ns()
                 await directory.init(op, ino, node)
                 await op.put(ino, node)
-            fs._mkfs_op = op
+        ops: list[Op] = []
         await fs.mgr.run(make_dirs, name="mkfs")
-        fs._mkfs_op.committed()
+        ops[-1].committed()
     finally:
         await fs.close()
     return sb

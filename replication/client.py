@@ -255,11 +255,9 @@ class RemoteFS:
         return await self.call("getattr", ino)
 
     async def setattr(self, ino, *, mode=None, uid=None, gid=None, size=None, atime_ns=None,
-                      mtime_ns=None, atime_now=False, mtime_now=False):
-        kw = dict(mode=mode, uid=uid, gid=gid, size=size, atime_ns=atime_ns,
-                  mtime_ns=mtime_ns, atime_now=atime_now, mtime_now=mtime_now)
-        return await self.call("setattr", ino, **{k: v for k, v in kw.items()
-                                                   if v is not None and v is not False})
+                      mtime_ns=None):
+        kw = dict(mode=mode, uid=uid, gid=gid, size=size, atime_ns=atime_ns, mtime_ns=mtime_ns)
+        return await self.call("setattr", ino, **{k: v for k, v in kw.items() if v is not None})
 
     async def mknod(self, parent, name, mode, rdev, uid, gid):
         return await self.call("mknod", parent, name, mode, rdev, uid, gid)

@@ -136,39 +136,10 @@ async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
         finally:
             await fs.close()
             if history is not None:
-                dump_history(history, os.environ["REPLFS_HISTORY"])
+                history.dump(os.environ["REPLFS_HISTORY"])
     finally:
         array.close()
         log.info("unmounted %s", mnt)
-
-
-def dump_history(history, path: str) -> None:
-    """Write a HistoryRecorder to `path` (msgpack), for `load_history`."""
-    import msgpack
-
-    from replfs.txn import BlockRange
-    events = [(e.txn, e.op, ("B", *e.obj) if isinstance(e.obj, BlockRange) else ("K", repr(e.obj)))
-              for e in history.events]
-    with open(path, "wb") as f:
-        f.write(msgpack.packb(dict(events=events, committed=sorted(history.committed),
-                                   aborted=sorted(history.aborted))))
-
-
-def load_history(path: str):
-    import msgpack
-
-    from replfs.txn import BlockRange, HistoryRecorder
-    with open(path, "rb") as f:
-        d = msgpack.unpackb(f.read())
-    h = HistoryRecorder()
-    for txn, op, obj in d["events"]:
-        key = BlockRange(*obj[1:]) if obj[0] == "B" else obj[1]
-        (h.read if op == "r" else h.write)(txn, key)
-    for t in d["committed"]:
-        h.commit(t)
-    for t in d["aborted"]:
-        h.abort(t)
-    return h
 
 
 async def serve_fuse(ops, mnt: str, *, allow_other: bool, ready_fd: int | None, fail,

@@ -18,6 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, NamedTuple
 
+import msgpack
+
 
 class BlockRange(NamedTuple):
     block: int
@@ -50,6 +52,26 @@ class HistoryRecorder:
 
     def abort(self, txn: int) -> None:
         self.aborted.add(txn)
+
+    def dump(self, path: str) -> None:
+        """Write the history to `path` (msgpack), e.g. from a mount process for a test."""
+        events = [(e.txn, e.op, ("B", *e.obj) if isinstance(e.obj, BlockRange)
+                   else ("K", repr(e.obj))) for e in self.events]
+        with open(path, "wb") as f:
+            f.write(msgpack.packb(dict(events=events, committed=sorted(self.committed),
+                                       aborted=sorted(self.aborted))))
+
+    @classmethod
+    def load(cls, path: str) -> "HistoryRecorder":
+        """Read what `dump` wrote (caller-named keys come back as their repr)."""
+        with open(path, "rb") as f:
+            d = msgpack.unpackb(f.read())
+        h = cls()
+        for txn, op, obj in d["events"]:
+            h.events.append(Event(txn, op, BlockRange(*obj[1:]) if obj[0] == "B" else obj[1]))
+        h.committed.update(d["committed"])
+        h.aborted.update(d["aborted"])
+        return h
 
 
 @dataclass

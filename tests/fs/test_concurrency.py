@@ -9,8 +9,7 @@ import textwrap
 import pytest
 
 from mounthelp import Mount, replfs
-from replfs.tools.mount_cmd import load_history
-from replfs.txn import check_serializable
+from replfs.txn import HistoryRecorder, check_serializable
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -67,7 +66,7 @@ def test_many_processes_one_directory_one_file(tmp_path):
         assert sorted(lines) == sorted("%d %d" % (k, i) for k in range(nproc) for i in range(40))
     finally:
         m.stop()
-    h = load_history(hist)
+    h = HistoryRecorder.load(hist)
     assert len(h.committed) > 1000
     res = check_serializable(h)
     assert res.serializable, f"not conflict-serializable: cycle {res.cycle}"

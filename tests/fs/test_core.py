@@ -4,7 +4,6 @@ import errno
 import os
 import stat
 
-import pytest
 import trio
 
 from replfs.fs.core import RENAME_EXCHANGE, RENAME_NOREPLACE

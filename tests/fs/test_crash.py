@@ -12,11 +12,10 @@ import pytest
 
 from mounthelp import Mount, replfs
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fs_crash_workload import data  # noqa: E402
+from fs_crash_workload import data
 
 pytestmark = pytest.mark.timeout(180)
-WORKLOAD = Path(__file__).parent / "fs_crash_workload.py"
+WORKLOAD = Path(__file__).parent.parent / "fs_crash_workload.py"
 
 
 def check_after_crash(mnt: Path, journal: Path) -> int:

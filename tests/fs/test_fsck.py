@@ -69,7 +69,8 @@ async def test_fsck_finds_and_repairs_damage(fs):
         assert rep.repaired
         again = await fsck(fs2)
         assert again.clean, again.problems
-        assert (await fs2.lookup(ROOT, b"lost+found")).ino
+        lf = (await fs2.lookup(ROOT, b"lost+found")).ino
+        assert (await fs2.lookup(lf, b"#%d" % lost.ino)).ino == lost.ino
         assert await fs2.read(f.ino, 0, 10) == b"y" * 10
     finally:
         await fs2.close()

@@ -3,7 +3,6 @@ directory on tmpfs; after every step both give the same result (or the same errn
 the two trees are identical (types, modes, sizes, contents, link counts, symlinks,
 xattrs)."""
 
-import errno
 import os
 import shutil
 import stat
