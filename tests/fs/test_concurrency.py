@@ -45,7 +45,12 @@ def test_many_processes_one_directory_one_file(tmp_path):
         d = mnt / "work"
         d.mkdir()
         procs = [subprocess.Popen([sys.executable, "-c", WORKER, d, str(k)]) for k in range(nproc)]
-        assert [p.wait(120) for p in procs] == [0] * nproc
+        try:
+            assert [p.wait(120) for p in procs] == [0] * nproc
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
         names = set(os.listdir(d))
         for k in range(nproc):
             for i in range(40):

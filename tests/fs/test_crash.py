@@ -59,6 +59,7 @@ def test_crash_then_recover(tmp_path, crash):
     replfs("mkfs", data_dir, "--disks", "4", "--size", "32M")
     env = {} if crash == "kill-9" else {"REPLFS_CRASH_AT": crash}
     m = Mount(data_dir, mnt, env=env)
+    w = None
     try:
         m.start()
         w = subprocess.Popen([sys.executable, WORKLOAD, mnt, journal, "3000"],
@@ -77,6 +78,9 @@ def test_crash_then_recover(tmp_path, crash):
         w.wait(60)
         assert "done" not in journal.read_text(), "the crash came after the workload ended"
     finally:
+        if w is not None and w.poll() is None:
+            w.kill()
+            w.wait(10)
         m.stop()
     r = replfs("fsck", data_dir, check=False)
     assert r.returncode == 0, f"fsck after crash:\n{r.stdout}\n{r.stderr}"

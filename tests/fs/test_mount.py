@@ -142,7 +142,7 @@ def test_timestamps(d):
     st = os.stat(p)
     assert st.st_mtime_ns >= before - 10**9
     m0 = os.stat(d).st_mtime_ns
-    time.sleep(0.01)
+    time.sleep(0.01)                       # let the clock move past m0 (not a wait)
     (d / "new").write_text("")
     assert os.stat(d).st_mtime_ns > m0
 
