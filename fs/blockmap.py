@@ -69,7 +69,7 @@ async def lookup_range(op: Op, node: Inode, idx: int, count: int) -> list[int]:
     return out
 
 
-async def ensure(op: Op, ino: int, node: Inode, idx: int, near: int | None = None) -> tuple[int, bool]:
+async def ensure(op: Op, node: Inode, idx: int, near: int | None = None) -> tuple[int, bool]:
     """The block for file block `idx`, allocating it (and any indirect blocks) if it is
     a hole. Returns (block, newly_allocated). A new data block is NOT zeroed: the caller
     writes all of it. The caller holds X on the inode and writes it back afterwards."""
@@ -163,7 +163,7 @@ async def all_blocks(op: Op, node: Inode) -> list[int]:
     return out
 
 
-async def ensure_range(op: Op, ino: int, node: Inode, first: int, count: int,
+async def ensure_range(op: Op, node: Inode, first: int, count: int,
                        near: int | None = None) -> list[tuple[int, bool]]:
     """(block, newly_allocated) for file blocks first..first+count-1, allocating holes
     as contiguous runs with one pointer write per run and leaf (the bulk-write path of
@@ -172,7 +172,7 @@ async def ensure_range(op: Op, ino: int, node: Inode, first: int, count: int,
     if end > capacity(MAX_DEPTH):
         raise FsError(errno.EFBIG, "file too large")
     if end <= 1:
-        return [await ensure(op, ino, node, first, near)]
+        return [await ensure(op, node, first, near)]
     await _grow(op, node, end - 1)
     out: list[tuple[int, bool]] = []
     i = first

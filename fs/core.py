@@ -192,7 +192,7 @@ class FileSystem:
         node = Inode(mode=mode, uid=uid, gid=gid, nlink=1, rdev=rdev,
                      atime_ns=now, mtime_ns=now, ctime_ns=now)
         ino = await op.new_inode(node, near=parent)
-        await directory.insert(op, parent, pnode, name, ino, _type_of(mode))
+        await directory.insert(op, pnode, name, ino, _type_of(mode))
         pnode.mtime_ns = pnode.ctime_ns = now
         return ino, node
 
@@ -214,7 +214,7 @@ class FileSystem:
             onode = await op.inode(self.orphan_ino, "X")
             key = b"%016x" % ino
             if await directory.lookup(op, onode, key) is None:
-                await directory.insert(op, self.orphan_ino, onode, key, ino, _type_of(node.mode))
+                await directory.insert(op, onode, key, ino, _type_of(node.mode))
             await op.put(self.orphan_ino, onode)
         await op.put(ino, node)
 
@@ -320,7 +320,7 @@ class FileSystem:
             ino, node = await self._new(op, parent, pnode, name, (mode & 0o7777) | S_IFDIR, uid, gid)
             node.nlink = 2
             node.parent = parent
-            await directory.init(op, ino, node)
+            await directory.init(op, node)
             await op.put(ino, node)
             pnode.nlink += 1
             await op.put(parent, pnode)
@@ -340,7 +340,7 @@ class FileSystem:
             if len(target) <= INLINE_MAX:
                 node.inline, node.inline_len = target, len(target)
             else:
-                blk, _ = await blockmap.ensure(op, ino, node, 0)
+                blk, _ = await blockmap.ensure(op, node, 0)
                 await op.write_block(blk, 0, target.ljust(BLOCK_SIZE, b"\0"), undo=False)
             await op.put(ino, node)
             await op.put(parent, pnode)
@@ -371,7 +371,7 @@ class FileSystem:
             directory.check_name(name)
             if await directory.lookup(op, pnode, name) is not None:
                 raise FsError(errno.EEXIST, name.decode(errors="replace"))
-            await directory.insert(op, parent, pnode, name, ino, _type_of(node.mode))
+            await directory.insert(op, pnode, name, ino, _type_of(node.mode))
             now = _now()
             node.nlink += 1
             node.ctime_ns = now
@@ -503,7 +503,7 @@ class FileSystem:
                 else:
                     if snode.is_dir and p_old != p_new and pnew.nlink >= LINK_MAX:
                         raise FsError(errno.EMLINK, "too many subdirectories")
-                    await directory.insert(op, p_new, pnew, n_new, sino, _type_of(snode.mode))
+                    await directory.insert(op, pnew, n_new, sino, _type_of(snode.mode))
                 crash_point("fs.rename.inserted")
                 await directory.remove(op, pold, n_old)
                 if snode.is_dir and p_old != p_new:
@@ -570,7 +570,7 @@ class FileSystem:
             first = offset // BLOCK_SIZE
             last = (end - 1) // BLOCK_SIZE
             mv = memoryview(data)
-            mapped = await blockmap.ensure_range(op, ino, node, first, last - first + 1)
+            mapped = await blockmap.ensure_range(op, node, first, last - first + 1)
             for idx, (blk, fresh) in zip(range(first, last + 1), mapped):
                 bstart = idx * BLOCK_SIZE
                 lo = max(offset, bstart)

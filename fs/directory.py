@@ -119,10 +119,10 @@ async def _chain(op: Op, node: Inode, b: int) -> list[tuple[int, Page]]:
         idx = page.next
 
 
-async def init(op: Op, ino: int, node: Inode) -> None:
+async def init(op: Op, node: Inode) -> None:
     """Give a new directory inode its first (empty) bucket."""
     node.dir_level = node.dir_split = node.dir_entries = node.dir_pages = 0
-    blk, _ = await blockmap.ensure(op, ino, node, 0)
+    blk, _ = await blockmap.ensure(op, node, 0)
     await op.write_block(blk, 0, _HDR.pack(PAGE_MAGIC, 0, HDR_SIZE, 0).ljust(BLOCK_SIZE, b"\0"),
                          undo=False)
 
@@ -137,18 +137,18 @@ async def lookup(op: Op, node: Inode, name: bytes) -> tuple[int, int] | None:
     return None
 
 
-async def insert(op: Op, ino: int, node: Inode, name: bytes, child: int, typ: int) -> None:
+async def insert(op: Op, node: Inode, name: bytes, child: int, typ: int) -> None:
     """Add an entry (the caller checked that `name` is absent and holds X on the
     directory, and writes `node` back afterwards)."""
     h = name_hash(name)
     ent = _entry(h, child, typ, name)
-    await _append(op, ino, node, _bucket(node, h), ent)
+    await _append(op, node, _bucket(node, h), ent)
     node.dir_entries += 1
     if node.dir_entries > SPLIT_LOAD * _nbuckets(node):
-        await _split(op, ino, node)
+        await _split(op, node)
 
 
-async def _append(op: Op, ino: int, node: Inode, b: int, ent: bytes) -> None:
+async def _append(op: Op, node: Inode, b: int, ent: bytes) -> None:
     last = None
     for _, page in await _chain(op, node, b):
         if page.used + len(ent) <= BLOCK_SIZE:
@@ -169,15 +169,15 @@ def _new_overflow(node: Inode) -> int:
     return idx
 
 
-async def _write_page(op: Op, node: Inode, idx: int, ents: list[bytes], nxt: int, ino: int = 0) -> None:
+async def _write_page(op: Op, node: Inode, idx: int, ents: list[bytes], nxt: int) -> None:
     body = b"".join(ents)
     data = (_HDR.pack(PAGE_MAGIC, len(ents), HDR_SIZE + len(body), nxt)
             .ljust(HDR_SIZE, b"\0") + body).ljust(BLOCK_SIZE, b"\0")
-    blk, fresh = await blockmap.ensure(op, ino, node, idx)
+    blk, fresh = await blockmap.ensure(op, node, idx)
     await op.write_block(blk, 0, data, undo=not fresh)
 
 
-async def _split(op: Op, ino: int, node: Inode) -> None:
+async def _split(op: Op, node: Inode) -> None:
     s, lv = node.dir_split, node.dir_level
     new_b = (1 << lv) + s
     mask = (1 << (lv + 1)) - 1
@@ -193,11 +193,11 @@ async def _split(op: Op, ino: int, node: Inode) -> None:
         node.dir_level += 1
         node.dir_split = 0
     # rewrite the old chain with what stays, reusing its pages in order
-    await _fill_chain(op, ino, node, pages, stay)
-    await _fill_chain(op, ino, node, [new_b], move)
+    await _fill_chain(op, node, pages, stay)
+    await _fill_chain(op, node, [new_b], move)
 
 
-async def _fill_chain(op: Op, ino: int, node: Inode, pages: list[int], ents: list[bytes]) -> None:
+async def _fill_chain(op: Op, node: Inode, pages: list[int], ents: list[bytes]) -> None:
     groups: list[list[bytes]] = [[]]
     used = HDR_SIZE
     for e in ents:
@@ -210,7 +210,7 @@ async def _fill_chain(op: Op, ino: int, node: Inode, pages: list[int], ents: lis
         pages.append(_new_overflow(node))
     for i, idx in enumerate(pages):
         nxt = pages[i + 1] if i + 1 < len(pages) else 0
-        await _write_page(op, node, idx, groups[i] if i < len(groups) else [], nxt, ino)
+        await _write_page(op, node, idx, groups[i] if i < len(groups) else [], nxt)
 
 
 async def remove(op: Op, node: Inode, name: bytes) -> tuple[int, int]:

@@ -235,7 +235,7 @@ async def _repair(fs, rep, bad_entries, fixes_nlink, fixes_parent, unreachable, 
                 pnode = await op.inode(lf, "X")
                 node = await op.inode(ino, "X", must_exist=False)
                 name = b"#%d" % ino
-                await directory.insert(op, lf, pnode, name, ino, (node.mode & 0o170000) >> 12)
+                await directory.insert(op, pnode, name, ino, (node.mode & 0o170000) >> 12)
                 if node.is_dir:
                     node.nlink = 2
                     node.parent = lf

@@ -69,7 +69,7 @@ async def mkfs(device, *, group: int = 0, uid: int = 0, gid: int = 0, root_mode:
                 node = Inode(mode=stat.S_IFDIR | mode, uid=uid, gid=gid, nlink=2,
                              generation=fs.next_generation(), parent=make_ino(group, ROOT_SLOT))
                 node.atime_ns = node.mtime_ns = node.ctime_ns = time.time_ns()
-                await directory.init(op, ino, node)
+                await directory.init(op, node)
                 await op.put(ino, node)
         ops: list[Op] = []
         await fs.mgr.run(make_dirs, name="mkfs")

@@ -42,7 +42,7 @@ async def test_fsck_finds_and_repairs_damage(fs):
 
     async def dangling(op):              # an entry pointing to a free inode
         root = await op.inode(ROOT, "X")
-        await directory.insert(op, ROOT, root, b"ghost", 4000, 8)
+        await directory.insert(op, root, b"ghost", 4000, 8)
         await op.put(ROOT, root)
 
     async def leak_and_free(op):         # a used block marked free, a free block marked used
