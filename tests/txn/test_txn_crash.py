@@ -215,7 +215,7 @@ async def test_torn_tail_is_ignored(tmp_path):
     log = Log(dev, **W.LOG)
     await log.read_header()
     records = await log.scan()
-    lsn, end, last = records[-1]
+    lsn, end, _ = records[-1]
     # flip one byte in the middle of the last record's body, as a torn write would
     pos = lsn + FRAME_SIZE + (end - lsn - FRAME_SIZE) // 2
     blk = log.data_start + (pos // log.bs) % log.data_blocks
@@ -226,10 +226,11 @@ async def test_torn_tail_is_ignored(tmp_path):
     nxt = log.data_start + (end // log.bs + 1) % log.data_blocks
     await dev.write_blocks({nxt: os.urandom(log.bs)})
     dev.close()
+    # recover_and_check verifies every reported commit survived and all is whole or
+    # absent. (`committed` holds workload item numbers, not transaction ids, so the
+    # torn record's txn id cannot be compared with it.)
     recovery = await recover_and_check(image, committed)
     assert recovery["records"] == len(records) - 1
-    if hasattr(last, "txn") and type(last).__name__ == "Commit":
-        assert last.txn not in committed
 
 
 async def test_crash_and_recovery_over_the_raid5_array(tmp_path):
