@@ -20,3 +20,15 @@ class FsError(Exception):
 class FormatError(ReplfsError):
     """The device does not hold a replfs filesystem this code can use."""
 
+
+
+class ForeignInode(FsError):
+    """The operation needs inode `ino`, which lives in another replica group.
+
+    A single group's filesystem raises it (errno EXDEV) instead of touching the inode;
+    the replication layer then reads the inode from its own group (lookup, readdir) or
+    runs the operation as a distributed transaction (rename, link, unlink, rmdir, mkdir)."""
+
+    def __init__(self, ino: int):
+        super().__init__(18, f"inode {ino:#x} is in replica group {ino >> 48}")  # EXDEV
+        self.ino = ino

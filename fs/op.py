@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from replfs.fs.errors import FsError
+from replfs.fs.errors import ForeignInode, FsError
 from replfs.fs.layout import (BLOCK_SIZE, INODE_SIZE, INODES_PER_BLOCK, Inode, ino_group,
                               ino_slot, make_ino)
 
@@ -34,7 +34,9 @@ class Op:
     # ------------------------------------------------------------ inodes
     def _slot(self, ino: int) -> int:
         slot = ino_slot(ino)
-        if ino_group(ino) != self.sb.group or not 0 < slot < self.sb.ninodes:
+        if ino_group(ino) != self.sb.group:
+            raise ForeignInode(ino)
+        if not 0 < slot < self.sb.ninodes:
             raise FsError(errno.ENOENT, f"inode {ino} is not in this group")
         return slot
 
