@@ -3,8 +3,9 @@
 The table lives in a reserved tail of the array's logical blocks, outside the filesystem
 (`replfs init` makes the filesystem `TAIL_BLOCKS` blocks shorter than the array):
 
-    [n - TAIL_BLOCKS, n - 1)   the table: SLOTS_PER_BLOCK slots of SLOT bytes per block
-    n - 1                      this replica's replication position (never replicated)
+    [n - TAIL_BLOCKS, +TABLE_BLOCKS)   the table: SLOTS_PER_BLOCK slots of SLOT bytes per block
+    [.., +DECISION_BLOCKS)             the 2PC coordinator's decisions (replication/decisions.py)
+    n - 1                              this replica's replication position (never replicated)
 
 A slot holds ``[client, lane, seq, reply]`` (msgpack, 2-byte length first). The primary
 writes a request's slot *inside the operation's own transaction* (fs `Request.before_commit`),
@@ -21,13 +22,23 @@ from replfs.fs.layout import BLOCK_SIZE
 from replfs.replication import wire
 
 TABLE_BLOCKS = 64
-TAIL_BLOCKS = TABLE_BLOCKS + 1
+DECISION_BLOCKS = 16
+TAIL_BLOCKS = TABLE_BLOCKS + DECISION_BLOCKS + 1
 SLOT = 512
 SLOTS_PER_BLOCK = BLOCK_SIZE // SLOT
 
 
 def tail_start(nblocks: int) -> int:
     return nblocks - TAIL_BLOCKS
+
+
+def decision_start(nblocks: int) -> int:
+    return tail_start(nblocks) + TABLE_BLOCKS
+
+
+def replicated_tail(nblocks: int) -> range:
+    """The tail blocks that are replicated (and compared between replicas)."""
+    return range(tail_start(nblocks), position_block(nblocks))
 
 
 def position_block(nblocks: int) -> int:

@@ -497,8 +497,7 @@ class ReplicaServer:
         mem = self.fs.bmap.mem
         log_lo, log_hi = sb.log_start, sb.log_start + sb.log_blocks
         out = [b for b in range(sb.nblocks) if mem[b] and not log_lo <= b < log_hi]
-        first = amo.tail_start(self.array.nblocks)
-        out.extend(range(first, first + amo.TABLE_BLOCKS))
+        out.extend(amo.replicated_tail(self.array.nblocks))
         return out
 
     async def _read_blocks(self, blocks: list[int]) -> list[bytes]:

@@ -112,8 +112,7 @@ def compare_replicas(cfg: ClusterConfig) -> dict:
             bmap = b"".join([await array.read_block(sb.bmap_start + i) for i in range(sb.bmap_blocks)])
             lo, hi = sb.log_start, sb.log_start + sb.log_blocks
             wanted = [b for b in range(sb.nblocks) if bmap[b] and not lo <= b < hi]
-            first = amo.tail_start(array.nblocks)
-            wanted += list(range(first, first + amo.TABLE_BLOCKS))
+            wanted += list(amo.replicated_tail(array.nblocks))
             for b in wanted:
                 data[b] = await array.read_block(b)
             return data
