@@ -2,17 +2,28 @@
 replicated cluster. The FUSE adapter (fs/fuse_ops.py) takes it in place of a local
 `FileSystem` and does not know the difference.
 
-Routing and failover: the client caches the view; it asks the view server only when the
-primary fails to answer within the request timeout, refuses the connection, answers
-`NotPrimary`, or is unknown; then it retries -- a hung primary costs about DeadPings x
-PingInterval (until the view server gives up on it) plus one retry.
+Groups: the namespace is spread over the replica groups, and an inode number carries its
+group (`ino >> 48`). Each operation goes to the primary of the group of its first inode
+argument (the parent directory for lookup, create, mkdir, unlink, rename...; the new
+parent for link); statfs asks every group and sums; fsync without an inode flushes every
+group. A group answers EXDEV with an inode number when the operation needs an inode of
+another group (`ForeignInode`): lookup then reads that inode's attributes from its own
+group, and readdir does so for each entry that lives elsewhere. Operations that change
+two groups are the servers' business (two-phase commit between primaries, which use a
+`RemoteFS` named after themselves and `call_group` to reach each other).
+
+Routing and failover: the client caches one view per group; it asks the view server only
+when a primary fails to answer within the request timeout, refuses the connection,
+answers `NotPrimary`, or is unknown; then it retries -- a hung primary costs about
+DeadPings x PingInterval (until the view server gives up on it) plus one retry.
 
 At most once: requests go out on *lanes*; a lane has one request outstanding at a time,
 and every request carries (client id, lane, seq) with seq increasing per lane. A retry
 reuses the same triple, so the primary recognises it (its at-most-once table is
 replicated and survives failover) and answers with the recorded reply instead of
 executing it again. A reply is matched to its request by (lane, seq), whichever
-transmission it answers.
+transmission it answers. Lanes are shared by all groups: a lane's seq increases across
+the whole client, so each group sees it increase with gaps, which its table allows.
 """
 
 from __future__ import annotations
@@ -23,7 +34,8 @@ import secrets
 
 import trio
 
-from replfs.fs.errors import FsError
+from replfs.fs.errors import FsError, ForeignInode
+from replfs.fs.layout import ino_group
 from replfs.replication import wire
 from replfs.replication.config import CLIENT, VIEWSERVER, ClusterConfig
 from replfs.replication.viewserver import View
@@ -33,6 +45,8 @@ log = logging.getLogger("replfs.client")
 REQUEST_TIMEOUT = 0.4       # largest wait for one transmission; a retry is always safe
 MIN_RTO = 0.05
 CONNECT_TIMEOUT = 0.4
+ENOENT = 2
+EXDEV = 18
 
 
 class Unavailable(FsError):
@@ -76,17 +90,20 @@ class _Waiter:
 
 
 class RemoteFS:
-    def __init__(self, cfg: ClusterConfig, *, group: int = 0, lanes: int = 16,
+    """The cluster's filesystem, for the FUSE client (`name` "client") or for a server
+    that talks to other groups' primaries (`name` = the server's own name, so that its
+    connections take its own routes through the fault proxy)."""
+
+    def __init__(self, cfg: ClusterConfig, *, lanes: int = 16,
                  request_timeout: float = REQUEST_TIMEOUT, deadline: float = 60.0,
                  name: str = CLIENT):
         self.cfg = cfg
-        self.group = group
         self.secret = cfg.secret()
         self.name = name
         self.client_id = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.request_timeout = request_timeout
         self.deadline = deadline
-        self.view = View()
+        self.views: dict[int, View] = {g: View() for g in cfg.groups}
         self._conns: dict[str, _Conn] = {}
         self._connecting: dict[str, trio.Lock] = {}
         self._lanes = list(range(lanes))
@@ -99,6 +116,11 @@ class RemoteFS:
         self.stats = dict(requests=0, retries=0, view_fetches=0, failovers=0)
         self._vs: wire.Channel | None = None
         self._srtt = 0.01
+
+    @property
+    def view(self) -> View:
+        """Group 0's view (the one of a single-group cluster)."""
+        return self.views[0]
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve connection readers until cancelled; start with `nursery.start`."""
@@ -137,31 +159,36 @@ class RemoteFS:
             self._nursery.start_soon(conn.reader, self)
             return conn
 
-    async def _fetch_view(self, stale: View) -> View:
-        """Ask the view server (concurrent callers share one answer), over one kept
-        connection."""
+    async def _fetch_view(self, group: int, stale: View) -> View:
+        """Ask the view server for `group`'s view (concurrent callers share one answer),
+        over one kept connection."""
         async with self._view_lock:
-            if self.view.num > stale.num:
-                return self.view
+            cur = self.views[group]
+            if cur.num > stale.num:
+                return cur
             self.stats["view_fetches"] += 1
             try:
                 with trio.fail_after(max(0.3, self.cfg.ping_interval * 3)):
                     if self._vs is None:
                         self._vs = await wire.connect(self.cfg.addr(self.name, VIEWSERVER),
                                                       self.secret, self.name)
-                    await self._vs.send(wire.GetView(self.group))
+                    await self._vs.send(wire.GetView(group))
                     r = await self._vs.receive()
-                if isinstance(r, wire.ViewReply) and r.num >= self.view.num:
-                    if r.primary != self.view.primary and self.view.primary:
+                if (isinstance(r, wire.ViewReply) and r.group == group
+                        and r.num >= cur.num):
+                    if r.primary != cur.primary and cur.primary:
                         self.stats["failovers"] += 1
-                        log.info("view %d: primary is now %s", r.num, r.primary)
-                    self.view = View(r.num, r.primary, r.backup)
+                        log.info("group %d: view %d: primary is now %s", group, r.num,
+                                 r.primary)
+                    self.views[group] = View(r.num, r.primary, r.backup)
+                elif not isinstance(r, wire.ViewReply) or r.group != group:
+                    raise wire.ProtocolError(f"asked for group {group}'s view, got {r!r}")
             except wire.CONN_ERRORS as exc:
                 log.debug("view server unreachable: %s", exc)
                 if self._vs is not None:
                     await self._vs.aclose()
                     self._vs = None
-            return self.view
+            return self.views[group]
 
     def _rto(self, attempt: int) -> float:
         """Retransmission timeout: a few smoothed round trips (retransmitting to a live
@@ -171,7 +198,17 @@ class RemoteFS:
         return min(self.request_timeout * 2, base * 2 ** min(attempt - 1, 5))
 
     async def call(self, method: str, *args, **kwargs):
-        """Run `method` on the primary; returns its value or raises FsError."""
+        """Run `method` on the primary of the group of its first inode argument (the
+        parent for `link`); returns its value or raises FsError (ForeignInode when the
+        group needs an inode of another group)."""
+        ino = args[1] if method == "link" else args[0]
+        return await self.call_group(ino_group(ino), method, *args, **kwargs)
+
+    async def call_group(self, group: int, method: str, *args, **kwargs):
+        """Run `method` on the primary of `group`; returns its value or raises FsError
+        (ForeignInode for EXDEV with an inode number)."""
+        if group not in self.views:
+            raise FsError(EXDEV, f"{method}: no replica group {group} in this cluster")
         await self._lane_free.acquire()
         lane = self._lanes.pop()
         self._lane_seq[lane] += 1
@@ -180,19 +217,20 @@ class RemoteFS:
         self.stats["requests"] += 1
         try:
             with trio.fail_after(self.deadline):
-                return await self._call(w, lane, seq, method, list(args), kwargs)
+                return await self._call(w, group, lane, seq, method, list(args), kwargs)
         except trio.TooSlowError:
-            raise Unavailable(f"{method}: no primary answered for {self.deadline:.0f} s") from None
+            raise Unavailable(f"{method}: no primary of group {group} answered for "
+                              f"{self.deadline:.0f} s") from None
         finally:
             for rid in w.rids:
                 self._by_rid.pop(rid, None)
             self._lanes.append(lane)
             self._lane_free.release()
 
-    async def _call(self, w: "_Waiter", lane, seq, method, args, kwargs):
-        view = self.view
+    async def _call(self, w: "_Waiter", group, lane, seq, method, args, kwargs):
+        view = self.views[group]
         if not view.primary:
-            view = await self._fetch_view(view)
+            view = await self._fetch_view(group, view)
         attempt = 0
         while True:
             if attempt:
@@ -200,12 +238,12 @@ class RemoteFS:
             attempt += 1
             if not view.primary:
                 await trio.sleep(self.cfg.ping_interval)
-                view = await self._fetch_view(view)
+                view = await self._fetch_view(group, view)
                 continue
             try:
                 conn = await self._conn(view.primary)
             except wire.CONN_ERRORS:
-                view = await self._refetch(view)
+                view = await self._refetch(group, view)
                 continue
             self._rid += 1
             w.rids.append(self._rid)
@@ -217,7 +255,7 @@ class RemoteFS:
                 await conn.ch.send(wire.OpRequest(self._rid, self.client_id, lane, seq, method,
                                                   args, kwargs))
             except wire.CONN_ERRORS:
-                view = await self._refetch(view)
+                view = await self._refetch(group, view)
                 continue
             t0 = trio.current_time()
             with trio.move_on_after(self._rto(attempt)):
@@ -226,16 +264,18 @@ class RemoteFS:
             if isinstance(reply, wire.OpReply):
                 if attempt == 1:        # Karn: time only unambiguous round trips
                     self._srtt = 0.875 * self._srtt + 0.125 * (trio.current_time() - t0)
+                if reply.errno == EXDEV and type(reply.value) is int:
+                    raise ForeignInode(reply.value)
                 if reply.errno:
                     raise FsError(reply.errno, reply.message)
                 return reply.value
             if isinstance(reply, wire.NotPrimary) or w.conn.broken:
-                view = await self._refetch(view)
+                view = await self._refetch(group, view)
             else:               # no answer in time: lost, slow, or a hung primary
-                view = await self._fetch_view(view)
+                view = await self._fetch_view(group, view)
 
-    async def _refetch(self, view: View) -> View:
-        new = await self._fetch_view(view)
+    async def _refetch(self, group: int, view: View) -> View:
+        new = await self._fetch_view(group, view)
         if new.num == view.num:
             # nothing new yet: the view server has not given up on the primary; pace
             await trio.sleep(self.cfg.ping_interval / 2)
@@ -248,8 +288,29 @@ class RemoteFS:
             await conn.ch.aclose()
 
     # ---------------------------------------------------------------- the interface
+    async def _each(self, fns) -> list:
+        """Run the coroutine functions `fns` concurrently; their results in order, or the
+        first FsError any of them raised."""
+        results: list = [None] * len(fns)
+        errors: list[FsError] = []
+
+        async def one(i, fn):
+            try:
+                results[i] = await fn()
+            except FsError as exc:
+                errors.append(exc)
+        async with trio.open_nursery() as nursery:
+            for i, fn in enumerate(fns):
+                nursery.start_soon(one, i, fn)
+        if errors:
+            raise errors[0]
+        return results
+
     async def lookup(self, parent, name):
-        return await self.call("lookup", parent, name)
+        try:
+            return await self.call("lookup", parent, name)
+        except ForeignInode as exc:     # the entry (or "..") is an inode of another group
+            return await self.getattr(exc.ino)
 
     async def getattr(self, ino):
         return await self.call("getattr", ino)
@@ -296,13 +357,45 @@ class RemoteFS:
         return await self.call("write", ino, offset, bytes(data))
 
     async def fsync(self, ino=None):
-        return await self.call("fsync")
+        """Every operation of the group of `ino` (of every group, without one) that
+        returned so far is on stable storage on both replicas."""
+        if ino is not None:
+            return await self.call_group(ino_group(ino), "fsync")
+        await self._each([lambda g=g: self.call_group(g, "fsync") for g in self.views])
 
     async def readdir(self, ino, start, limit=128):
-        return await self.call("readdir", ino, start, limit)
+        """[(name, attr, next offset)] as the directory's group lists it, with the
+        attributes of entries of other groups read from their groups (an entry whose
+        inode is gone by then is left out)."""
+        while True:
+            batch = await self.call("readdir", ino, start, limit)
+            foreign = [i for i, (_, attr, _) in enumerate(batch) if type(attr) is int]
+            if not foreign:
+                return batch
+
+            async def attr_of(fino):
+                try:
+                    return await self.getattr(fino)
+                except FsError as exc:
+                    if exc.errno == ENOENT:
+                        return None
+                    raise
+            attrs = await self._each([lambda i=i: attr_of(batch[i][1]) for i in foreign])
+            for i, attr in zip(foreign, attrs):
+                batch[i] = (batch[i][0], attr, batch[i][2])
+            out = [e for e in batch if e[1] is not None]
+            if out or not batch:
+                return out
+            start = batch[-1][2]        # every entry vanished: an empty list would end it
 
     async def statfs(self):
-        return await self.call("statfs")
+        """The sums over every group (block size and name length from group 0)."""
+        per = await self._each([lambda g=g: self.call_group(g, "statfs") for g in sorted(self.views)])
+        out = dict(per[0])
+        for st in per[1:]:
+            for k in ("blocks", "bfree", "bavail", "files", "ffree", "favail"):
+                out[k] = out.get(k, 0) + st.get(k, 0)
+        return out
 
     async def getxattr(self, ino, name):
         return await self.call("getxattr", ino, name)

@@ -10,13 +10,15 @@ direction. Without the proxy a route is B's own port. The FUSE clients are one n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from replfs.errors import ReplfsError
+from replfs.fs.layout import ino_group
 
 CONFIG = "cluster.json"
 SECRET = "secret"
@@ -57,6 +59,24 @@ def free_port() -> int:
     raise ReplfsError("no free TCP port found on 127.0.0.1")
 
 
+PLACEMENTS = ("spread", "parent")
+
+
+def place_by_name(name: bytes, groups: int) -> int:
+    return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") % groups
+
+
+def check_placement(placement: str, groups: int) -> str:
+    """"spread", "parent" or a group number (as a string); a clear error otherwise."""
+    placement = str(placement)
+    if placement in PLACEMENTS:
+        return placement
+    if placement.isdigit() and int(placement) < groups:
+        return str(int(placement))
+    raise ReplfsError(f"placement {placement!r}: use spread, parent or a group number "
+                      f"below {groups}")
+
+
 @dataclass
 class ClusterConfig:
     dir: str
@@ -68,13 +88,21 @@ class ClusterConfig:
     disks: int = 4
     disk_size: int = 128 * 2**20
     proxy: bool = True
+    placement: str = "spread"      # where mkdir puts a new directory: see place_dir
 
     # ---------------------------------------------------------------- creation
     @classmethod
-    def create(cls, dirpath: str, *, replicas: int = 2, disks: int = 4,
+    def create(cls, dirpath: str, *, groups: int = 2, replicas: int = 2, disks: int = 4,
                disk_size: int = 128 * 2**20, proxy: bool = True,
-               ping_interval: float = 0.1, dead_pings: int = 5) -> "ClusterConfig":
-        servers = [f"s{i}" for i in range(replicas)]
+               ping_interval: float = 0.1, dead_pings: int = 5,
+               placement: str = "spread") -> "ClusterConfig":
+        """Servers s0..s{groups*replicas-1}; group g is s{g*replicas}..s{g*replicas+replicas-1}."""
+        if groups < 1 or replicas < 1:
+            raise ReplfsError(f"a cluster needs at least one group of one replica "
+                              f"(asked for {groups} groups of {replicas})")
+        placement = check_placement(placement, groups)
+        layout = {g: [f"s{g * replicas + i}" for i in range(replicas)] for g in range(groups)}
+        servers = [s for ss in layout.values() for s in ss]
         ports = {VIEWSERVER: free_port(), **{s: free_port() for s in servers}}
         routes = {}
         if proxy:
@@ -85,8 +113,8 @@ class ClusterConfig:
                     if t != s:
                         routes[f"{s}>{t}"] = free_port()
             routes[f"{CLIENT}>{VIEWSERVER}"] = free_port()
-        cfg = cls(os.path.abspath(dirpath), {0: servers}, ports, routes, ping_interval,
-                  dead_pings, disks, disk_size, proxy)
+        cfg = cls(os.path.abspath(dirpath), layout, ports, routes, ping_interval,
+                  dead_pings, disks, disk_size, proxy, placement)
         os.makedirs(dirpath, exist_ok=True)
         secret_path = os.path.join(dirpath, SECRET)
         fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -100,7 +128,7 @@ class ClusterConfig:
         d = dict(groups={str(g): s for g, s in self.groups.items()}, ports=self.ports,
                  routes=self.routes, ping_interval=self.ping_interval,
                  dead_pings=self.dead_pings, disks=self.disks, disk_size=self.disk_size,
-                 proxy=self.proxy)
+                 proxy=self.proxy, placement=self.placement)
         tmp = os.path.join(self.dir, CONFIG + ".tmp")
         with open(tmp, "w") as f:
             json.dump(d, f, indent=2)
@@ -118,8 +146,15 @@ class ClusterConfig:
         except ValueError as exc:
             raise ReplfsError(f"{path} is not valid JSON ({exc}); re-create the cluster "
                               f"with `replfs init`") from None
+        known = {f.name for f in fields(cls)} - {"dir"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ReplfsError(f"{path} has fields this replfs does not know ({', '.join(unknown)}); "
+                              f"it was written by a newer version")
         d["groups"] = {int(g): s for g, s in d["groups"].items()}
-        return cls(os.path.abspath(dirpath), **d)
+        cfg = cls(os.path.abspath(dirpath), **d)
+        cfg.placement = check_placement(str(cfg.placement), cfg.group_count)
+        return cfg
 
     # ---------------------------------------------------------------- queries
     def secret(self) -> bytes:
@@ -134,6 +169,27 @@ class ClusterConfig:
     @property
     def servers(self) -> list[str]:
         return [s for ss in self.groups.values() for s in ss]
+
+    @property
+    def group_count(self) -> int:
+        return len(self.groups)
+
+    def group_servers(self, group: int) -> list[str]:
+        try:
+            return self.groups[group]
+        except KeyError:
+            raise ReplfsError(f"no replica group {group} in this cluster "
+                              f"(groups 0..{self.group_count - 1})") from None
+
+    def place_dir(self, parent_ino: int, name: bytes) -> int:
+        """The group that holds a new directory `name` made in directory `parent_ino`:
+        "parent": the parent's group; a group number: that group; "spread": a hash of
+        the name (so top-level directories spread over the groups)."""
+        if self.placement == "parent":
+            return ino_group(parent_ino)
+        if self.placement == "spread":
+            return place_by_name(name, self.group_count)
+        return int(self.placement)
 
     def group_of(self, server: str) -> int:
         for g, ss in self.groups.items():

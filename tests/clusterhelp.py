@@ -19,16 +19,20 @@ from replfs.tools.cluster import Cluster, init_cluster
 DISK_SIZE = 32 * 2**20
 
 
-def make_cluster(path: Path, disk_size: int = DISK_SIZE) -> Cluster:
-    trio.run(lambda: init_cluster(str(path), disk_size=disk_size, progress=lambda *a: None))
+def make_cluster(path: Path, disk_size: int = DISK_SIZE, *, groups: int = 2,
+                 placement: str = "spread") -> Cluster:
+    trio.run(lambda: init_cluster(str(path), groups=groups, disk_size=disk_size,
+                                  placement=placement, progress=lambda *a: None))
     return Cluster(str(path))
 
 
 class Running:
-    """A started cluster with (optionally) its FUSE client mounted."""
+    """A started cluster with (optionally) its FUSE client mounted. `placement` "parent"
+    keeps every directory in group 0 (for tests of replication, not of two-phase
+    commit)."""
 
-    def __init__(self, path: Path, mnt: Path):
-        self.cluster = make_cluster(path)
+    def __init__(self, path: Path, mnt: Path, *, groups: int = 2, placement: str = "spread"):
+        self.cluster = make_cluster(path, groups=groups, placement=placement)
         self.cfg: ClusterConfig = self.cluster.cfg
         self.mnt = mnt
 
@@ -81,12 +85,11 @@ class Running:
         p = Path(self.cfg.log_dir()) / f"{name}.log"
         return p.read_text(errors="replace") if p.exists() else ""
 
-    def primary(self) -> str:
-        st = self.cluster.status()
-        return st["viewserver"]["groups"]["0"]["primary"]
+    def primary(self, group: int = 0) -> str:
+        return self.view(group)["primary"]
 
-    def view(self) -> dict:
-        return self.cluster.status()["viewserver"]["groups"]["0"]
+    def view(self, group: int = 0) -> dict:
+        return self.cluster.status()["viewserver"]["groups"][str(group)]
 
     def sh(self, script: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
         r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=self.mnt,
@@ -96,11 +99,11 @@ class Running:
         return r
 
 
-def compare_replicas(cfg: ClusterConfig) -> dict:
-    """With the cluster stopped: ({server: [blocks that differ from the first server's]},
-    number of blocks compared),
-    over every block the first server's filesystem has allocated (metadata included, the
-    log excluded) and the at-most-once table."""
+def compare_replicas(cfg: ClusterConfig) -> tuple[dict, int]:
+    """With the cluster stopped: ({server: [blocks that differ from its group's first
+    server's]}, number of blocks compared), for every server but each group's first, over
+    every block that group's first server has allocated (metadata included, the log
+    excluded) and the replicated tail (at-most-once table, 2PC decisions)."""
     from replfs.fs.layout import Superblock
     from replfs.raid import open_array
 
@@ -120,10 +123,17 @@ def compare_replicas(cfg: ClusterConfig) -> dict:
             array.close()
 
     async def go():
-        ref = await blocks_of(cfg.servers[0])
-        out = {}
-        for s in cfg.servers[1:]:
-            other = await blocks_of(s)
-            out[s] = sorted(b for b in set(ref) | set(other) if ref.get(b) != other.get(b))
-        return out, len(ref)
+        out, compared = {}, 0
+        for servers in cfg.groups.values():
+            ref = await blocks_of(servers[0])
+            compared += len(ref)
+            for s in servers[1:]:
+                other = await blocks_of(s)
+                out[s] = sorted(b for b in set(ref) | set(other) if ref.get(b) != other.get(b))
+        return out, compared
     return trio.run(go)
+
+
+def followers(cfg: ClusterConfig) -> list[str]:
+    """Every server but each group's first (the keys of compare_replicas's answer)."""
+    return [s for ss in cfg.groups.values() for s in ss[1:]]

@@ -25,27 +25,29 @@ log = logging.getLogger("replfs.cluster")
 REPLFS = [sys.executable, "-m", "replfs.tools.cli"]
 
 
-async def init_cluster(dirpath: str, *, replicas: int = 2, disks: int = 4,
+async def init_cluster(dirpath: str, *, groups: int = 2, replicas: int = 2, disks: int = 4,
                        disk_size: int = 128 * 2**20, proxy: bool = True,
-                       progress=print) -> ClusterConfig:
+                       placement: str = "spread", progress=print) -> ClusterConfig:
     """Write a new cluster in `dirpath`: config, secret, an array and a filesystem per
-    replica (the filesystem leaves the replication tail of the array outside it)."""
+    replica, each made for the replica's group (its inode numbers carry the group); the
+    filesystem leaves the replicated tail of the array outside it."""
     from replfs.fs.mkfs import mkfs
     from replfs.raid import create_array
     from replfs.replication import amo
 
     if os.path.exists(os.path.join(dirpath, "cluster.json")):
         raise ReplfsError(f"{dirpath} already holds a cluster; remove it first to start over")
-    cfg = ClusterConfig.create(dirpath, replicas=replicas, disks=disks, disk_size=disk_size,
-                               proxy=proxy)
+    cfg = ClusterConfig.create(dirpath, groups=groups, replicas=replicas, disks=disks,
+                               disk_size=disk_size, proxy=proxy, placement=placement)
     for s in cfg.servers:
+        group = cfg.group_of(s)
         array = create_array(cfg.server_dir(s), disks, disk_size)
         try:
-            sb = await mkfs(_Shorter(array, array.nblocks - amo.TAIL_BLOCKS))
+            sb = await mkfs(_Shorter(array, array.nblocks - amo.TAIL_BLOCKS), group=group)
             await array.flush()
         finally:
             array.close()
-        progress(f"replfs: {s}: {disks}-disk RAID-5 array, filesystem of "
+        progress(f"replfs: {s} (group {group}): {disks}-disk RAID-5 array, filesystem of "
                  f"{sb.nblocks * 4096 // 2**20} MiB")
     return cfg
 
@@ -191,9 +193,13 @@ class Cluster:
                 raise ReplfsError(f"{what} not ready after {timeout:.0f} s: {view_line(st)}")
             time.sleep(0.1)
 
-    def wait_protected(self, timeout: float = 60.0, group: int = 0) -> dict:
-        """Until the group has a primary and an in-sync backup (view acknowledged)."""
-        return self.wait_until(lambda st: protected(st, group), timeout, "a protected group")
+    def wait_protected(self, timeout: float = 60.0, group: int | None = None) -> dict:
+        """Until the group (every group, by default) has a primary and an in-sync backup
+        (view acknowledged)."""
+        groups = list(self.cfg.groups) if group is None else [group]
+        return self.wait_until(lambda st: all(protected(st, g) for g in groups), timeout,
+                               "every group protected" if group is None
+                               else f"a protected group {group}")
 
     def wait_primary(self, timeout: float = 30.0, group: int = 0, not_: str | None = None) -> dict:
         def ok(st):
@@ -251,16 +257,18 @@ async def gather_status(cfg: ClusterConfig, timeout: float = 2.0) -> dict:
     return out
 
 
-def start_mounted_cluster(base: str, *, disk_size: int = 64 * 2**20, proxy: bool = False):
-    """Init and start a two-replica cluster in `base`/cluster and mount it on `base`/mnt
+def start_mounted_cluster(base: str, *, disk_size: int = 64 * 2**20, proxy: bool = False,
+                          groups: int = 2, placement: str = "spread"):
+    """Init and start a cluster (`groups` groups of two replicas) in `base`/cluster and
+    mount it on `base`/mnt
     (for benchmarks: `replfs bench fs` compares it with the local mount). Returns
     (mountpoint, cluster, stop); `stop()` unmounts and stops every process (idempotent)."""
     from replfs.tools.mountpoints import unmount, wait_mounted
 
     cdir, mnt = os.path.join(base, "cluster"), os.path.join(base, "mnt")
     os.makedirs(mnt, exist_ok=True)
-    trio.run(lambda: init_cluster(cdir, disk_size=disk_size, proxy=proxy,
-                                  progress=lambda *a: None))
+    trio.run(lambda: init_cluster(cdir, groups=groups, disk_size=disk_size, proxy=proxy,
+                                  placement=placement, progress=lambda *a: None))
     cluster = Cluster(cdir)
 
     def stop():

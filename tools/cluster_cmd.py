@@ -24,7 +24,12 @@ LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 def register(sub) -> None:
     p = sub.add_parser("init", help="write a replicated cluster (config, secret, arrays) in DIR")
     p.add_argument("dir")
-    p.add_argument("--replicas", type=int, default=2, help="servers in the group (default 2)")
+    p.add_argument("--groups", type=int, default=2,
+                   help="replica groups the namespace is spread over (default 2)")
+    p.add_argument("--replicas", type=int, default=2, help="servers per group (default 2)")
+    p.add_argument("--placement", default="spread", metavar="spread|parent|N",
+                   help="which group a new directory goes to: spread (by a hash of its "
+                        "name, the default), parent (its parent's group), or group N")
     p.add_argument("--disks", type=int, default=4, help="disks per array (default 4)")
     p.add_argument("--size", default="128M", help="size of each disk image (default 128M)")
     p.add_argument("--no-proxy", action="store_true",
@@ -71,11 +76,14 @@ def _logging() -> None:
 # ---------------------------------------------------------------- init
 def cmd_init(args) -> int:
     from replfs.tools.cluster import init_cluster
-    cfg = trio.run(lambda: init_cluster(args.dir, replicas=args.replicas, disks=args.disks,
-                                        disk_size=parse_size(args.size), proxy=not args.no_proxy))
-    print(f"replfs: cluster in {cfg.dir}: view server on {cfg.ports[VIEWSERVER]}, "
-          + ", ".join(f"{s} on {cfg.ports[s]}" for s in cfg.servers)
-          + (", fault proxy on" if cfg.proxy else "") + (" (secret mode 0600)"))
+    cfg = trio.run(lambda: init_cluster(args.dir, groups=args.groups, replicas=args.replicas,
+                                        disks=args.disks, disk_size=parse_size(args.size),
+                                        proxy=not args.no_proxy, placement=args.placement))
+    print(f"replfs: cluster in {cfg.dir}: view server on {cfg.ports[VIEWSERVER]}; "
+          + "; ".join(f"group {g}: " + ", ".join(f"{s} on {cfg.ports[s]}" for s in ss)
+                      for g, ss in cfg.groups.items())
+          + f"; directories placed by {cfg.placement}"
+          + ("; fault proxy on" if cfg.proxy else "") + " (secret mode 0600)")
     return 0
 
 
@@ -293,6 +301,10 @@ def cmd_status(args) -> int:
             except psutil.Error:
                 pass
         st.setdefault("processes", {})[name] = info
+    st["in_doubt"] = in_doubt(cluster.cfg, st)
+    st["pending_decisions"] = {s: (st["servers"].get(s) or {}).get("pending_decisions", 0)
+                               for s in cluster.cfg.servers
+                               if (st["servers"].get(s) or {}).get("pending_decisions")}
     if args.json:
         print(json.dumps(st, indent=2, default=str))
         return 0
@@ -300,7 +312,42 @@ def cmd_status(args) -> int:
     return 0
 
 
+def in_doubt(cfg, st: dict) -> list[dict]:
+    """Every prepared, undecided 2PC transaction a server reports, oldest first:
+    {server, group, gtid, coordinator, age}."""
+    out = []
+    for s in cfg.servers:
+        for t in (st["servers"].get(s) or {}).get("in_doubt") or []:
+            out.append(dict(server=s, group=cfg.group_of(s), gtid=str(t.get("gtid", "?")),
+                            coordinator=t.get("coordinator"), age=t.get("age")))
+    return sorted(out, key=lambda t: -(t["age"] or 0))
+
+
+def _size(n) -> str:
+    n = float(n or 0)
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "B" or n >= 10 else f"{n:.1f}{unit}"
+        n /= 1024
+    return "?"
+
+
+def _replication(info: dict) -> str:
+    done, total = info.get("sync_progress", [0, 0]) or [0, 0]
+    if info.get("role") == "primary":
+        rep = f"lag {_size(info.get('lag_bytes', 0))}"
+        if total and done < total:
+            rep += f", xfer {done}/{total}"
+        return rep
+    if info.get("role") == "backup":
+        return ("in sync" if info.get("backup_synced") else
+                f"xfer {done}/{total}" if total else "not in sync")
+    return "-"
+
+
 def _print_status(cfg, st: dict) -> None:
+    """The views, the 2PC state, then one row per server, in 80 columns."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -308,39 +355,67 @@ def _print_status(cfg, st: dict) -> None:
     vs = st.get("viewserver") or {}
     if not vs:
         console.print("[red]view server not answering[/red]")
-    for g, v in (vs.get("groups") or {}).items():
-        state = "[red]UNPROTECTED (no backup)[/red]" if v["unprotected"] else "[green]protected[/green]"
+    views = vs.get("groups") or {}
+    for g in sorted(set(cfg.groups) | {int(k) for k in views}):
+        v = views.get(str(g))
+        if v is None:
+            console.print(f"group {g}: [yellow]no view yet[/yellow] "
+                          f"(servers {', '.join(cfg.groups.get(g, []))})")
+            continue
+        state = ("[red]UNPROTECTED (no backup)[/red]" if v["unprotected"] else
+                 "[red]no primary[/red]" if not v["primary"] else "[green]protected[/green]")
         if not v["acked"]:
-            state += " [yellow](view not yet acknowledged: state transfer?)[/yellow]"
+            state += " [yellow](view not acknowledged: state transfer?)[/yellow]"
         console.print(f"group {g}: view {v['view']}  primary {v['primary'] or '-'}  "
                       f"backup {v['backup'] or '-'}  {state}")
-    t = Table(title=f"replfs cluster {cfg.dir}")
-    for col in ("server", "role", "pid", "CPU %", "memory", "array", "log used", "commits",
-                "aborts", "replication"):
-        t.add_column(col)
+    doubts = st.get("in_doubt")
+    if doubts is None:
+        doubts = in_doubt(cfg, st)
+    for t in doubts:
+        age = f"{t['age']:.1f} s" if isinstance(t["age"], (int, float)) else "?"
+        coord = "?" if t["coordinator"] is None else t["coordinator"]
+        console.print(f"[yellow]in doubt:[/yellow] {t['gtid']} on {t['server']} "
+                      f"(coordinator group {coord}) for {age}")
+    if not doubts:
+        console.print("no transactions in doubt")
+    pending = {s: (st["servers"].get(s) or {}).get("pending_decisions")
+               for s in cfg.servers}
+    pending = {s: n for s, n in pending.items() if n}
+    if pending:
+        console.print("decisions not yet acknowledged by every participant: "
+                      + ", ".join(f"{n} on {s}" for s, n in pending.items()))
+    t = Table(title=f"replfs cluster {cfg.dir}", box=box.SIMPLE_HEAD, pad_edge=False,
+              title_justify="left")
+    for col, right in (("srv", False), ("grp", True), ("role", False), ("pid", True),
+                       ("cpu", True), ("mem", True), ("array", False), ("log", True),
+                       ("commit", True), ("abort", True), ("replication", False)):
+        t.add_column(col, justify="right" if right else "left", no_wrap=col != "replication")
     for s in cfg.servers:
         info = st["servers"].get(s) or {}
         proc = st.get("processes", {}).get(s, {})
+        g = str(cfg.group_of(s))
         if not info:
-            t.add_row(s, "[red]down[/red]" if not proc.get("running") else "[yellow]not answering[/yellow]",
-                      str(proc.get("pid") or "-"), "", "", "", "", "", "", "")
+            t.add_row(s, g, "[red]down[/red]" if not proc.get("running")
+                      else "[yellow]silent[/yellow]", str(proc.get("pid") or "-"),
+                      *[""] * 7)
             continue
         txn = info.get("txn", {})
         arr = info.get("array", {})
-        if info["role"] == "primary":
-            done, total = info.get("sync_progress", [0, 0])
-            rep = f"lag {info.get('lag_bytes', 0)} log bytes"
-            if total and done < total:
-                rep += f", transfer {done}/{total} blocks"
-        else:
-            done, total = info.get("sync_progress", [0, 0])
-            rep = ("in sync" if info.get("backup_synced") else
-                   f"transfer {done}/{total}" if total else "not in sync")
-        t.add_row(s, info["role"] + ("" if info["role"] != "primary" or info["serving"] else " (not serving)"),
-                  str(info["pid"]), f"{proc.get('cpu_percent', 0):.0f}",
-                  f"{proc.get('rss', info.get('rss', 0)) / 2**20:.0f} MiB",
-                  f"{arr.get('health', '?')} {arr.get('disks_ok', '?')}/{arr.get('disks', '?')}"
-                  + (f", {arr['repaired']} repaired" if arr.get("repaired") else ""),
-                  f"{txn.get('log_bytes_used', 0) / 2**20:.1f}/{txn.get('log_size', 0) / 2**20:.0f} MiB",
-                  str(txn.get("commits", "")), str(txn.get("aborts", "")), rep)
+        role = info.get("role", "?")
+        if role == "primary" and not info.get("serving", True):
+            role = "primary!"         # primary in its own eyes, but not serving
+        health = str(arr.get("health", "?"))
+        health = "ok" if health == "healthy" else health
+        t.add_row(s, g, role, str(info.get("pid", "-")),
+                  f"{proc.get('cpu_percent', info.get('cpu_percent', 0)) or 0:.0f}%",
+                  _size(proc.get("rss", info.get("rss", 0))),
+                  f"{health} {arr.get('disks_ok', '?')}/{arr.get('disks', '?')}"
+                  + (f" {arr['repaired']} fixed" if arr.get("repaired") else ""),
+                  f"{_size(txn.get('log_bytes_used', 0))}/{_size(txn.get('log_size', 0))}",
+                  str(txn.get("commits", "")), str(txn.get("aborts", "")),
+                  _replication(info))
     console.print(t)
+    if any(not (st["servers"].get(s) or {}).get("serving", True) for s in cfg.servers
+           if (st["servers"].get(s) or {}).get("role") == "primary"):
+        console.print("primary! = primary of its last view, but not serving (cut off from "
+                      "the view server?)")

@@ -13,7 +13,8 @@ from mounthelp import REPLFS
 
 from replfs.replication import wire
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow,
+              pytest.mark.placement("parent")]     # mkdirs of new top-level directories
 
 
 def test_lossy_network_nothing_executed_twice(running):

@@ -18,7 +18,8 @@ def test_init_writes_secret_0600_and_refuses_twice(tmp_path):
     replfs("init", d, "--size", "16M")
     assert stat.S_IMODE(os.stat(d / "secret").st_mode) == 0o600
     cfg = json.loads((d / "cluster.json").read_text())
-    assert cfg["groups"] == {"0": ["s0", "s1"]} and cfg["disks"] == 4
+    assert cfg["groups"] == {"0": ["s0", "s1"], "1": ["s2", "s3"]} and cfg["disks"] == 4
+    assert cfg["placement"] == "spread"
     r = replfs("init", d, check=False)
     assert r.returncode != 0 and "already holds a cluster" in r.stderr
     assert "Traceback" not in r.stderr
