@@ -58,16 +58,21 @@ async def test_fsck_finds_and_repairs_damage(fs):
     from replfs.fs.mkfs import open_fs
     fs2 = await open_fs(fs.mgr.device)
     try:
-        rep = await fsck(fs2)
+        # alone, an inode that no directory names may be named from another group
+        alone = await fsck(fs2)
+        assert "unreachable" not in "\n".join(alone.problems)
+        assert any("named in no directory" in n for n in alone.notes)
+        # external=[]: this filesystem is the whole namespace
+        rep = await fsck(fs2, external=[])
         text = "\n".join(rep.problems)
         assert "link count 5" in text
         assert "unreachable" in text
         assert "not allocated" in text
         assert "marked free" in text
         assert "belong to no inode" in text
-        rep = await fsck(fs2, repair=True)
+        rep = await fsck(fs2, repair=True, external=[])
         assert rep.repaired
-        again = await fsck(fs2)
+        again = await fsck(fs2, external=[])
         assert again.clean, again.problems
         lf = (await fs2.lookup(ROOT, b"lost+found")).ino
         assert (await fs2.lookup(lf, b"#%d" % lost.ino)).ino == lost.ino
