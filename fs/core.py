@@ -27,10 +27,10 @@ import msgpack
 from replfs.crash import crash_point
 from replfs.fs import blockmap, directory
 from replfs.fs.alloc import ByteMap
-from replfs.fs.errors import FsError
+from replfs.fs.errors import ForeignInode, FsError, Stale
 from replfs.fs.layout import (BLOCK_SIZE, INLINE_MAX, MAX_FILE_SIZE, NAME_MAX, ORPHAN_SLOT,
                               ROOT_SLOT, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, SYMLINK_MAX,
-                              XATTR_NAME_MAX, Inode, Superblock, make_ino)
+                              XATTR_NAME_MAX, Inode, Superblock, ino_group, make_ino)
 from replfs.fs.op import Op
 from replfs.txn import TxnAborted, TxnManagerFailed
 
@@ -80,6 +80,31 @@ class Request:
     # awaited as before_commit(txn, result) inside the transaction, just before it
     # commits (the replication server records its at-most-once reply there)
     before_commit: Callable[[Any, Any], Any] | None = None
+
+
+class Part:
+    """One group's share of a distributed operation: a prepared (or committed)
+    transaction and the allocations that follow its fate."""
+
+    def __init__(self, fs: "FileSystem", txn, op: Op | None, results: list):
+        self.fs = fs
+        self.txn = txn
+        self.op = op
+        self.results = results
+
+    async def commit(self):
+        """Commit the prepared transaction; returns its CommitRecord."""
+        rec = await self.txn.commit()
+        if self.op is not None:
+            self.op.committed()
+        else:           # recovered in doubt: which inodes it wrote is not known here
+            self.fs._committed_inodes.clear()
+        return rec
+
+    async def abort(self) -> None:
+        await self.txn.abort()
+        if self.op is not None:
+            self.op.aborted()
 
 
 current_request: ContextVar[Request | None] = ContextVar("replfs_fs_request", default=None)
@@ -610,12 +635,18 @@ class FileSystem:
 
     # ---------------------------------------------------------------- directories
     async def readdir(self, ino: int, start: int, limit: int = READDIR_BATCH):
-        """Up to `limit` (name, Attr, next_offset) from offset `start` (0 = beginning)."""
+        """Up to `limit` (name, Attr, next_offset) from offset `start` (0 = beginning).
+
+        For an entry whose inode lives in another replica group the Attr is replaced by
+        that inode's number (an int): the caller asks the inode's own group."""
         async def fn(op):
             node = await self._dir(op, ino, "S")
             out = []
             for name, cino, typ, nxt in await directory.list_from(op, node, start, limit):
-                out.append((name, Attr.of(cino, await op.inode(cino, "S")), nxt))
+                if ino_group(cino) != self.sb.group:
+                    out.append((name, cino, nxt))   # the caller asks the inode's group
+                else:
+                    out.append((name, Attr.of(cino, await op.inode(cino, "S")), nxt))
             return out
         return await self._run("readdir", fn, readonly=True)
 
@@ -691,6 +722,157 @@ class FileSystem:
             await op.write_block(node.xattr_block, 0, body, undo=not fresh)
         node.ctime_ns = _now()
         await op.put(ino, node)
+
+    # ---------------------------------------------------------------- distributed parts
+    # An operation that spans replica groups (replication/twopc.py) is planned from
+    # unlocked reads (`entry`, `dir_info`) and then runs as one *part* per group: a list
+    # of steps on that group's own objects, in one transaction, under strict 2PL. Each
+    # step re-checks what the plan assumed and raises `Stale` if it changed (the
+    # coordinator plans again) or FsError for a real error (the operation fails).
+
+    async def entry(self, parent: int, name: bytes) -> list | None:
+        """[ino, type] that `name` names in directory `parent` (no lock kept), or None."""
+        async def fn(op):
+            pnode = await self._dir(op, parent, "S")
+            if len(name) > NAME_MAX:
+                raise FsError(errno.ENAMETOOLONG, "name too long")
+            ent = await directory.lookup(op, pnode, name)
+            return None if ent is None else [ent[0], ent[1]]
+        return await self._run("entry", fn, readonly=True)
+
+    async def dir_info(self, ino: int) -> dict:
+        """A directory's parent, entry count, link count, mode and group id."""
+        async def fn(op):
+            node = await self._dir(op, ino, "S")
+            return dict(parent=node.parent or ino, entries=node.dir_entries, nlink=node.nlink,
+                        mode=node.mode, gid=node.gid)
+        return await self._run("dir_info", fn, readonly=True)
+
+    async def run_part(self, steps: list, finish, *, lock_timeout: float | None = None,
+                       name: str = "part") -> "Part":
+        """Run `steps` (see `_step`) in one transaction, then `await finish(txn, results)`
+        instead of committing (it prepares the transaction, or commits it). One attempt:
+        a deadlock or lock timeout raises the txn layer's `Retryable`, for the caller to
+        abort the whole distributed operation and retry it. Returns a `Part`."""
+        if self.failsafe:
+            raise FsError(errno.EROFS, f"filesystem in failsafe mode: {self.failsafe}")
+        box: list = []
+
+        async def attempt(txn):
+            op = Op(self, txn)
+            op.lock_timeout = lock_timeout
+            box.append(op)
+            results = [await self._step(op, st) for st in steps]
+            await finish(txn, results)
+            return results
+
+        try:
+            results = await self.mgr.run(attempt, name=name, retries=0)
+        except BaseException:
+            if box:
+                box[-1].aborted()
+            raise
+        op = box[-1]
+        part = Part(self, op.txn, op, results)
+        if op.txn.state == "committed":
+            op.committed()
+        return part
+
+    def resume_part(self, txn) -> "Part":
+        """A transaction recovered in doubt (its Op is gone): it can still be decided."""
+        return Part(self, txn, None, [])
+
+    async def _step(self, op: Op, st: list):
+        kind, args = st[0], st[1:]
+        now = _now()
+        if kind == "unlink_entry":          # dir, name, expected ino, dir nlink delta
+            d, name, expect, delta = args
+            pnode = await self._dir(op, d, "X")
+            ent = await directory.lookup(op, pnode, name)
+            if ent is None or ent[0] != expect:
+                raise Stale(f"{name!r} in {d:#x} changed")
+            await directory.remove(op, pnode, name)
+            pnode.nlink += delta
+            pnode.mtime_ns = pnode.ctime_ns = now
+            await op.put(d, pnode)
+            return None
+        if kind == "link_entry":            # dir, name, ino, type, replaced ino (0), dir nlink delta
+            d, name, ino, typ, old, delta = args
+            directory.check_name(name)
+            pnode = await self._dir(op, d, "X")
+            ent = await directory.lookup(op, pnode, name)
+            if (ent[0] if ent else 0) != old:
+                raise Stale(f"{name!r} in {d:#x} changed")
+            if delta > 0 and pnode.nlink >= LINK_MAX:
+                raise FsError(errno.EMLINK, "too many subdirectories")
+            if old:
+                await directory.replace(op, pnode, name, ino, typ)
+            else:
+                await directory.insert(op, pnode, name, ino, typ)
+            pnode.nlink += delta
+            pnode.mtime_ns = pnode.ctime_ns = now
+            await op.put(d, pnode)
+            return None
+        if kind == "replace_entry":         # dir, name, expected ino, new ino, new type, dir nlink delta
+            d, name, expect, ino, typ, delta = args
+            pnode = await self._dir(op, d, "X")
+            ent = await directory.lookup(op, pnode, name)
+            if ent is None or ent[0] != expect:
+                raise Stale(f"{name!r} in {d:#x} changed")
+            await directory.replace(op, pnode, name, ino, typ)
+            pnode.nlink += delta
+            pnode.mtime_ns = pnode.ctime_ns = now
+            await op.put(d, pnode)
+            return None
+        if kind == "move_child":            # ino, is dir, old parent, new parent (0: same)
+            ino, is_dir, old_parent, new_parent = args
+            node = await op.inode(ino, "X")
+            if node.nlink == 0 or node.is_dir != is_dir:
+                raise Stale(f"inode {ino:#x} changed")
+            if new_parent:
+                if node.parent != old_parent:
+                    raise Stale(f"directory {ino:#x} moved")
+                node.parent = new_parent
+            node.ctime_ns = now
+            await op.put(ino, node)
+            return None
+        if kind == "drop_link":             # ino, is dir
+            ino, is_dir = args
+            node = await op.inode(ino, "X")
+            if node.nlink == 0 or node.is_dir != is_dir:
+                raise Stale(f"inode {ino:#x} changed")
+            if node.is_dir and node.dir_entries:
+                raise FsError(errno.ENOTEMPTY, f"directory {ino:#x} is not empty")
+            await self._drop_link(op, ino, node)
+            return None
+        if kind == "add_link":              # ino
+            (ino,) = args
+            node = await op.inode(ino, "X")
+            if node.is_dir:
+                raise FsError(errno.EPERM, "hard links to directories are not allowed")
+            if node.nlink == 0:
+                raise FsError(errno.ENOENT, "the file was removed")
+            if node.nlink >= LINK_MAX:
+                raise FsError(errno.EMLINK, "too many links")
+            node.nlink += 1
+            node.ctime_ns = now
+            await op.put(ino, node)
+            return Attr.of(ino, node)
+        if kind == "new_dir":               # parent (another group's), mode, uid, gid
+            parent, mode, uid, gid = args
+            node = Inode(mode=(mode & 0o7777) | S_IFDIR, uid=uid, gid=gid, nlink=2,
+                         atime_ns=now, mtime_ns=now, ctime_ns=now, parent=parent)
+            ino = await op.new_inode(node)
+            await directory.init(op, node)
+            await op.put(ino, node)
+            return Attr.of(ino, node)
+        if kind == "expect_parent":         # dir, its parent
+            d, parent = args
+            node = await self._dir(op, d, "S")
+            if (node.parent or d) != parent:
+                raise Stale(f"directory {d:#x} moved")
+            return None
+        raise FsError(errno.EINVAL, f"unknown step {kind!r}")
 
     async def close(self) -> None:
         """Checkpoint and close the transaction manager (the device stays open)."""

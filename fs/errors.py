@@ -32,3 +32,11 @@ class ForeignInode(FsError):
     def __init__(self, ino: int):
         super().__init__(18, f"inode {ino:#x} is in replica group {ino >> 48}")  # EXDEV
         self.ino = ino
+
+
+class Stale(FsError):
+    """A distributed operation's plan no longer matches the state (a name or a parent
+    changed since it was read): the coordinator plans again (errno EAGAIN)."""
+
+    def __init__(self, what: str):
+        super().__init__(11, what)

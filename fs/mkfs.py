@@ -103,6 +103,8 @@ async def open_fs(device, *, history=None, lock_timeout: float = 10.0,
     await mgr.run(load, name="load-maps")
     fs = FileSystem(sb, mgr, ByteMap("blocks", sb.bmap_start, sb.nblocks, sb.data_start, maps["blocks"]),
                     ByteMap("inodes", sb.imap_start, sb.ninodes, FIRST_FREE_SLOT, maps["inodes"]))
-    if reclaim and not _creating:   # reclaim=False: clients may still hold orphans (replication)
+    # reclaim=False: clients may still hold orphans (replication); prepared transactions
+    # in doubt hold their locks until their coordinator decides: reclaim next time
+    if reclaim and not _creating and not mgr.in_doubt():
         fs.orphans_reclaimed = await fs.reclaim_orphans()
     return fs

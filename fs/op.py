@@ -30,6 +30,7 @@ class Op:
         self.freed_blocks: list[int] = []
         self.alloc_inodes: list[int] = []
         self.freed_inodes: list[int] = []
+        self.lock_timeout: float | None = None     # None: the lock table's default
 
     # ------------------------------------------------------------ inodes
     def _slot(self, ino: int) -> int:
@@ -48,7 +49,7 @@ class Op:
         held = self._modes.get(key)
         if held == "X" or held == mode:
             return
-        await self.txn.lock(key, mode)
+        await self.txn.lock(key, mode, self.lock_timeout)
         self._modes[key] = mode
 
     async def inode(self, ino: int, mode: str = "S", *, must_exist: bool = True) -> Inode:

@@ -50,18 +50,20 @@ from dataclasses import dataclass, field
 import trio
 
 from replfs.fs.core import Request, current_request
-from replfs.fs.errors import FsError
+from replfs.fs.errors import ForeignInode, FsError
 from replfs.fs.mkfs import open_fs
 from replfs.replication import amo, wire
 from replfs.replication.config import VIEWSERVER, ClusterConfig
+from replfs.replication.twopc import DISTRIBUTED, TX_METHODS, TwoPhase
 from replfs.replication.viewserver import View
+from replfs.txn.records import tuplify
 
 log = logging.getLogger("replfs.server")
 
 UPDATES = frozenset({"setattr", "mknod", "create", "mkdir", "symlink", "link", "unlink",
                      "rmdir", "forget", "rename", "write", "setxattr", "removexattr"})
 READS = frozenset({"lookup", "getattr", "readlink", "read", "readdir", "statfs",
-                   "getxattr", "listxattr"})
+                   "getxattr", "listxattr", "entry", "dir_info"})
 CHUNK = 64                  # blocks per state-transfer message
 ACK_TIMEOUT = 5.0
 FORWARD_MAX = 2**20     # bytes of after-images per forward batch
@@ -180,6 +182,8 @@ class ReplicaServer:
                           refused_forwards=0, execute_seconds=0.0, ack_wait_seconds=0.0)
         self.lease = cfg.dead_pings * cfg.ping_interval
         self.boot = secrets.token_hex(8)
+        self.twopc = TwoPhase(self)
+        self.replica_parts: dict[str, object] = {}     # backup: gtid -> prepared Txn
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -190,6 +194,7 @@ class ReplicaServer:
                 self._nursery = nursery
                 port = await nursery.start(wire.serve, self.cfg.ports[self.name], self.secret,
                                            self._on_connection)
+                await self.twopc.start(nursery)
                 nursery.start_soon(self._pinger)
                 nursery.start_soon(self._applier)
                 log.info("server %s (group %d) listening on %d", self.name, self.group, port)
@@ -261,8 +266,10 @@ class ReplicaServer:
         self._nursery.start_soon(self._pump, self.fs.mgr.subscribe(), send, self.primary.pump)
         self.role = "primary"
         self.backup_synced = False
+        self.replica_parts.clear()
         log.info("promoted to primary of view %d (incarnation %s)", v.num,
                  self.primary.incarnation)
+        await self.twopc.on_promote(self.primary)
 
     async def _demote(self) -> None:
         log.warning("no longer primary (view %d)", self.view.num)
@@ -273,6 +280,7 @@ class ReplicaServer:
             self.primary.pump.cancel()
             self.primary.commits.close()     # waiting fsyncs see the role gone
         self.primary = None
+        self.twopc.on_demote()
         self.role = "idle"
         self.backup_synced = False
         # in-flight operations finish (and fail) before we accept a backup's forwards
@@ -421,11 +429,21 @@ class ReplicaServer:
             for i in range(0, len(plan), CHUNK):
                 chunk = plan[i:i + CHUNK]
                 last_lsn = await self._forward_ready(ch, v, p, last_lsn)
-                await self.gate.close()
+                while True:
+                    await self.gate.close()
+                    if not self.fs.mgr.in_doubt():
+                        break
+                    # a prepared (2PC) transaction's bytes are not committed state:
+                    # wait until it is decided, refusing new prepares meanwhile
+                    self.twopc.transfer_waiting = True
+                    await self.gate.open()
+                    last_lsn = await self._forward_ready(ch, v, p, last_lsn)
+                    await trio.sleep(0.02)
                 try:
                     recs = self._drain(p)
                     datas = await self._read_blocks(chunk)
                 finally:
+                    self.twopc.transfer_waiting = False
                     await self.gate.open()
                 if recs:
                     last_lsn = await self._send_forward(ch, v, p, recs)
@@ -462,7 +480,9 @@ class ReplicaServer:
     async def _send_forward(self, ch, v: View, p: Primary, batch) -> int:
         lsn = batch[-1].lsn
         p.unacked.append((lsn, {c.block for r in batch for c in r.changes}))
-        records = [[r.lsn, [[c.block, c.offset, c.data] for c in r.changes]] for r in batch]
+        records = [[r.lsn, [[c.block, c.offset, c.data] for c in r.changes], r.kind,
+                    r.payload if isinstance(r.payload, dict) else None, list(r.locks)]
+                   for r in batch]
         await self._call(ch, wire.Forward(v.num, self.name, records))
         p.acked_lsn = max(p.acked_lsn, lsn)
         self.stats["forwarded_batches"] += 1
@@ -526,6 +546,10 @@ class ReplicaServer:
         self._check_serving()
         p = self.primary
         key = (req.client, req.lane)
+        if req.method in TX_METHODS:
+            # idempotent by transaction id; retransmissions wait for the first
+            return await self._once((req.client, req.lane, req.seq),
+                                    lambda: self._execute_tx(req))
         if req.method in UPDATES:
             prev = p.table.lookup(key)
             if prev is not None and req.seq <= prev[0]:
@@ -534,27 +558,8 @@ class ReplicaServer:
                     return None, 0, "stale request"
                 await self._wait_acked(p, p.committed_lsn)   # it may not be acked yet
                 return wire.unpack_value(prev[1]), 0, ""
-            ikey = (req.client, req.lane, req.seq)
-            running = self._inflight.get(ikey)
-            if running is not None:     # a retransmission while the first is running
-                self.stats["duplicates"] += 1
-                await running.done.wait()
-                if isinstance(running.result, Exception):
-                    raise running.result
-                return running.result
-            running = self._inflight[ikey] = _Inflight()
-            try:
-                running.result = await self._execute_update(p, key, req)
-                return running.result
-            except Exception as exc:
-                running.result = exc
-                raise
-            except BaseException:
-                running.result = NotPrimaryError("interrupted")
-                raise
-            finally:
-                running.done.set()
-                del self._inflight[ikey]
+            return await self._once((req.client, req.lane, req.seq),
+                                    lambda: self._execute_update(p, key, req))
         if req.method == "fsync":
             await self.fs.fsync()
             await self._wait_acked(p, p.committed_lsn)
@@ -569,10 +574,60 @@ class ReplicaServer:
             raise wire.ProtocolError(f"unknown method {req.method!r}")
         try:
             return await getattr(self.fs, req.method)(*req.args, **req.kwargs), 0, ""
+        except ForeignInode as exc:     # the client asks the inode's own group
+            return exc.ino, exc.errno, str(exc)
+        except FsError as exc:
+            return None, exc.errno, str(exc)
+
+    async def _once(self, ikey, run):
+        """Run `run()` once per (client, lane, seq); a retransmission that arrives while
+        it runs waits for its result."""
+        running = self._inflight.get(ikey)
+        if running is not None:     # a retransmission while the first is running
+            self.stats["duplicates"] += 1
+            await running.done.wait()
+            if isinstance(running.result, Exception):
+                raise running.result
+            return running.result
+        running = self._inflight[ikey] = _Inflight()
+        try:
+            running.result = await run()
+            return running.result
+        except Exception as exc:
+            running.result = exc
+            raise
+        except BaseException:
+            running.result = NotPrimaryError("interrupted")
+            raise
+        finally:
+            running.done.set()
+            del self._inflight[ikey]
+
+    async def _execute_tx(self, req: wire.OpRequest):
+        """2PC messages between group primaries (replication/twopc.py)."""
+        a = req.args
+        try:
+            if req.method == "tx_prepare":
+                gtid, coord, steps = a
+                if not (isinstance(gtid, str) and isinstance(coord, int) and isinstance(steps, list)
+                        and all(isinstance(st, list) and st and isinstance(st[0], str)
+                                for st in steps)):
+                    raise wire.ProtocolError("malformed tx_prepare")
+                return await self.twopc.prepare(gtid, coord, steps), 0, ""
+            if req.method == "tx_decide":
+                gtid, commit = a
+                return await self.twopc.decide(str(gtid), bool(commit)), 0, ""
+            (gtid,) = a
+            return self.twopc.query(str(gtid)), 0, ""
         except FsError as exc:
             return None, exc.errno, str(exc)
 
     async def _execute_update(self, p: Primary, key, req: wire.OpRequest):
+        if req.method == "mkdir" and len(req.args) >= 2:
+            target = self.twopc.placement(req.args[0], req.args[1])
+            if target != self.group:
+                args = (req.args, dict(req.kwargs, group=target))
+                return await self.twopc.execute(p, key, req, args)
         packed = {}
 
         async def before_commit(txn, result):
@@ -587,12 +642,18 @@ class ReplicaServer:
             reset = current_request.set(token)
             try:
                 result = await getattr(self.fs, req.method)(*req.args, **req.kwargs)
+            except ForeignInode as exc:
+                if req.method not in DISTRIBUTED:
+                    return exc.ino, exc.errno, str(exc)
+                result = exc
             except FsError as exc:
                 return None, exc.errno, str(exc)
             finally:
                 current_request.reset(reset)
         finally:
             await self.gate.leave()
+        if isinstance(result, ForeignInode):        # it spans groups: two-phase commit
+            return await self.twopc.execute(p, key, req)
         self.stats["ops"] += 1
         t1 = time.perf_counter()
         self.stats["execute_seconds"] += t1 - t0
@@ -655,9 +716,13 @@ class ReplicaServer:
                 continue
             group, size = [], 0
             while self._applyq and (not group or size < APPLY_MAX):
+                if group and self._applyq[0][0][0] == "2pc":
+                    break
                 item, nbytes = self._applyq.pop(0)
                 group.append(item)
                 size += nbytes
+                if item[0] == "2pc":
+                    break
             changes: list = []
             pos = None
             synced, inc = self._q_synced, self._q_inc
@@ -673,6 +738,10 @@ class ReplicaServer:
                     changes.extend(item[1])
                 elif kind == "synced":
                     synced, inc, pos = True, item[1], (item[1], item[2])
+                elif kind == "2pc":
+                    await self._apply_2pc(*item[1:6])
+                    if synced:
+                        pos = (inc, item[6])
             await self._apply(changes, pos)
             self._q_synced, self._q_inc = synced, inc
             self.backup_synced = synced
@@ -680,6 +749,49 @@ class ReplicaServer:
             self._applied += len(group)
             self.stats["applied_batches"] += 1
             self._notify()
+
+    async def _apply_2pc(self, kind: str, gtid: str, changes: list, payload, locks: list) -> None:
+        """The backup's copy of a participant's prepared transaction: PREPARE makes a
+        local prepared transaction (same bytes, same locks: it survives our restart
+        and our promotion in doubt); COMMIT/ABORT end it. Without the local copy (we
+        were away when it prepared) the after-/before-images are applied as they come."""
+        mgr = self.fs.mgr
+        async with self.apply_lock:
+            if kind == "prepare":
+                txn = mgr.begin("replica-prepare")
+                try:
+                    for b, o, d in changes:
+                        await txn.write(b, o, d)
+                    for k in locks:
+                        txn.lock_nowait(k, "X")
+                    await txn.prepare(payload)
+                except BaseException:
+                    await txn.abort()
+                    raise
+                self.replica_parts[gtid] = txn
+                return
+            txn = self.replica_parts.pop(gtid, None)
+            if txn is None:
+                for t in mgr.in_doubt():
+                    if isinstance(t.payload, dict) and t.payload.get("gtid") == gtid:
+                        txn = t
+                        break
+            if txn is not None:
+                if kind == "commit":
+                    await txn.commit()
+                else:
+                    await txn.abort()
+            elif changes:
+                await mgr.apply(changes)
+
+    async def _abort_local_in_doubt(self) -> None:
+        """A backup (re)joining: its own prepared transactions are not the primary's
+        truth any more (the primary decided them or still holds them): undo them; the
+        state transfer brings whatever the primary has."""
+        async with self.apply_lock:
+            for txn in self.fs.mgr.in_doubt():
+                await txn.abort()
+            self.replica_parts.clear()
 
     def _durable_for(self, incarnation: str) -> int:
         return self.position[1] if self.position[0] == incarnation and self.position[0] else 0
@@ -690,6 +802,7 @@ class ReplicaServer:
         if await self._refuse(ch, msg):
             return
         await self._wait_applied()          # report the position that is on disk
+        await self._abort_local_in_doubt()
         await ch.send(wire.SyncPosition(*self.position))
         self.sync_incarnation = msg.incarnation
         self._enqueue(("unsync", msg.incarnation), 0)   # no position until SyncDone
@@ -707,9 +820,22 @@ class ReplicaServer:
     async def _on_forward(self, ch: wire.Channel, msg: wire.Forward) -> None:
         if await self._refuse(ch, msg):
             return
-        changes = [(b, o, d) for _, cs in msg.records for b, o, d in cs]
+        changes: list = []
         lsn = msg.records[-1][0]
-        self._enqueue(("fwd", changes, lsn), sum(len(c[2]) for c in changes))
+        for rlsn, cs, kind, payload, locks in msg.records:
+            gtid = payload.get("gtid") if isinstance(payload, dict) else None
+            if kind == "commit" and gtid is None:
+                changes.extend((b, o, d) for b, o, d in cs)
+                continue
+            # a 2PC event (replication/twopc.py): applied in its place in the order
+            if changes:
+                self._enqueue(("fwd", changes, rlsn), sum(len(c[2]) for c in changes))
+                changes = []
+            item = ("2pc", kind, str(gtid), [(b, o, d) for b, o, d in cs], payload,
+                    [tuplify(k) for k in locks], rlsn)
+            self._enqueue(item, sum(len(c[2]) for c in cs))
+        if changes:
+            self._enqueue(("fwd", changes, lsn), sum(len(c[2]) for c in changes))
         self.applied_lsn = lsn
         await ch.send(wire.Ack(lsn, self._durable_for(self.sync_incarnation)))
 
@@ -800,7 +926,16 @@ class ReplicaServer:
                    rss=proc.memory_info().rss, stats=dict(self.stats),
                    array=_array_summary(self.array),
                    txn=mgr.stats() if mgr is not None else {},
-                   backup_synced=self.backup_synced)
+                   backup_synced=self.backup_synced,
+                   in_doubt=self.twopc.in_doubt() if self.role == "primary" else [
+                       dict(gtid=str((t.payload or {}).get("gtid", t.id))
+                            if isinstance(t.payload, dict) else str(t.id),
+                            coordinator=(t.payload or {}).get("coord", -1)
+                            if isinstance(t.payload, dict) else -1, age=None, replica=True)
+                       for t in (mgr.in_doubt() if mgr is not None else [])],
+                   pending_decisions=len(self.twopc.table.entries)
+                   if self.role == "primary" and self.twopc.table is not None else 0,
+                   twopc=dict(self.twopc.stats))
         if p is not None:
             out.update(incarnation=p.incarnation, committed_lsn=p.committed_lsn,
                        acked_lsn=p.acked_lsn, lag_bytes=max(0, p.committed_lsn - p.acked_lsn),
@@ -829,7 +964,8 @@ def _check_op(msg: wire.OpRequest) -> None:
             and isinstance(msg.args, list) and isinstance(msg.kwargs, dict)
             and all(isinstance(k, str) for k in msg.kwargs)):
         raise wire.ProtocolError("malformed op request")
-    if msg.method not in UPDATES and msg.method not in READS and msg.method != "fsync":
+    if (msg.method not in UPDATES and msg.method not in READS and msg.method != "fsync"
+            and msg.method not in TX_METHODS):
         raise wire.ProtocolError(f"unknown method {msg.method!r}")
 
 
@@ -838,9 +974,11 @@ def _check_link(msg) -> None:
         raise wire.ProtocolError(f"malformed {msg.TAG}")
     if isinstance(msg, wire.Forward):
         ok = isinstance(msg.records, list) and msg.records and all(
-            isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], list)
+            isinstance(r, list) and len(r) == 5 and isinstance(r[0], int) and isinstance(r[1], list)
             and all(isinstance(c, list) and len(c) == 3 and isinstance(c[0], int)
                     and isinstance(c[1], int) and isinstance(c[2], bytes) for c in r[1])
+            and r[2] in ("commit", "prepare", "abort") and (r[3] is None or isinstance(r[3], dict))
+            and isinstance(r[4], list)
             for r in msg.records)
     elif isinstance(msg, wire.Snapshot):
         ok = isinstance(msg.blocks, list) and all(

@@ -80,11 +80,19 @@ class CommitRecord:
     """What replication ships for a committed transaction, in commit (LSN) order.
 
     `lsn` is the COMMIT record's LSN (None for a read-only transaction, which logs
-    nothing and is not published)."""
+    nothing and is not published).
+
+    Subscribers also receive, in the same LSN order, the 2PC events of a transaction:
+    `kind="prepare"` once its PREPARE is durable (`changes` = its after-images so far,
+    `locks` = the X-locked keys, `payload` = the PREPARE payload), then either
+    `kind="commit"` (changes = all its after-images, payload = the PREPARE payload) or
+    `kind="abort"` (changes = the before-images its undo put back, newest first)."""
     lsn: int | None
     txn: int
     changes: tuple[Change, ...]
     payload: Any = None
+    kind: str = "commit"
+    locks: tuple = ()
 
 
 class _Upd(NamedTuple):
@@ -173,13 +181,13 @@ class Txn:
         if self.mgr.history is not None:
             self.mgr.history.write(self.id, key)
 
-    async def prepare(self, payload: Any = None) -> None:
-        """2PC vote YES: log PREPARE (payload + X-locked keys) and force it.
+    async def prepare(self, payload: Any = None) -> int:
+        """2PC vote YES: log PREPARE (payload + X-locked keys) and force it; returns its LSN.
 
         Afterwards the transaction can only `commit()` or `abort()`; it survives a crash
         in doubt (see `TxnManager.in_doubt`)."""
         self._check_usable()
-        await self.mgr._prepare(self, payload)
+        return await self.mgr._prepare(self, payload)
 
     async def commit(self, payload: Any = None, *, durable: bool = True) -> CommitRecord:
         """Log COMMIT (with `payload`), force the log, release the locks.
@@ -577,11 +585,17 @@ class TxnManager:
             txn.first_lsn = lsn
         txn.payload = payload
         txn.state = "preparing"
+        if self._subscribers:
+            self._unpublished.append((end, CommitRecord(
+                lsn, txn.id, tuple(Change(u.block, u.offset, u.new) for u in txn.updates),
+                payload, "prepare", tuple(locks))))
         crash_point("txn.prepare.appended")
         with trio.CancelScope(shield=True):
             await self.log.force(end)
         txn.state = "prepared"
         crash_point("txn.prepare.durable")
+        self._publish()
+        return lsn
 
     async def _commit(self, txn: Txn, payload: Any, durable: bool = True) -> CommitRecord:
         prepared = txn.state == "prepared"
@@ -657,11 +671,18 @@ class TxnManager:
             try:
                 await self._undo(txn)
                 if txn.first_lsn is not None and self.log.failed is None:
-                    _, end = self.log.append(Abort(txn.id), reserved=ABORT_SIZE)
+                    lsn, end = self.log.append(Abort(txn.id), reserved=ABORT_SIZE)
                     txn.reserved -= ABORT_SIZE
+                    if was_prepared and self._subscribers:
+                        self._unpublished.append((end, CommitRecord(
+                            lsn, txn.id, tuple(Change(u.block, u.offset, u.old)
+                                               for u in reversed(txn.updates)
+                                               if u.old is not None),
+                            txn.payload, "abort")))
                     crash_point("txn.abort.logged")
                     if was_prepared:   # the coordinator may forget us once we answer
                         await self.log.force(end)
+                        self._publish()
             finally:
                 await self._finish(txn, "aborted")
 

@@ -61,7 +61,7 @@ def test_forwards_from_a_deposed_primary_are_refused(running):
     async def forward():
         ch = await wire.connect(cfg.direct(backup), cfg.secret(), "test")
         try:
-            await ch.send(wire.Forward(st["view"], "impostor", [[1, [[100, 0, b"x"]]]]))
+            await ch.send(wire.Forward(st["view"], "impostor", [[1, [[100, 0, b"x"]], "commit", None, []]]))
             with trio.fail_after(10):
                 return await ch.receive()
         finally:
