@@ -349,6 +349,7 @@ def _print_status(cfg, st: dict) -> None:
     """The views, the 2PC state, then one row per server, in 80 columns."""
     from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -371,21 +372,22 @@ def _print_status(cfg, st: dict) -> None:
     doubts = st.get("in_doubt")
     if doubts is None:
         doubts = in_doubt(cfg, st)
-    for t in doubts:
-        age = f"{t['age']:.1f} s" if isinstance(t["age"], (int, float)) else "?"
-        coord = "?" if t["coordinator"] is None else t["coordinator"]
-        console.print(f"[yellow]in doubt:[/yellow] {t['gtid']} on {t['server']} "
-                      f"(coordinator group {coord}) for {age}")
-    if not doubts:
-        console.print("no transactions in doubt")
     pending = {s: (st["servers"].get(s) or {}).get("pending_decisions")
                for s in cfg.servers}
     pending = {s: n for s, n in pending.items() if n}
+    for t in doubts:
+        age = f"{t['age']:.1f} s" if isinstance(t["age"], (int, float)) else "?"
+        coord = "?" if t["coordinator"] is None else t["coordinator"]
+        console.print(f"[yellow]in doubt:[/yellow] {escape(t['gtid'])} on {t['server']} "
+                      f"(coordinator group {coord}) for {age}")
     if pending:
-        console.print("decisions not yet acknowledged by every participant: "
+        console.print(("" if doubts else "no transactions in doubt; ")
+                      + "decisions not yet acknowledged by every participant: "
                       + ", ".join(f"{n} on {s}" for s, n in pending.items()))
+    elif not doubts:
+        console.print("no transactions in doubt, no decisions pending")
     t = Table(title=f"replfs cluster {cfg.dir}", box=box.SIMPLE_HEAD, pad_edge=False,
-              title_justify="left")
+              show_edge=False, collapse_padding=True, title_justify="left")
     for col, right in (("srv", False), ("grp", True), ("role", False), ("pid", True),
                        ("cpu", True), ("mem", True), ("array", False), ("log", True),
                        ("commit", True), ("abort", True), ("replication", False)):
