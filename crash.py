@@ -19,8 +19,8 @@ _counts: dict[str, int] = {}
 _log: str | None = None
 
 
-def _parse() -> dict[str, int]:
-    spec = os.environ.get("REPLFS_CRASH_AT", "")
+def _parse(spec: str | None = None) -> dict[str, int]:
+    spec = os.environ.get("REPLFS_CRASH_AT", "") if spec is None else spec
     out: dict[str, int] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, n = item.partition(":")
@@ -33,6 +33,18 @@ def reset() -> None:
     global _targets
     _targets = None
     _counts.clear()
+
+
+def arm(spec: str) -> None:
+    """Add crash points at run time (`replfs fault crash-at`: a running server is told
+    over its authenticated connection). Same syntax as the variable; counts start now."""
+    global _targets, _log
+    if _targets is None:
+        _targets = _parse()
+        _log = os.environ.get("REPLFS_CRASH_LOG") or None
+    for name, n in _parse(spec).items():
+        _targets[name] = n
+        _counts[name] = 0
 
 
 def crash_point(name: str) -> None:

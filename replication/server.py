@@ -895,6 +895,11 @@ class ReplicaServer:
                     nursery.start_soon(self._serve_op, ch, msg)
                 elif isinstance(msg, wire.StatusRequest):
                     await ch.send(wire.StatusReply(self.status()))
+                elif isinstance(msg, wire.CrashAt) and isinstance(msg.spec, str):
+                    from replfs import crash
+                    crash.arm(msg.spec)
+                    log.warning("crash points armed: %s", msg.spec)
+                    await ch.send(wire.StatusReply({"armed": msg.spec}))
                 else:
                     raise wire.ProtocolError(f"a server does not take {msg.TAG}")
 

@@ -123,6 +123,14 @@ class StatusReply:
     info: dict
 
 
+@message
+class CrashAt:
+    """Arm crash points in a running server (`replfs fault crash-at`; crash.py syntax).
+    Answered with StatusReply({"armed": spec})."""
+    TAG: ClassVar[str] = "crash-at"
+    spec: str
+
+
 # client -> primary
 @message
 class OpRequest:

@@ -5,7 +5,8 @@
   directions, through the cluster's fault proxy;
 - `loss DIR A B --request P --reply Q`: drop frames from A to B with probability P and
   from B to A with probability Q;
-- `heal DIR`: remove every partition and loss.
+- `heal DIR`: remove every partition and loss;
+- `crash-at DIR --server S NAME[:N]`: arm a named crash point in a running server.
 """
 
 from __future__ import annotations
@@ -108,6 +109,42 @@ def _run_heal(args) -> int:
     return 0
 
 
+def _run_crash_at(args) -> int:
+    import trio
+
+    from replfs.replication import wire
+    cluster = _cluster(args.dir)
+    cfg = cluster.cfg
+    cfg.group_of(args.server)
+
+    async def go():
+        with trio.fail_after(5):
+            ch = await wire.connect(cfg.direct(args.server), cfg.secret(), "fault")
+            try:
+                await ch.send(wire.CrashAt(args.point))
+                return await ch.receive()
+            finally:
+                await ch.aclose()
+    try:
+        r = trio.run(go)
+    except (trio.TooSlowError, *wire.CONN_ERRORS) as exc:
+        raise ReplfsError(f"{args.server} did not answer ({exc}); is the cluster up? "
+                          f"(`replfs status {args.dir}`)") from None
+    if not isinstance(r, wire.StatusReply):
+        raise ReplfsError(f"{args.server} answered {r.TAG}")
+    print(f"replfs: {args.server} will crash (exit 77) at {args.point}")
+    return 0
+
+
+def _register_crash_at(fsub) -> None:
+    p = fsub.add_parser("crash-at", help="arm a named crash point in a running server")
+    p.add_argument("dir", help="cluster directory")
+    p.add_argument("--server", required=True, help="which server (s0, s1, ...)")
+    p.add_argument("point", help="NAME[:N]: crash the N-th time it passes NAME "
+                                 "(e.g. 2pc.coord.logged, 2pc.part.prepared)")
+    p.set_defaults(func=_run_crash_at)
+
+
 def _register_kill(fsub) -> None:
     p = fsub.add_parser("kill", help="kill (or stop/continue) one replica server")
     p.add_argument("dir", help="cluster directory")
@@ -140,4 +177,4 @@ def _register_heal(fsub) -> None:
     p.set_defaults(func=_run_heal)
 
 
-FAULTS = [_register_kill, _register_partition, _register_loss, _register_heal]
+FAULTS = [_register_kill, _register_partition, _register_loss, _register_heal, _register_crash_at]
