@@ -366,6 +366,19 @@ async def fsck(fs, repair: bool = False, external: Iterable[Entry] | None = None
     return rep
 
 
+async def _run(fs, fn):
+    """Run `fn(op)` as one transaction; the in-memory state (allocation maps, the cache
+    of committed inodes) follows as after any filesystem operation."""
+    ops: list[Op] = []
+
+    async def attempt(txn):
+        ops.append(Op(fs, txn))
+        return await fn(ops[-1])
+    result = await fs.mgr.run(attempt, name="fsck-repair")
+    ops[-1].committed()
+    return result
+
+
 def _reach(starts, children) -> set[int]:
     seen: set[int] = set()
     stack = list(starts)
@@ -403,35 +416,32 @@ async def _repair(fs, rep, sc: _Scan, leaked, bad_entries, type_fixes, fix_nlink
         if m:
             rep.repaired.append(f"corrected {m} entries of the inode map")
     for d, name in bad_entries:
-        async def rm(txn, d=d, name=name):
-            op = Op(fs, txn)
+        async def rm(op, d=d, name=name):
             node = await op.inode(d, "X", must_exist=False)
             await directory.remove(op, node, name)
             await op.put(d, node)
-        await fs.mgr.run(rm, name="fsck-repair")
+        await _run(fs, rm)
         rep.repaired.append(f"removed entry {name!r} from directory {fmt(d)}")
     for d, name, ino, typ in type_fixes:
-        async def retype(txn, d=d, name=name, ino=ino, typ=typ):
-            op = Op(fs, txn)
+        async def retype(op, d=d, name=name, ino=ino, typ=typ):
             await directory.replace(op, await op.inode(d, "X", must_exist=False), name, ino, typ)
-        await fs.mgr.run(retype, name="fsck-repair")
+        await _run(fs, retype)
         rep.repaired.append(f"set the type of entry {name!r} in directory {fmt(d)} to {typ}")
     for ino in sorted(set(fix_nlink) | set(fix_parent)):
-        async def fix(txn, ino=ino):
-            op = Op(fs, txn)
+        async def fix(op, ino=ino):
             node = await op.inode(ino, "X", must_exist=False)
             if ino in fix_nlink:
                 node.nlink = fix_nlink[ino]
             if ino in fix_parent:
                 node.parent = fix_parent[ino]
             await op.put(ino, node)
-        await fs.mgr.run(fix, name="fsck-repair")
+        await _run(fs, fix)
         if ino in fix_nlink:
             rep.repaired.append(f"set link count of inode {fmt(ino)} to {fix_nlink[ino]}")
         if ino in fix_parent:
             rep.repaired.append(f"set parent of directory {fmt(ino)} to {fmt(fix_parent[ino])}")
     if tops and g != 0:
-        rep.notes.append(f"{len(tops)} unreachable inodes of group {g} not relinked: only "
+        rep.notes.append(f"{len(tops)} unreachable inode(s) of group {g} not relinked: only "
                          "group 0's /lost+found is in the namespace")
         return
     if not tops:
@@ -442,8 +452,7 @@ async def _repair(fs, rep, sc: _Scan, leaked, bad_entries, type_fixes, fix_nlink
     except FsError:
         lf = (await fs.mkdir(root, lf_name, 0o700, 0, 0)).ino
     for ino in tops:
-        async def relink(txn, ino=ino):
-            op = Op(fs, txn)
+        async def relink(op, ino=ino):
             pnode = await op.inode(lf, "X")
             node = await op.inode(ino, "X", must_exist=False)
             await directory.insert(op, pnode, b"#%d" % ino, ino, _type_of(node))
@@ -455,7 +464,7 @@ async def _repair(fs, rep, sc: _Scan, leaked, bad_entries, type_fixes, fix_nlink
                 node.nlink = 1
             await op.put(ino, node)
             await op.put(lf, pnode)
-        await fs.mgr.run(relink, name="fsck-repair")
+        await _run(fs, relink)
         rep.repaired.append(f"linked unreachable inode {fmt(ino)} into /lost+found")
 
 
@@ -465,8 +474,7 @@ async def remove_entries(fs, entries: Iterable[Entry]) -> list[str]:
     A removed directory entry also takes one from the directory's link count."""
     done = []
     for d, name, ino, typ in entries:
-        async def rm(txn, d=d, name=name, ino=ino, typ=typ):
-            op = Op(fs, txn)
+        async def rm(op, d=d, name=name, ino=ino, typ=typ):
             node = await op.inode(d, "X", must_exist=False)
             if not node.is_dir or await directory.lookup(op, node, name) != (ino, typ):
                 return False
@@ -475,7 +483,7 @@ async def remove_entries(fs, entries: Iterable[Entry]) -> list[str]:
                 node.nlink -= 1
             await op.put(d, node)
             return True
-        if await fs.mgr.run(rm, name="fsck-repair"):
+        if await _run(fs, rm):
             done.append(f"removed entry {name!r} from directory {fmt(d)} (it named inode "
                         f"{fmt(ino)}, which group {ino_group(ino)} does not have)")
     return done
