@@ -38,6 +38,8 @@ nowhere, fixes entry types, link counts and parent pointers, and links unreachab
 into /lost+found (group 0 only: another group's inode can be named in the namespace only
 through group 0). It repairs cross-group link counts only when `external` was given. Each
 repair is a transaction of its own.
+
+Messages show group 0's inode numbers in decimal and other groups' as GROUP:SLOT.
 """
 
 from __future__ import annotations
@@ -263,7 +265,8 @@ async def fsck(fs, repair: bool = False, external: Iterable[Entry] | None = None
         ext_targets.append(ino)
 
     for ino, node in nodes.items():
-        if (node.is_dir and ino not in (root, orphan) and ino_group(node.parent) != g
+        if (node.is_dir and ino not in (root, orphan) and node.parent
+                and ino_group(node.parent) != g
                 and not (ino in orphan_members and node.nlink == 0)):
             rep.foreign_parents[ino] = node.parent
 

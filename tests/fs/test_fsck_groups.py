@@ -151,6 +151,51 @@ async def test_cross_group_state_is_clean(groups):
     assert (await fss[1].getattr(ids["d1"])).nlink == 4        # sub and x
 
 
+async def test_state_left_by_distributed_parts_is_clean():
+    """The same, made by the filesystem's own distributed parts (fs/core.py run_part),
+    committed in each group as the coordinator's decision would."""
+    fss = []
+    for g in (0, 1):
+        dev = MemoryDevice(2048)
+        await mkfs(dev, group=g, inodes=512)
+        fss.append(await open_fs(dev))
+    g0, g1 = fss
+
+    async def part(fs, *steps):
+        async def finish(t, results):
+            await t.commit()
+        return (await fs.run_part(list(steps), finish)).results
+
+    try:
+        b = (await part(g1, ["new_dir", ROOT0, 0o755, 0, 0]))[0].ino          # mkdir /b
+        await part(g0, ["link_entry", ROOT0, b"b", b, DT_DIR, 0, 1])
+        s = (await g0.mkdir(ROOT0, b"s", 0o755, 0, 0)).ino                     # mv /s /b/s
+        await g0.create(s, b"inside", 0o644, 0, 0)
+        await part(g1, ["link_entry", b, b"s", s, DT_DIR, 0, 1])
+        await part(g0, ["unlink_entry", ROOT0, b"s", s, -1], ["move_child", s, True, ROOT0, b])
+        f = (await g0.create(ROOT0, b"f", 0o644, 0, 0)).ino                    # ln /f /b/h
+        await part(g1, ["link_entry", b, b"h", f, DT_REG, 0, 0])
+        await part(g0, ["add_link", f])
+        u = (await g0.create(ROOT0, b"u", 0o644, 0, 0)).ino                    # mv /u /b/u
+        await part(g1, ["link_entry", b, b"u", u, DT_REG, 0, 0])
+        await part(g0, ["unlink_entry", ROOT0, b"u", u, 0], ["move_child", u, False, 0, 0])
+        await part(g1, ["unlink_entry", b, b"h", f, 0])                        # rm /b/h
+        await part(g0, ["drop_link", f, False])
+        for fs in fss:
+            assert (await fsck(fs)).clean
+        r0, r1 = await check_all(fss)
+        assert r0.clean and r1.clean, r0.problems + r1.problems
+        assert r0.foreign_parents == {s: b} and r1.foreign_parents == {b: ROOT0}
+        assert (await g0.getattr(f)).nlink == 1
+        # rm /f: its last name goes, the inode waits in group 0's orphans
+        await g0.unlink(ROOT0, b"f")
+        r0, r1 = await check_all(fss)
+        assert r0.clean and r1.clean, r0.problems + r1.problems
+    finally:
+        for fs in fss:
+            await fs.close()
+
+
 async def test_extra_name_from_other_group(groups):
     fss, ids = groups
     # group 1 names group 0's f0 once more, and names group 0's directory x a second time
