@@ -2,8 +2,9 @@
 
 DIR is either a cluster directory (it holds `cluster.json`) or one array's directory.
 
-A cluster is checked whole, in two passes: first each group's filesystem alone (on its
-first replica that can be read), for the entries that name other groups' inodes; then
+A cluster is checked whole, in two passes: first each replica alone, for the entries
+that name other groups' inodes (used only if the replicas of each group agree on them:
+otherwise, and while transactions are in doubt, every group is checked alone); then
 every replica of every group with the names that the other groups give its inodes
 (`fsck(..., external=...)`, see fs/fsck.py). Every array is opened (and so locked) before
 anything is read: a running server holds its array, and fsck then refuses to start.
@@ -138,8 +139,8 @@ def _cluster(args) -> int:
                 r.array = open_array(cfg.server_dir(r.server))
             except RaidError as exc:
                 if "in use by another process" in str(exc):
-                    raise ReplfsError(f"{exc}: the cluster in {args.dir} looks running; stop "
-                                      f"it (`replfs down {args.dir}`) before fsck") from None
+                    raise ReplfsError(f"{exc} (the cluster in {args.dir} looks running: "
+                                      f"`replfs down {args.dir}` stops it)") from None
                 r.error = f"its array cannot be opened: {exc}"
         problems = trio.run(_check_cluster, cfg, replicas, args.repair)
     finally:
@@ -177,7 +178,7 @@ def _cluster(args) -> int:
 
 
 async def _check_cluster(cfg, replicas, repair: bool):
-    from replfs.fs.fsck import fsck, incoming, remove_entries
+    from replfs.fs.fsck import fmt, fsck, incoming, remove_entries
     from replfs.fs.layout import ino_group
 
     problems: list[str] = []
@@ -204,24 +205,39 @@ async def _check_cluster(cfg, replicas, repair: bool):
         finally:
             await fs.close()
 
-    # pass 1: each group alone, for its names of other groups' inodes
+    # pass 1: every replica alone, for the names each group gives other groups' inodes.
+    # Those are used only if every readable replica of the group was scanned and all
+    # agree: names from a replica that was behind would make right link counts look
+    # wrong (and --repair "fix" them).
     alone = {}
     for g, rs in sorted(by_group.items()):
+        reps = {}
         for r in rs:
             if r.error is None:
                 rep = await with_fs(r, fsck)
-                if rep is not None and rep.scanned:
-                    alone[g] = rep
-                    break
+                if rep is not None:
+                    reps[r.server] = rep
+        if not reps:
+            problems.append(f"no replica of group {g} could be read: the names it gives "
+                            "other groups' inodes are unknown, so every group was checked "
+                            "alone")
+        elif not all(rep.scanned for rep in reps.values()):
+            problems.append(f"group {g} has transactions in doubt: the names it gives other "
+                            "groups' inodes are not settled, so every group was checked alone")
+        elif len({frozenset(rep.outgoing) for rep in reps.values()}) > 1:
+            counts = ", ".join(f"{s}: {len(rep.outgoing)}" for s, rep in reps.items())
+            problems.append(f"the replicas of group {g} differ in the entries that name other "
+                            f"groups' inodes ({counts}), so every group was checked alone: "
+                            "was a backup behind when the cluster stopped? start the cluster "
+                            "so that it catches up, stop it and check again")
         else:
-            problems.append(f"no replica of group {g} could be checked: the names it gives "
-                            "other groups' inodes are unknown, so those were checked alone")
+            alone[g] = next(iter(reps.values()))
     for rep in alone.values():
         for d, name, ino, _t in rep.outgoing:
             if ino_group(ino) not in cfg.groups:
-                problems.append(f"entry {name!r} in directory {d:#x} (group {rep.group}) "
-                                f"names inode {ino:#x} of group {ino_group(ino)}, which this "
-                                "cluster does not have")
+                problems.append(f"entry {name!r} in directory {fmt(d)} (group {rep.group}) "
+                                f"names inode {fmt(ino)} of group {ino_group(ino)}, which "
+                                "this cluster does not have")
     complete = len(alone) == len(by_group)
 
     def external(g):
