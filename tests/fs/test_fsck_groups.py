@@ -423,3 +423,20 @@ def test_cli_cluster_with_a_transaction_in_doubt(tmp_path, capsys):
     assert out.count("1 distributed transaction in doubt: start the cluster") == 2
     assert "group 0 has transactions in doubt" in out
     assert "s2 (group 1): " in out and "checked alone" in out
+
+
+def test_cli_cluster_whose_replicas_differ(tmp_path, capsys):
+    calls = []
+
+    async def behind(fss, ids):          # the second replica pair: s3 has one name more
+        calls.append(1)
+        if len(calls) == 2:
+            await insert(fss[1], ids["d1"], b"extra", ids["f0"], DT_REG)
+    d = make_cluster(tmp_path, behind)
+    rc, out, _ = run_cli(capsys, "--repair", "--json", d)
+    got = json.loads(out)
+    assert rc == 1 and not got["clean"]
+    assert any("replicas of group 1 differ" in p and "s2: 3, s3: 4" in p
+               for p in got["problems"]), got["problems"]
+    # nothing is "repaired" on the strength of either replica's names
+    assert all(not r["repaired"] for r in got["replicas"].values()), got
