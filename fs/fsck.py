@@ -123,6 +123,7 @@ class _Scan:
     entries: list[Entry]             # every entry of every local directory
     used_blocks: Counter
     imap_fix: list[tuple[int, bool]]
+    unreadable: list[int]            # directories whose entries could not be read
 
 
 async def _scan(fs, rep: FsckReport) -> _Scan:
@@ -136,6 +137,7 @@ async def _scan(fs, rep: FsckReport) -> _Scan:
         entries: list[Entry] = []
         used: Counter[int] = Counter()
         imap_fix: list[tuple[int, bool]] = []
+        unreadable: list[int] = []
         # every slot of the inode table: a used inode the map calls free is a problem too
         for tblk in range(sb.itable_blocks):
             data = await txn.read(sb.itable_start + tblk)
@@ -171,9 +173,10 @@ async def _scan(fs, rep: FsckReport) -> _Scan:
                     ents = await directory.all_entries(op, node)
                 except FsError as exc:
                     rep.problems.append(f"directory {fmt(ino)} cannot be read: {exc.args[-1]}")
+                    unreadable.append(ino)
                     continue
                 entries.extend((ino, name, child, typ) for name, child, typ, _h, _b in ents)
-        return _Scan(nodes, allocated, entries, used, imap_fix)
+        return _Scan(nodes, allocated, entries, used, imap_fix, unreadable)
 
     return await fs.mgr.run(scan, name="fsck-scan")
 
@@ -303,7 +306,7 @@ async def fsck(fs, repair: bool = False, external: Iterable[Entry] | None = None
     more_links: list[int] = []
     for ino in [root, orphan] + live:
         node = nodes[ino]
-        if node.mode == 0 or ino in tops:
+        if node.mode == 0 or ino in tops or ino in sc.unreadable:
             continue
         ns = names[ino]
         unnamed_orphan = ino in orphan_members and not ns
@@ -364,8 +367,12 @@ async def fsck(fs, repair: bool = False, external: Iterable[Entry] | None = None
     rep.blocks_used = len(sc.used_blocks)
 
     if repair and rep.problems:
+        relink = tops if ext is not None and not sc.unreadable else []
+        if tops and sc.unreadable:
+            rep.notes.append("unreachable inodes not relinked: a directory that could not be "
+                             "read may name them")
         await _repair(fs, rep, sc, leaked, bad_entries, type_fixes, fix_nlink, fix_parent,
-                      tops if ext is not None else [], subdirs)
+                      relink, subdirs)
     return rep
 
 
