@@ -1,43 +1,96 @@
-"""`replfs bench fs`: the same workloads on a replfs mount and, in the same run, on a
-minimal pyfuse3 passthrough filesystem over the same disk (the floor any Python FUSE
-filesystem pays). Figures are reported as ratios to the passthrough."""
+"""`replfs bench fs`: the same workloads, in the same run on the same disk, on
+
+- a minimal pyfuse3 passthrough filesystem (the floor any Python FUSE filesystem pays),
+- a local replfs mount (`replfs mount --local`: one array, no replication),
+- a replicated replfs mount: a real cluster of two replica groups, each a primary/backup
+  pair, with directories spread over the groups by a hash of their name.
+
+All three are mounted at once, and the metadata workloads run in rounds, every mount
+once per round (in a rotating order), so that a noisy minute on a shared machine hits
+each of them; the table gives the median of the rounds. On the replicated mount, renames
+between two directories of the same group are compared with renames between directories
+of different groups (two-phase commit), interleaved in small batches.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+import traceback
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from replfs.raid import parse_size
+from replfs.replication.config import place_by_name
 from replfs.tools.mountpoints import unmount, wait_mounted
 
 MiB = 1 << 20
+GROUP_SHIFT = 48            # an inode number's group: st_ino >> 48
+BATCH = 25                  # same-group / cross-group renames alternate in batches of this
+
+PT, LOCAL, REPL = "passthrough", "local", "replicated"
+
+SEQ_W = "seq write + fsync (MB/s)"
+SEQ_R = "seq read (MB/s)"
+CREATE = "create 4 KiB (ops/s)"
+STAT = "stat (ops/s)"
+READDIR = "readdir (entries/s)"
+RENAME = "rename across dirs (ops/s)"
+UNLINK = "unlink (ops/s)"
+FSYNC = "fsync latency (ms, median)"
+SAME = "rename same group (ops/s)"
+CROSS = "rename across groups (ops/s)"
+CROSS_RATIO = "rename across/same group"
+ROWS = [SEQ_W, SEQ_R, CREATE, STAT, READDIR, RENAME, UNLINK, FSYNC, SAME, CROSS]
+
+GOAL_LOCAL = {CREATE: 0.5, RENAME: 0.5, UNLINK: 0.5, STAT: 1.0}     # local / passthrough
+GOAL_REPL = {CREATE: 0.6, RENAME: 0.6, UNLINK: 0.6}                 # replicated / local
+GOAL_SEQ_W_MBS = 100.0                                              # local, absolute
+GOAL_CROSS = 0.3                                                    # cross / same group
 
 
 def register(sub) -> None:
-    p = sub.add_parser("fs", help="filesystem workloads: replfs vs a pyfuse3 passthrough")
-    p.add_argument("--size", default="256M", help="sequential file size (default 256M)")
-    p.add_argument("--files", type=int, default=2000, help="small files (default 2000)")
-    p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir in /var/tmp)")
+    p = sub.add_parser("fs", help="filesystem workloads: passthrough vs replfs local vs "
+                                  "replicated")
+    p.add_argument("--size", default="128M", help="sequential file size (default 128M)")
+    p.add_argument("--files", type=int, default=2000,
+                   help="small files per round on the passthrough and local mounts "
+                        "(default 2000)")
+    p.add_argument("--replicated-files", type=int, default=500,
+                   help="small files per round on the replicated mount (default 500; "
+                        "figures are rates)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of the metadata workloads; the median is reported (default 3)")
+    p.add_argument("--seq-rounds", type=int, default=1,
+                   help="passes of the sequential write/read per mount (default 1)")
+    p.add_argument("--no-replicated", action="store_true",
+                   help="skip the replicated cluster")
+    p.add_argument("--dir", default=None,
+                   help="scratch directory (default: a temp dir in /var/tmp)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the scratch directory (images and logs) afterwards")
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
     p.set_defaults(func=cmd_bench_fs)
 
 
+# ------------------------------------------------------------------ the mounts
 def _stop(proc, mnt: Path) -> None:
-    unmount(mnt)
     try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-    unmount(mnt)
+        unmount(mnt)
+    finally:
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        unmount(mnt)
 
 
 @contextmanager
@@ -46,15 +99,17 @@ def replfs_local(base: Path, disk_size: int):
     mnt.mkdir(parents=True)
     subprocess.run([sys.executable, "-m", "replfs.tools.cli", "mkfs", str(data), "--disks", "4",
                     "--size", str(disk_size)], check=True, capture_output=True)
-    log = open(base / "replfs-mount.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "replfs.tools.cli", "mount", "--local",
-                             str(data), str(mnt)], stdout=log, stderr=log)
+    with open(base / "replfs-mount.log", "wb") as log:
+        # its own session: a Ctrl-C reaches only us, and we unmount it cleanly
+        proc = subprocess.Popen([sys.executable, "-m", "replfs.tools.cli", "mount", "--local",
+                                 str(data), str(mnt)], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log, start_new_session=True)
     try:
-        wait_mounted(mnt, lambda: proc.poll() is None, "the replfs mount")
+        wait_mounted(mnt, lambda: proc.poll() is None,
+                     f"the replfs mount (log {base / 'replfs-mount.log'})")
         yield mnt
     finally:
         _stop(proc, mnt)
-        log.close()
 
 
 @contextmanager
@@ -62,12 +117,29 @@ def passthrough(base: Path):
     src, mnt = base / "pt-src", base / "pt-mnt"
     src.mkdir(parents=True)
     mnt.mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, "-m", "replfs.tools.passthrough", str(src), str(mnt)])
+    with open(base / "passthrough.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "replfs.tools.passthrough", str(src),
+                                 str(mnt)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
     try:
         wait_mounted(mnt, lambda: proc.poll() is None, "the passthrough mount")
         yield mnt
     finally:
         _stop(proc, mnt)
+
+
+@contextmanager
+def replicated(base: Path, disk_size: int):
+    """Two groups of a primary and a backup, directories spread over them by name."""
+    from replfs.tools.cluster import start_mounted_cluster
+
+    base.mkdir(parents=True, exist_ok=True)
+    mnt, _cluster, stop = start_mounted_cluster(str(base), disk_size=disk_size, proxy=False,
+                                                placement="spread")
+    try:
+        yield Path(mnt)
+    finally:
+        stop()
 
 
 def _drop_caches() -> None:
@@ -79,108 +151,358 @@ def _drop_caches() -> None:
         pass
 
 
-def run_workloads(mnt: Path, size: int, nfiles: int) -> dict:
-    """The workloads; returns {name: value} (MB/s, ops/s or ms)."""
+# ------------------------------------------------------------------ workloads
+def seq_workload(mnt: Path, size: int, tag: str = "") -> dict:
     out = {}
     buf = os.urandom(MiB)
-    f = mnt / "seq"
+    f = mnt / f"seq{tag}"
     t = time.perf_counter()
     fd = os.open(f, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-    for _ in range(size // MiB):
-        os.write(fd, buf)
-    os.fsync(fd)
-    os.close(fd)
-    out["seq write + fsync (MB/s)"] = size / MiB / (time.perf_counter() - t)
+    try:
+        for _ in range(size // MiB):
+            os.write(fd, buf)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    out[SEQ_W] = size / MiB / (time.perf_counter() - t)
     _drop_caches()
     t = time.perf_counter()
     fd = os.open(f, os.O_RDONLY)
-    while os.read(fd, MiB):
-        pass
-    os.close(fd)
-    out["seq read (MB/s)"] = size / MiB / (time.perf_counter() - t)
-    os.unlink(f)
-
-    a, b = mnt / "a", mnt / "b"
-    a.mkdir()
-    b.mkdir()
-    small = os.urandom(4096)
-    t = time.perf_counter()
-    for i in range(nfiles):
-        fd = os.open(a / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644)
-        os.write(fd, small)
+    try:
+        n = 0
+        while chunk := os.read(fd, MiB):
+            n += len(chunk)
+    finally:
         os.close(fd)
-    out["create 4 KiB (ops/s)"] = nfiles / (time.perf_counter() - t)
-    t = time.perf_counter()
-    for i in range(nfiles):
-        os.stat(a / f"f{i}")
-    out["stat (ops/s)"] = nfiles / (time.perf_counter() - t)
-    t = time.perf_counter()
-    reps = 5
-    for _ in range(reps):
-        n = len(os.listdir(a))
-    assert n == nfiles
-    out["readdir (entries/s)"] = reps * nfiles / (time.perf_counter() - t)
-    t = time.perf_counter()
-    for i in range(nfiles):
-        os.rename(a / f"f{i}", b / f"f{i}")
-    out["rename across dirs (ops/s)"] = nfiles / (time.perf_counter() - t)
-    t = time.perf_counter()
-    for i in range(nfiles):
-        os.unlink(b / f"f{i}")
-    out["unlink (ops/s)"] = nfiles / (time.perf_counter() - t)
-    lat = []
-    fd = os.open(mnt / "sync", os.O_CREAT | os.O_WRONLY, 0o644)
-    for i in range(100):
-        os.pwrite(fd, small, i * 4096)
-        t = time.perf_counter()
-        os.fsync(fd)
-        lat.append(time.perf_counter() - t)
-    os.close(fd)
-    out["fsync latency (ms, median)"] = statistics.median(lat) * 1000
+    out[SEQ_R] = size / MiB / (time.perf_counter() - t)
+    os.unlink(f)
+    if n != size // MiB * MiB:
+        raise AssertionError(f"{f}: read back {n} bytes, wrote {size // MiB * MiB}")
     return out
 
 
-GOALS = {
-    "create 4 KiB (ops/s)": 0.5,
-    "rename across dirs (ops/s)": 0.5,
-    "unlink (ops/s)": 0.5,
-    "stat (ops/s)": 1.0,
-}
+def pick_dir_names(round_no: int, groups: int = 2) -> tuple[str, str, str]:
+    """Names (a, b, c) for one round's directories such that, with "spread" placement
+    over `groups` groups, a and b land in group 0 and c in group 1."""
+    def first(prefix: str, group: int) -> str:
+        for k in range(10_000):
+            name = f"{prefix}{k}"
+            if place_by_name(name.encode(), groups) == group:
+                return name
+        raise AssertionError("no name found")        # pragma: no cover (1 in 2 per try)
+    return first(f"r{round_no}-a", 0), first(f"r{round_no}-b", 0), first(f"r{round_no}-c", 1)
 
 
-def cmd_bench_fs(args) -> int:
-    from rich.console import Console
+def meta_workload(mnt: Path, nfiles: int, round_no: int, groups: bool) -> dict:
+    """One round of the metadata workloads on `mnt`; with `groups` (the replicated mount)
+    also same-group and cross-group renames. Returns {row: value}."""
+    out = {}
+    an, bn, cn = pick_dir_names(round_no)
+    a, b, c = mnt / an, mnt / bn, mnt / cn
+    for d in (a, b, c):
+        d.mkdir()
+    if groups:
+        where = {d.name: os.stat(d).st_ino >> GROUP_SHIFT for d in (a, b, c)}
+        if (where[an], where[bn], where[cn]) != (0, 0, 1):
+            raise AssertionError(f"directories did not land in groups (0, 0, 1): {where}")
+    small = os.urandom(4096)
+    names = [f"f{i}" for i in range(nfiles)]
+
+    t = time.perf_counter()
+    for n in names:
+        fd = os.open(a / n, os.O_CREAT | os.O_WRONLY, 0o644)
+        os.write(fd, small)
+        os.close(fd)
+    out[CREATE] = nfiles / (time.perf_counter() - t)
+
+    t = time.perf_counter()
+    for n in names:
+        os.stat(a / n)
+    out[STAT] = nfiles / (time.perf_counter() - t)
+
+    reps = 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        got = len(os.listdir(a))
+    out[READDIR] = reps * nfiles / (time.perf_counter() - t)
+    if got != nfiles:
+        raise AssertionError(f"{a}: {got} entries, expected {nfiles}")
+
+    # a -> b: both in group 0 on the replicated mount
+    t = time.perf_counter()
+    for n in names:
+        os.rename(a / n, b / n)
+    out[RENAME] = nfiles / (time.perf_counter() - t)
+
+    if groups:
+        # in batches, alternately: b -> a (same group), a -> c and c -> b (across groups,
+        # both directions), so that noise hits both figures alike; the files end in b
+        same_t = cross_t = 0.0
+        for i in range(0, nfiles, BATCH):
+            batch = names[i:i + BATCH]
+            t = time.perf_counter()
+            for n in batch:
+                os.rename(b / n, a / n)
+            same_t += time.perf_counter() - t
+            t = time.perf_counter()
+            for n in batch:
+                os.rename(a / n, c / n)
+            for n in batch:
+                os.rename(c / n, b / n)
+            cross_t += time.perf_counter() - t
+        out[SAME] = nfiles / same_t
+        out[CROSS] = 2 * nfiles / cross_t
+        if os.listdir(a) or os.listdir(c) or len(os.listdir(b)) != nfiles:
+            raise AssertionError(f"after the renames: {len(os.listdir(a))} in {an}, "
+                                 f"{len(os.listdir(b))} in {bn}, {len(os.listdir(c))} in {cn}")
+
+    t = time.perf_counter()
+    for n in names:
+        os.unlink(b / n)
+    out[UNLINK] = nfiles / (time.perf_counter() - t)
+
+    lat = []
+    f = mnt / f"sync{round_no}"
+    fd = os.open(f, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        for i in range(100):
+            os.pwrite(fd, small, i * 4096)
+            t = time.perf_counter()
+            os.fsync(fd)
+            lat.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+    out[FSYNC] = statistics.median(lat) * 1000
+    os.unlink(f)
+    for d in (a, b, c):
+        d.rmdir()
+    return out
+
+
+# ------------------------------------------------------------------ reporting
+def _median(rounds: list[dict]) -> dict:
+    keys = [k for k in ROWS if any(k in r for r in rounds)]
+    return {k: statistics.median(r[k] for r in rounds if k in r) for k in keys}
+
+
+def _speed_ratio(key: str, num: float | None, den: float | None) -> float | None:
+    """num relative to den, > 1 meaning num is better (for a latency: den / num)."""
+    if num is None or den is None or num == 0 or den == 0:
+        return None
+    return den / num if "latency" in key else num / den
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.1f}"
+
+
+def _fmt_ratio(r: float | None, goal: float | None) -> str:
+    if r is None:
+        return "-"
+    if goal is None:
+        return f"{r:.2f}x"
+    return f"{r:.2f}x {'ok' if r >= goal else 'MISS'}"
+
+
+def summarise(medians: dict) -> dict:
+    """Ratios and goal checks from the per-mount medians."""
+    pt, lo, rp = medians.get(PT, {}), medians.get(LOCAL, {}), medians.get(REPL, {})
+    rows = []
+    for k in ROWS:
+        if k not in pt and k not in lo and k not in rp:
+            continue
+        lr = _speed_ratio(k, lo.get(k), pt.get(k))
+        rr = _speed_ratio(k, rp.get(k), lo.get(k))
+        goals = []
+        if k in GOAL_LOCAL:
+            goals.append(f"local >= {GOAL_LOCAL[k]}x pt")
+        if k == SEQ_W:
+            goals.append(f"local >= {GOAL_SEQ_W_MBS:.0f} MB/s")
+        if k in GOAL_REPL:
+            goals.append(f"repl >= {GOAL_REPL[k]}x local")
+        met = []
+        if k in GOAL_LOCAL and lr is not None:
+            met.append(lr >= GOAL_LOCAL[k])
+        if k == SEQ_W and lo.get(k) is not None:
+            met.append(lo[k] >= GOAL_SEQ_W_MBS)
+        if k in GOAL_REPL and rr is not None:
+            met.append(rr >= GOAL_REPL[k])
+        rows.append({"workload": k, PT: pt.get(k), LOCAL: lo.get(k), REPL: rp.get(k),
+                     "local/passthrough": lr, "replicated/local": rr,
+                     "goal": "; ".join(goals), "met": all(met) if met else None,
+                     "_goal_local": GOAL_LOCAL.get(k), "_goal_repl": GOAL_REPL.get(k)})
+    if rp.get(SAME) and rp.get(CROSS) is not None:
+        r = rp[CROSS] / rp[SAME]
+        rows.append({"workload": CROSS_RATIO, PT: None, LOCAL: None, REPL: r,
+                     "local/passthrough": None, "replicated/local": None,
+                     "goal": f"cross >= {GOAL_CROSS}x same", "met": r >= GOAL_CROSS,
+                     "_goal_local": None, "_goal_repl": None})
+    return {"rows": rows}
+
+
+def print_table(console, summary: dict, title: str, caption: str) -> None:
     from rich.table import Table
 
-    size = parse_size(args.size)
-    base = Path(tempfile.mkdtemp(prefix="replfs-bench-", dir=args.dir or "/var/tmp"))
-    console = Console()
-    try:
-        results = {}
-        with passthrough(base) as mnt:
-            console.print("[bold]passthrough[/]: running…")
-            results["passthrough"] = run_workloads(mnt, size, args.files)
-        with replfs_local(base, max(64 * MiB, size * 2 // 3)) as mnt:
-            console.print("[bold]replfs (local)[/]: running…")
-            results["replfs"] = run_workloads(mnt, size, args.files)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-    table = Table(title=f"replfs bench fs ({args.size} sequential, {args.files} small files)")
+    table = Table(title=title, caption=caption)
     table.add_column("workload")
-    table.add_column("passthrough", justify="right")
-    table.add_column("replfs local", justify="right")
-    table.add_column("ratio", justify="right")
-    table.add_column("goal", justify="right")
-    for k, pv in results["passthrough"].items():
-        rv = results["replfs"][k]
-        ratio = (pv / rv) if "latency" in k else (rv / pv)
-        goal = GOALS.get(k)
-        if k.startswith("seq write"):
-            goal_s = ">= 100 MB/s"
+    table.add_column(PT, justify="right")
+    table.add_column(LOCAL, justify="right")
+    table.add_column(REPL, justify="right")
+    table.add_column("local/pt", justify="right")
+    table.add_column("repl/local", justify="right")
+    table.add_column("goal")
+    for row in summary["rows"]:
+        k = row["workload"]
+        if k == CROSS_RATIO:
+            repl_s = _fmt_ratio(row[REPL], GOAL_CROSS)
         else:
-            goal_s = f">= {goal}x" if goal else ""
-        table.add_row(k, f"{pv:,.1f}", f"{rv:,.1f}", f"{ratio:.2f}x", goal_s)
+            repl_s = _fmt(row[REPL])
+        lr_goal = row["_goal_local"]
+        lr_s = _fmt_ratio(row["local/passthrough"], lr_goal)
+        if k == SEQ_W and row[LOCAL] is not None:
+            lr_s += f" ({'ok' if row[LOCAL] >= GOAL_SEQ_W_MBS else 'MISS'} abs)"
+        table.add_row(k, _fmt(row[PT]), _fmt(row[LOCAL]), repl_s, lr_s,
+                      _fmt_ratio(row["replicated/local"], row["_goal_repl"]), row["goal"])
     console.print(table)
+
+
+def _log_excerpts(base: Path, lines: int = 25) -> str:
+    """The last lines of every log under `base` (cluster logs, the local mount's)."""
+    out = []
+    for p in sorted(base.rglob("*.log")):
+        try:
+            text = p.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        if not text:
+            continue
+        out.append(f"--- {p} (last {min(lines, len(text))} of {len(text)} lines)")
+        out.extend(text[-lines:])
+    return "\n".join(out)
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+# ------------------------------------------------------------------ the command
+def cmd_bench_fs(args) -> int:
+    from rich.console import Console
+
+    size = parse_size(args.size)
+    if size < MiB:
+        raise SystemExit("replfs bench fs: --size must be at least 1M")
+    if args.rounds < 1 or args.seq_rounds < 0 or args.files < 1 or args.replicated_files < 1:
+        raise SystemExit("replfs bench fs: --rounds, --files and --replicated-files must be "
+                         ">= 1, --seq-rounds >= 0")
+    disk_size = max(64 * MiB, size * 2 // 3)
+    base = Path(tempfile.mkdtemp(prefix="replfs-bench-fs-", dir=args.dir or "/var/tmp"))
+    console = Console(stderr=True)
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=150)            # a file or a pipe: the whole table unwrapped
+    errors: dict[str, str] = {}
+    rounds: dict[str, list[dict]] = {PT: [], LOCAL: []}
+    seq: dict[str, list[dict]] = {PT: [], LOCAL: []}
+    nfiles = {PT: args.files, LOCAL: args.files, REPL: args.replicated_files}
+    failed = False
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with ExitStack() as stack:
+            mounts = {}
+            console.print(f"[bold]bench fs[/]: scratch {base}; mounting passthrough, local"
+                          f"{'' if args.no_replicated else ', replicated (2 groups x 2)'}…")
+            mounts[PT] = stack.enter_context(passthrough(base))
+            mounts[LOCAL] = stack.enter_context(replfs_local(base, disk_size))
+            if not args.no_replicated:
+                rounds[REPL], seq[REPL] = [], []
+                t = time.monotonic()
+                try:
+                    mounts[REPL] = stack.enter_context(replicated(base / "repl", disk_size))
+                    console.print(f"  replicated cluster up in {time.monotonic() - t:.1f} s")
+                except Exception as exc:
+                    errors[REPL] = f"starting the cluster: {exc!r}"
+                    console.print(f"[red]replicated mount failed[/]: {exc!r}")
+                    console.print(_log_excerpts(base / "repl"), markup=False, highlight=False)
+            order = list(mounts)
+
+            def run(name, what, fn):
+                """fn() on one mount; a failure of the replicated mount is recorded and
+                drops it from the rest of the run (the others go on)."""
+                try:
+                    return fn()
+                except Exception as exc:
+                    if name != REPL:
+                        raise
+                    errors[REPL] = f"{what}: {exc!r}"
+                    console.print(f"[red]replicated mount failed in {what}[/]: {exc!r}")
+                    console.print(traceback.format_exc(), markup=False, highlight=False)
+                    console.print(_log_excerpts(base / "repl"), markup=False, highlight=False)
+                    order.remove(REPL)
+                    return None
+
+            for s in range(args.seq_rounds):
+                for name in list(order):
+                    console.print(f"seq {s + 1}/{args.seq_rounds}: {name} ({size // MiB} MiB)…")
+                    r = run(name, f"sequential pass {s + 1}",
+                            lambda: seq_workload(mounts[name], size, f"{s}"))
+                    if r is not None:
+                        seq[name].append(r)
+            for rnd in range(args.rounds):
+                # rotate the order so that no mount always goes first (or last)
+                k = rnd % len(order) if order else 0
+                for name in list(order[k:] + order[:k]):
+                    if name not in order:
+                        continue
+                    console.print(f"round {rnd + 1}/{args.rounds}: {name} "
+                                  f"({nfiles[name]} files)…")
+                    t = time.monotonic()
+                    r = run(name, f"round {rnd + 1}",
+                            lambda: meta_workload(mounts[name], nfiles[name], rnd, name == REPL))
+                    if r is not None:
+                        rounds[name].append(r)
+                        console.print(f"  {time.monotonic() - t:.1f} s")
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        if args.keep or (failed and not args.no_replicated):
+            console.print(f"scratch directory kept: {base}")
+            if failed:
+                console.print(_log_excerpts(base), markup=False, highlight=False)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+    medians = {}
+    for name in rounds:
+        merged = _median(seq[name]) if seq[name] else {}
+        merged.update(_median(rounds[name]) if rounds[name] else {})
+        if merged:
+            medians[name] = merged
+    summary = summarise(medians)
+    title = (f"replfs bench fs: {size // MiB} MiB sequential ({args.seq_rounds} pass"
+             f"{'es' if args.seq_rounds != 1 else ''}), small files {args.files} "
+             f"(replicated {args.replicated_files}), median of {args.rounds} rounds")
+    caption = ("ratios: > 1 is faster (for latency: lower); replicated = 2 groups x "
+               "(primary + backup), directories spread by name")
+    if errors:
+        caption += "\nreplicated: " + "; ".join(errors.values())
+    print_table(out, summary, title, caption)
     if args.json:
-        print(json.dumps(results, indent=2))
-    return 0
+        print(json.dumps({
+            "config": {"size": size, "files": args.files,
+                       "replicated_files": args.replicated_files, "rounds": args.rounds,
+                       "seq_rounds": args.seq_rounds},
+            "median": medians,
+            "rounds": {k: v for k, v in rounds.items()},
+            "seq": {k: v for k, v in seq.items()},
+            "table": [{k: v for k, v in row.items() if not k.startswith("_")}
+                      for row in summary["rows"]],
+            "errors": errors,
+        }, indent=2))
+    return 1 if errors else 0
