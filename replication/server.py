@@ -7,9 +7,11 @@ once its backup has acknowledged the transaction (or the view has no backup). A 
 forwarding task reads the transaction manager's commit stream (`mgr.subscribe()`, commit
 order) and ships batches of commit records (their byte-range after-images) to the
 backup; the backup answers `Ack(lsn)` as soon as it holds a batch and applies batches in
-order in the background, several per local transaction (`mgr.apply`, forced). So an
-acknowledged update is durable on the primary and held by the backup (it survives the
-crash of either); `fsync` additionally sends `Flush` and returns once the backup has
+order in the background, several per local transaction (`mgr.apply`, forced). Operations
+commit lazily on the primary and the stream carries each commit as it is appended, so
+an acknowledged update is held by both servers and reaches both disks within a moment
+(the backup's apply forces; the primary's flush-behind forces within FLUSH_BEHIND): it
+survives the crash of either. A primary serving alone forces before it answers. `fsync` additionally sends `Flush` and returns once the backup has
 forced everything it received.
 
 State transfer to a new backup runs inside that same ordered stream: the primary
@@ -69,6 +71,7 @@ ACK_TIMEOUT = 5.0
 FORWARD_MAX = 2**20     # bytes of after-images per forward batch
 APPLY_MAX = 2**20       # bytes of after-images per backup transaction
 QUEUE_MAX = 16 * 2**20  # bytes a backup holds unapplied before it stops reading
+FLUSH_BEHIND = 0.5      # seconds a lazily committed operation may stay off the primary's disk
 
 
 class NotPrimaryError(Exception):
@@ -257,6 +260,11 @@ class ReplicaServer:
         async with self.apply_lock:
             await self.fs.close()
             self.fs = await open_fs(self.array, reclaim=(v.num == 1))
+        # The stream to the backup carries each commit as it is appended: operations
+        # commit lazily and are answered once the backup holds them (either server's
+        # crash then loses nothing); fsync forces both logs, flush-behind the rest.
+        self.fs.mgr.publish_at_append = True
+        self._nursery.start_soon(self.fs.mgr.flush_behind, FLUSH_BEHIND)
         table = amo.AmoTable(self.array.nblocks)
         await table.load(self.fs.mgr)
         send, recv = trio.open_memory_channel(float("inf"))
@@ -315,6 +323,9 @@ class ReplicaServer:
                 self._release_markers(p)        # fsync: the primary alone is all there is
                 batch = await self._next_batch(p)
                 if batch:
+                    # alone, our own disk is the only copy: operations are answered
+                    # once it holds them (one force for the whole batch)
+                    await self._force_alone()
                     p.acked_lsn = batch[-1].lsn
                     self._track_dirty(p, batch)
                 self._notify()
@@ -327,6 +338,15 @@ class ReplicaServer:
                 self._lost_backup(p)
                 self.backup_synced = False
                 await trio.sleep(self.cfg.ping_interval)
+
+    async def _force_alone(self) -> None:
+        try:
+            await self.fs.mgr.force()
+        except Exception as exc:        # the log failed: answer nobody, stop serving
+            log.error("cannot force the log while serving alone: %s", exc)
+            self.serving = False
+            self._notify()
+            await trio.sleep_forever()
 
     def _track_dirty(self, p: Primary, batch) -> None:
         if p.dirty is not None:
@@ -634,7 +654,7 @@ class ReplicaServer:
             packed["reply"] = await p.table.record(txn, key, req.seq, result)
 
         token = Request(payload=lambda result: [req.client, req.lane, req.seq],
-                        before_commit=before_commit)
+                        before_commit=before_commit, durable=False)
         t0 = time.perf_counter()
         await self.gate.enter()
         try:
@@ -681,12 +701,22 @@ class ReplicaServer:
         return amo.unpack_position(await self.fs.mgr.run(fn, name="position"))
 
     async def _apply(self, changes: list, position: tuple[str, int] | None) -> None:
+        """Apply the primary's changes, as few local transactions as the log allows
+        (the position, written with the last, says they are all here)."""
         if position is not None:
             changes = changes + [(amo.position_block(self.array.nblocks), 0,
                                   amo.pack_position(*position))]
+        limit = max(4096, self.fs.mgr.max_txn_bytes // 4)   # undo + redo + record overhead
         async with self.apply_lock:
-            if changes:
-                await self.fs.mgr.apply(changes)
+            chunk, size = [], 0
+            for c in changes:
+                if chunk and size + len(c[2]) > limit:
+                    await self.fs.mgr.apply(chunk)
+                    chunk, size = [], 0
+                chunk.append(c)
+                size += len(c[2]) + 64
+            if chunk:
+                await self.fs.mgr.apply(chunk)
         if position is not None:
             self.position = position
 

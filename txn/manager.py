@@ -233,6 +233,8 @@ class TxnManager:
         self._decisions: dict[Any, Decision] = {}
         self._subscribers: list[trio.MemorySendChannel] = []
         self._unpublished: list[tuple[int, CommitRecord]] = []
+        # True: subscribers get each record when it is appended, not when it is durable
+        self.publish_at_append = False
         self._ckpt_lock = trio.Lock()
         self._ckpt_done = trio.Event()
         self._ckpt_running = False
@@ -430,7 +432,8 @@ class TxnManager:
         return await self.run(fn, name="apply")
 
     def subscribe(self, max_buffer: float = math.inf) -> trio.MemoryReceiveChannel:
-        """A channel receiving every `CommitRecord`, in commit order, once it is durable.
+        """A channel receiving every `CommitRecord`, in commit order, once it is durable
+        (or once it is appended: `publish_at_append`).
 
         A subscriber whose bounded buffer is full, or who closed its end, is dropped."""
         send, recv = trio.open_memory_channel(max_buffer)
@@ -586,9 +589,9 @@ class TxnManager:
         txn.payload = payload
         txn.state = "preparing"
         if self._subscribers:
-            self._unpublished.append((end, CommitRecord(
+            self._queue_publish(end, CommitRecord(
                 lsn, txn.id, tuple(Change(u.block, u.offset, u.new) for u in txn.updates),
-                payload, "prepare", tuple(locks))))
+                payload, "prepare", tuple(locks)))
         crash_point("txn.prepare.appended")
         with trio.CancelScope(shield=True):
             await self.log.force(end)
@@ -620,7 +623,7 @@ class TxnManager:
         txn.commit_record = rec
         txn.state = "committing"
         if self._subscribers:
-            self._unpublished.append((end, rec))
+            self._queue_publish(end, rec)
         crash_point("txn.commit.appended")
         if not durable and not prepared:
             self._stats["lazy_commits"] += 1
@@ -674,11 +677,11 @@ class TxnManager:
                     lsn, end = self.log.append(Abort(txn.id), reserved=ABORT_SIZE)
                     txn.reserved -= ABORT_SIZE
                     if was_prepared and self._subscribers:
-                        self._unpublished.append((end, CommitRecord(
+                        self._queue_publish(end, CommitRecord(
                             lsn, txn.id, tuple(Change(u.block, u.offset, u.old)
                                                for u in reversed(txn.updates)
                                                if u.old is not None),
-                            txn.payload, "abort")))
+                            txn.payload, "abort"))
                     crash_point("txn.abort.logged")
                     if was_prepared:   # the coordinator may forget us once we answer
                         await self.log.force(end)
@@ -720,6 +723,22 @@ class TxnManager:
         self._stats["commits" if state == "committed" else "aborts"] += 1
         await self.locks.release_all(txn)
 
+    def _queue_publish(self, end: int, rec: CommitRecord) -> None:
+        """Subscribers get `rec` once the log is durable up to `end` -- or at once, in
+        append (LSN) order, with `publish_at_append` (a replicating primary: its backup
+        holds a record before the primary's own disk does)."""
+        if self.publish_at_append:
+            self._send(rec)
+        else:
+            self._unpublished.append((end, rec))
+
+    def _send(self, rec: CommitRecord) -> None:
+        for ch in list(self._subscribers):
+            try:
+                ch.send_nowait(rec)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(ch)
+
     def _publish(self) -> None:
         durable = self.log.durable_lsn
         n = 0
@@ -727,11 +746,7 @@ class TxnManager:
             n += 1
         ready, self._unpublished = self._unpublished[:n], self._unpublished[n:]
         for _, rec in ready:
-            for ch in list(self._subscribers):
-                try:
-                    ch.send_nowait(rec)
-                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._subscribers.remove(ch)
+            self._send(rec)
 
     # ---- checkpoint / close / stats -----------------------------------------------------
 
