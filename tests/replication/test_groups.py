@@ -3,7 +3,6 @@ group of an operation's inode, foreign inodes read from their own group, statfs 
 and a real cluster whose two groups both come up protected and serve."""
 
 import errno
-import importlib.util
 import json
 import os
 import signal
@@ -20,13 +19,6 @@ from replfs.replication.client import RemoteFS
 from replfs.replication.config import CLIENT, VIEWSERVER, ClusterConfig, place_by_name
 
 ROOT0, ROOT1 = make_ino(0, ROOT_SLOT), make_ino(1, ROOT_SLOT)
-
-# the cross-group reads need the servers' two-phase-commit work (mkdir placement, EXDEV
-# answers with the foreign inode, readdir's foreign entries)
-TWOPC = importlib.util.find_spec("replfs.replication.twopc") is not None
-needs_twopc = pytest.mark.skipif(not TWOPC, reason="needs the servers' cross-group work "
-                                 "(replication/twopc.py: mkdir placement by "
-                                 "ClusterConfig.place_dir, ForeignInode answers), not landed yet")
 
 
 # ---------------------------------------------------------------- configuration
@@ -253,7 +245,6 @@ def test_client_follows_each_groups_failover(running):
     assert (running.mnt / "g0").read_text() == "still\n"
 
 
-@needs_twopc
 @pytest.mark.timeout(120)
 @pytest.mark.slow
 def test_entries_of_the_other_group_through_the_mount(running):
