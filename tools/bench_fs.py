@@ -466,12 +466,15 @@ def cmd_bench_fs(args) -> int:
                     if r is not None:
                         rounds[name].append(r)
                         console.print(f"  {time.monotonic() - t:.1f} s")
-    except BaseException:
+    except _Terminated:
+        console.print("replfs bench fs: terminated (everything started is stopped)")
+        return 143
+    except Exception:
         failed = True
         raise
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        if args.keep or (failed and not args.no_replicated):
+        if args.keep or failed or errors:
             console.print(f"scratch directory kept: {base}")
             if failed:
                 console.print(_log_excerpts(base), markup=False, highlight=False)
