@@ -95,9 +95,9 @@ class Part:
         self.op = op
         self.results = results
 
-    async def commit(self):
+    async def commit(self, *, durable: bool = True):
         """Commit the prepared transaction; returns its CommitRecord."""
-        rec = await self.txn.commit()
+        rec = await self.txn.commit(durable=durable)
         if self.op is not None:
             self.op.committed()
         else:           # recovered in doubt: which inodes it wrote is not known here

@@ -182,10 +182,13 @@ class ReplicaServer:
         self._q_inc = ""
         self.stats = dict(ops=0, duplicates=0, forwarded_batches=0, applied_batches=0,
                           transfers_full=0, transfers_dirty=0, blocks_transferred=0,
-                          refused_forwards=0, execute_seconds=0.0, ack_wait_seconds=0.0)
+                          refused_forwards=0, execute_seconds=0.0, ack_wait_seconds=0.0,
+                          forward_seconds=0.0)
         self.lease = cfg.dead_pings * cfg.ping_interval
         self.boot = secrets.token_hex(8)
         self.twopc = TwoPhase(self)
+        self._unforced_position: tuple[str, int] | None = None
+        self._apply_dirty = trio.Event()
         self.replica_parts: dict[str, object] = {}     # backup: gtid -> prepared Txn
 
     # ---------------------------------------------------------------- lifecycle
@@ -200,6 +203,7 @@ class ReplicaServer:
                 await self.twopc.start(nursery)
                 nursery.start_soon(self._pinger)
                 nursery.start_soon(self._applier)
+                nursery.start_soon(self._backup_flusher)
                 log.info("server %s (group %d) listening on %d", self.name, self.group, port)
                 task_status.started(port)
         finally:
@@ -503,7 +507,9 @@ class ReplicaServer:
         records = [[r.lsn, [[c.block, c.offset, c.data] for c in r.changes], r.kind,
                     r.payload if isinstance(r.payload, dict) else None, list(r.locks)]
                    for r in batch]
+        t0 = time.perf_counter()
         await self._call(ch, wire.Forward(v.num, self.name, records))
+        self.stats["forward_seconds"] += time.perf_counter() - t0
         p.acked_lsn = max(p.acked_lsn, lsn)
         self.stats["forwarded_batches"] += 1
         self._notify()
@@ -706,19 +712,42 @@ class ReplicaServer:
         if position is not None:
             changes = changes + [(amo.position_block(self.array.nblocks), 0,
                                   amo.pack_position(*position))]
-        limit = max(4096, self.fs.mgr.max_txn_bytes // 4)   # undo + redo + record overhead
+        limit = max(4096, self.fs.mgr.max_txn_bytes // 2)   # redo + record overhead
         async with self.apply_lock:
             chunk, size = [], 0
             for c in changes:
                 if chunk and size + len(c[2]) > limit:
-                    await self.fs.mgr.apply(chunk)
+                    await self.fs.mgr.apply(chunk, durable=False, undo=False)
                     chunk, size = [], 0
                 chunk.append(c)
                 size += len(c[2]) + 64
             if chunk:
-                await self.fs.mgr.apply(chunk)
+                await self.fs.mgr.apply(chunk, durable=False, undo=False)
         if position is not None:
-            self.position = position
+            self._unforced_position = position
+        self._apply_dirty.set()
+
+    async def _force_applied(self) -> None:
+        """Make everything applied durable; only then is its position ours to report
+        (`Ack.durable`, `SyncPosition`). A batch applied without undo that a crash cut
+        in half lies beyond that position, so the primary sends it again."""
+        pos = self._unforced_position
+        await self.fs.mgr.force()
+        if pos is not None and self._unforced_position is pos:
+            self._unforced_position = None
+        if pos is not None:
+            self.position = pos
+
+    async def _backup_flusher(self) -> None:
+        """Applies commit lazily (one force per batch would make every operation wait
+        for the backup's disk); this forces them within FLUSH_BEHIND."""
+        while True:
+            await self._apply_dirty.wait()
+            await trio.sleep(FLUSH_BEHIND)
+            self._apply_dirty = trio.Event()
+            async with self.apply_lock:
+                if self.role != "primary":
+                    await self._force_applied()
 
     # The backup acknowledges a forward once it holds it (in memory, in order) and
     # applies it in the background, several batches per local transaction (one force):
@@ -832,6 +861,8 @@ class ReplicaServer:
         if await self._refuse(ch, msg):
             return
         await self._wait_applied()          # report the position that is on disk
+        async with self.apply_lock:
+            await self._force_applied()
         await self._abort_local_in_doubt()
         await ch.send(wire.SyncPosition(*self.position))
         self.sync_incarnation = msg.incarnation
@@ -890,6 +921,8 @@ class ReplicaServer:
         if await self._refuse(ch, msg):
             return
         await self._wait_applied()
+        async with self.apply_lock:
+            await self._force_applied()
         await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))
 
     async def _refresh_view(self) -> None:

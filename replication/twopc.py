@@ -365,7 +365,8 @@ class TwoPhase:
                 box["reply"] = await p.table.record(txn, key, req.seq, result)
                 if groups:
                     box["slot"] = await self.table.record(txn, gtid, groups)
-                box["rec"] = await txn.commit([req.client, req.lane, req.seq])
+                # lazily: the decision counts once the backup holds it (`_wait_acked`)
+                box["rec"] = await txn.commit([req.client, req.lane, req.seq], durable=False)
                 crash_point("2pc.coord.logged")
 
             await s.gate.enter()
@@ -491,8 +492,9 @@ class TwoPhase:
         box: dict = {}
 
         async def finish(txn, results):
+            # the vote counts once the backup holds the PREPARE (`_wait_acked`)
             box["lsn"] = await txn.prepare({"gtid": gtid, "coord": coord,
-                                            "results": pack_results(results)})
+                                            "results": pack_results(results)}, durable=False)
 
         await s.gate.enter()
         try:
@@ -534,11 +536,13 @@ class TwoPhase:
         st.deciding = True
         try:
             if commit:
-                rec = await st.part.commit()
+                # lazily: the commit counts once the backup holds it (alone: once our
+                # disk does); only then may the coordinator forget its decision
+                rec = await st.part.commit(durable=False)
                 crash_point("2pc.part.committed")
-                if s.primary is p and rec.lsn is not None:
+                if s.primary is p:
                     p.committed_lsn = max(p.committed_lsn, rec.lsn)
-                    await s._wait_acked(p, rec.lsn)
+                await s._wait_acked(p, rec.lsn)     # NotPrimaryError: no "done" from us
             else:
                 await st.part.abort()
             self.parts.pop(gtid, None)

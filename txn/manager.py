@@ -181,13 +181,15 @@ class Txn:
         if self.mgr.history is not None:
             self.mgr.history.write(self.id, key)
 
-    async def prepare(self, payload: Any = None) -> int:
+    async def prepare(self, payload: Any = None, *, durable: bool = True) -> int:
         """2PC vote YES: log PREPARE (payload + X-locked keys) and force it; returns its LSN.
 
         Afterwards the transaction can only `commit()` or `abort()`; it survives a crash
-        in doubt (see `TxnManager.in_doubt`)."""
+        in doubt (see `TxnManager.in_doubt`). `durable=False` appends without forcing,
+        for a caller whose vote is made durable elsewhere (a replicated participant
+        votes once its backup holds the PREPARE)."""
         self._check_usable()
-        return await self.mgr._prepare(self, payload)
+        return await self.mgr._prepare(self, payload, durable)
 
     async def commit(self, payload: Any = None, *, durable: bool = True) -> CommitRecord:
         """Log COMMIT (with `payload`), force the log, release the locks.
@@ -196,7 +198,9 @@ class Txn:
         Once it returns, the transaction survives any crash.
 
         `durable=False` (a lazy commit, as a journaling filesystem's write(2)): the
-        COMMIT is appended but not forced, and the locks are released at once. The
+        COMMIT is appended but not forced, and the locks are released at once. (For a
+        prepared transaction only when the commit is made durable elsewhere: a
+        replicated participant answers its coordinator once its backup holds it.) The
         transaction is committed for everyone who runs after it, and becomes durable
         with the next force (any durable commit, `TxnManager.force()`, or
         `flush_behind`); a crash before then loses it whole, never in part, and never
@@ -415,19 +419,22 @@ class TxnManager:
                     await txn.abort()
                 raise
 
-    async def apply(self, changes: Iterable[tuple[int, int, bytes]], payload: Any = None
-                    ) -> CommitRecord:
+    async def apply(self, changes: Iterable[tuple[int, int, bytes]], payload: Any = None,
+                    *, durable: bool = True, undo: bool = True) -> CommitRecord:
         """Apply a primary's committed changes as one local transaction (the backup side).
 
         Takes no locks: replicated transactions must be applied one at a time, in the
         primary's commit order, and not concurrently with local writers of the same bytes.
+        `durable=False` commits lazily (see `Txn.commit`); `undo=False` logs after-images
+        only (a crash in the middle may then leave part of the changes: only for a caller
+        that re-applies them after a crash, as a backup re-synchronises).
         """
         changes = [Change(b, o, bytes(d)) for b, o, d in changes]
 
         async def fn(txn: Txn) -> CommitRecord:
             for c in changes:
-                await txn.write(c.block, c.offset, c.data)
-            return await txn.commit(payload)
+                await txn.write(c.block, c.offset, c.data, undo=undo)
+            return await txn.commit(payload, durable=durable)
 
         return await self.run(fn, name="apply")
 
@@ -577,7 +584,7 @@ class TxnManager:
                               f"{self.log.reserved} reserved) even after a checkpoint")
         self.log.reserved += nbytes
 
-    async def _prepare(self, txn: Txn, payload: Any) -> None:
+    async def _prepare(self, txn: Txn, payload: Any, durable: bool = True) -> int:
         locks = [k for k, m in self.locks.held(txn).items() if m == "X"]
         size = _size(_packed_len([payload, locks]))
         keep = COMMIT_SIZE + (ABORT_SIZE if txn.first_lsn is None else 0)
@@ -593,8 +600,9 @@ class TxnManager:
                 lsn, txn.id, tuple(Change(u.block, u.offset, u.new) for u in txn.updates),
                 payload, "prepare", tuple(locks)))
         crash_point("txn.prepare.appended")
-        with trio.CancelScope(shield=True):
-            await self.log.force(end)
+        if durable:
+            with trio.CancelScope(shield=True):
+                await self.log.force(end)
         txn.state = "prepared"
         crash_point("txn.prepare.durable")
         self._publish()
@@ -625,7 +633,7 @@ class TxnManager:
         if self._subscribers:
             self._queue_publish(end, rec)
         crash_point("txn.commit.appended")
-        if not durable and not prepared:
+        if not durable:
             self._stats["lazy_commits"] += 1
             await self._finish(txn, "committed")
             if self.log.used > self.checkpoint_at * self.log.usable and not self._ckpt_running:
