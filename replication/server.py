@@ -7,11 +7,11 @@ once its backup has acknowledged the transaction (or the view has no backup). A 
 forwarding task reads the transaction manager's commit stream (`mgr.subscribe()`, commit
 order) and ships batches of commit records (their byte-range after-images) to the
 backup; the backup answers `Ack(lsn)` as soon as it holds a batch and applies batches in
-order in the background, several per local transaction (`mgr.apply`, forced). Operations
-commit lazily on the primary and the stream carries each commit as it is appended, so
-an acknowledged update is held by both servers and reaches both disks within a moment
-(the backup's apply forces; the primary's flush-behind forces within FLUSH_BEHIND): it
-survives the crash of either. A primary serving alone forces before it answers. `fsync` additionally sends `Flush` and returns once the backup has
+order in the background, several batches per local transaction, lazily (forced within
+FLUSH_BEHIND). The stream carries each commit as soon as it is appended, so the
+primary's force and the round trip to the backup overlap: an acknowledged update is
+durable on the primary and held by the backup (it survives the crash of either, and the
+crash of both loses nothing acknowledged); `fsync` additionally sends `Flush` and returns once the backup has
 forced everything it received.
 
 State transfer to a new backup runs inside that same ordered stream: the primary
@@ -71,7 +71,7 @@ ACK_TIMEOUT = 5.0
 FORWARD_MAX = 2**20     # bytes of after-images per forward batch
 APPLY_MAX = 2**20       # bytes of after-images per backup transaction
 QUEUE_MAX = 16 * 2**20  # bytes a backup holds unapplied before it stops reading
-FLUSH_BEHIND = 0.5      # seconds a lazily committed operation may stay off the primary's disk
+FLUSH_BEHIND = 0.5      # seconds a backup's applied batches may stay off its disk
 
 
 class NotPrimaryError(Exception):
@@ -208,7 +208,10 @@ class ReplicaServer:
                 task_status.started(port)
         finally:
             with trio.CancelScope(shield=True):
-                await self.fs.close()
+                try:
+                    await self._drain_applyq()
+                finally:
+                    await self.fs.close()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -264,11 +267,9 @@ class ReplicaServer:
         async with self.apply_lock:
             await self.fs.close()
             self.fs = await open_fs(self.array, reclaim=(v.num == 1))
-        # The stream to the backup carries each commit as it is appended: operations
-        # commit lazily and are answered once the backup holds them (either server's
-        # crash then loses nothing); fsync forces both logs, flush-behind the rest.
+        # The stream to the backup carries each commit as soon as it is appended, so
+        # the primary's own force and the round trip to the backup overlap.
         self.fs.mgr.publish_at_append = True
-        self._nursery.start_soon(self.fs.mgr.flush_behind, FLUSH_BEHIND)
         table = amo.AmoTable(self.array.nblocks)
         await table.load(self.fs.mgr)
         send, recv = trio.open_memory_channel(float("inf"))
@@ -327,9 +328,6 @@ class ReplicaServer:
                 self._release_markers(p)        # fsync: the primary alone is all there is
                 batch = await self._next_batch(p)
                 if batch:
-                    # alone, our own disk is the only copy: operations are answered
-                    # once it holds them (one force for the whole batch)
-                    await self._force_alone()
                     p.acked_lsn = batch[-1].lsn
                     self._track_dirty(p, batch)
                 self._notify()
@@ -342,15 +340,6 @@ class ReplicaServer:
                 self._lost_backup(p)
                 self.backup_synced = False
                 await trio.sleep(self.cfg.ping_interval)
-
-    async def _force_alone(self) -> None:
-        try:
-            await self.fs.mgr.force()
-        except Exception as exc:        # the log failed: answer nobody, stop serving
-            log.error("cannot force the log while serving alone: %s", exc)
-            self.serving = False
-            self._notify()
-            await trio.sleep_forever()
 
     def _track_dirty(self, p: Primary, batch) -> None:
         if p.dirty is not None:
@@ -660,7 +649,7 @@ class ReplicaServer:
             packed["reply"] = await p.table.record(txn, key, req.seq, result)
 
         token = Request(payload=lambda result: [req.client, req.lane, req.seq],
-                        before_commit=before_commit, durable=False)
+                        before_commit=before_commit)
         t0 = time.perf_counter()
         await self.gate.enter()
         try:
@@ -773,6 +762,16 @@ class ReplicaServer:
                 self._applyq_event = trio.Event()
                 await self._applyq_event.wait()
                 continue
+            with trio.CancelScope(shield=True):     # a batch is applied whole
+                await self._apply_next()
+
+    async def _drain_applyq(self) -> None:
+        """At a clean stop: apply what we acknowledged but did not apply yet."""
+        while self._applyq and self.role != "primary":
+            await self._apply_next()
+
+    async def _apply_next(self) -> None:
+        if True:
             group, size = [], 0
             while self._applyq and (not group or size < APPLY_MAX):
                 if group and self._applyq[0][0][0] == "2pc":

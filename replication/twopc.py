@@ -365,8 +365,8 @@ class TwoPhase:
                 box["reply"] = await p.table.record(txn, key, req.seq, result)
                 if groups:
                     box["slot"] = await self.table.record(txn, gtid, groups)
-                # lazily: the decision counts once the backup holds it (`_wait_acked`)
-                box["rec"] = await txn.commit([req.client, req.lane, req.seq], durable=False)
+                # forced here and held by the backup (`_wait_acked`) before anyone hears it
+                box["rec"] = await txn.commit([req.client, req.lane, req.seq])
                 crash_point("2pc.coord.logged")
 
             await s.gate.enter()
@@ -492,9 +492,9 @@ class TwoPhase:
         box: dict = {}
 
         async def finish(txn, results):
-            # the vote counts once the backup holds the PREPARE (`_wait_acked`)
+            # YES only once the PREPARE is on our disk and held by the backup
             box["lsn"] = await txn.prepare({"gtid": gtid, "coord": coord,
-                                            "results": pack_results(results)}, durable=False)
+                                            "results": pack_results(results)})
 
         await s.gate.enter()
         try:
@@ -536,9 +536,8 @@ class TwoPhase:
         st.deciding = True
         try:
             if commit:
-                # lazily: the commit counts once the backup holds it (alone: once our
-                # disk does); only then may the coordinator forget its decision
-                rec = await st.part.commit(durable=False)
+                # on our disk and held by the backup before the coordinator may forget
+                rec = await st.part.commit()
                 crash_point("2pc.part.committed")
                 if s.primary is p:
                     p.committed_lsn = max(p.committed_lsn, rec.lsn)

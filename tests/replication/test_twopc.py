@@ -292,3 +292,53 @@ def test_concurrent_renames_both_ways_with_kills(running):
         assert ((a if f in in_a else b) / f).read_text() == f
     wait_no_doubt(running)
     stop_and_check(running)
+
+
+# ---------------------------------------------------------------- in doubt, visibly
+def test_in_doubt_while_the_coordinator_is_unreachable(running):
+    """The coordinator crashes after the participant voted YES, and the participant is
+    cut off from the coordinator's group: it stays in doubt (locks held; `replfs
+    status` shows the transaction and its age) until it can ask; then, no decision
+    having been logged, it aborts, and the client's retried rename completes."""
+    mnt = running.mnt
+    a, b = mnt / name_in(0, "a"), mnt / name_in(1, "b")
+    a.mkdir()
+    b.mkdir()
+    (a / "f").write_text("f")
+    coord, part = running.primary(0), running.primary(1)
+    successor = next(s for s in running.cfg.groups[0] if s != coord)
+    # the participant cannot reach the server that will take the coordinator's place
+    replfs("fault", "partition", running.cfg.dir, part, successor)
+    replfs("fault", "crash-at", running.cfg.dir, "--server", coord, "2pc.coord.prepared")
+    result: dict = {}
+
+    def mv():
+        try:
+            os.rename(a / "f", b / "f")
+            result["ok"] = True
+        except OSError as exc:
+            result["error"] = exc
+    t = threading.Thread(target=mv, daemon=True)
+    t.start()
+    try:
+        running.cluster.procs[coord].wait(30)
+        deadline = time.monotonic() + 20
+        while True:
+            doubt = [d for _, d in in_doubt(running) if (d.get("age") or 0) >= 2.0]
+            if doubt:
+                break
+            assert time.monotonic() < deadline, "the participant never showed a transaction in doubt"
+            time.sleep(0.2)
+        assert doubt[0]["coordinator"] == 0 and doubt[0]["gtid"].startswith("0.")
+        text = replfs("status", running.cfg.dir).stdout
+        assert "in doubt" in text and doubt[0]["gtid"] in text
+        assert "ok" not in result           # the rename waits for the participant's locks
+    finally:
+        replfs("fault", "heal", running.cfg.dir)
+    t.join(90)
+    assert result == {"ok": True}
+    wait_no_doubt(running)
+    assert not (a / "f").exists() and (b / "f").read_text() == "f"
+    running.cluster.start_server(coord)
+    running.cluster.wait_protected(timeout=60)
+    stop_and_check(running)
