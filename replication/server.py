@@ -266,7 +266,7 @@ class ReplicaServer:
         await self._wait_applied()      # everything the backup acknowledged, applied
         async with self.apply_lock:
             await self.fs.close()
-            self.fs = await open_fs(self.array, reclaim=(v.num == 1))
+            self.fs = await open_fs(self.array, reclaim=(v.num == 1), history=self._recorder())
         # The stream to the backup carries each commit as soon as it is appended, so
         # the primary's own force and the round trip to the backup overlap.
         self.fs.mgr.publish_at_append = True
@@ -284,8 +284,27 @@ class ReplicaServer:
                  self.primary.incarnation)
         await self.twopc.on_promote(self.primary)
 
+    def _recorder(self):
+        """`REPLFS_HISTORY_DIR`: a primary streams its history there (tests check the
+        whole cluster's histories for serializability, txn/history.py merge_streams)."""
+        d = os.environ.get("REPLFS_HISTORY_DIR")
+        if not d:
+            return None
+        from replfs.txn.history import HistoryRecorder
+        return HistoryRecorder(stream=os.path.join(
+            d, f"g{self.group}-{self.name}-{self.boot}-{self.view.num}.hist"))
+
+    def confirm(self, txn_id: int) -> None:
+        """The transaction's commit survives: the backup held it before we answered."""
+        h = self.fs.mgr.history if self.fs is not None else None
+        if h is not None:
+            h.confirm(txn_id)
+
     async def _demote(self) -> None:
         log.warning("no longer primary (view %d)", self.view.num)
+        h, self.fs.mgr.history = self.fs.mgr.history, None     # a backup records nothing
+        if h is not None:
+            h.close()
         self.serving = False
         if self._view_scope is not None:
             self._view_scope.cancel()
@@ -676,6 +695,7 @@ class ReplicaServer:
             p.committed_lsn = max(p.committed_lsn, token.commit.lsn)
             p.table.remember(key, req.seq, packed["reply"])
             await self._wait_acked(p, token.commit.lsn)
+            self.confirm(token.commit.txn)
         self.stats["ack_wait_seconds"] += time.perf_counter() - t1
         return result, 0, ""
 

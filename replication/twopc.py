@@ -138,6 +138,7 @@ class TwoPhase:
             pay = txn.payload if isinstance(txn.payload, dict) else {}
             gtid = str(pay.get("gtid", f"unknown.{txn.id}"))
             part = self.s.fs.resume_part(txn)
+            self._alias(txn, gtid)
             try:
                 part.results = wire.unpack_value(pay.get("results", b"\x90"))
             except Exception:
@@ -158,6 +159,11 @@ class TwoPhase:
             st.done.set()
         self.parts.clear()
         self.active.clear()
+
+    def _alias(self, txn, gtid: str) -> None:
+        h = txn.mgr.history
+        if h is not None:
+            h.alias(txn.id, gtid)
 
     # ------------------------------------------------------------ reads for planning
     async def _read(self, group: int, method: str, *args):
@@ -360,6 +366,7 @@ class TwoPhase:
             remote = {g: votes[g][1] for g in groups}
 
             async def finish(txn, results):
+                self._alias(txn, gtid)
                 result = plan.result(remote, results)
                 box["result"] = result
                 box["reply"] = await p.table.record(txn, key, req.seq, result)
@@ -393,6 +400,7 @@ class TwoPhase:
             p.committed_lsn = max(p.committed_lsn, rec.lsn)
             p.table.remember(key, req.seq, box["reply"])
             await s._wait_acked(p, rec.lsn)
+            s.confirm(rec.txn)
             if groups:
                 self.table.remember(gtid, box["slot"], groups)
             crash_point("2pc.coord.replicated")
@@ -492,6 +500,7 @@ class TwoPhase:
         box: dict = {}
 
         async def finish(txn, results):
+            self._alias(txn, gtid)
             # YES only once the PREPARE is on our disk and held by the backup
             box["lsn"] = await txn.prepare({"gtid": gtid, "coord": coord,
                                             "results": pack_results(results)})
@@ -542,6 +551,7 @@ class TwoPhase:
                 if s.primary is p:
                     p.committed_lsn = max(p.committed_lsn, rec.lsn)
                 await s._wait_acked(p, rec.lsn)     # NotPrimaryError: no "done" from us
+                s.confirm(rec.txn)
             else:
                 await st.part.abort()
             self.parts.pop(gtid, None)

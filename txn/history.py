@@ -14,6 +14,8 @@ serial order is returned.
 from __future__ import annotations
 
 import bisect
+import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, NamedTuple
@@ -34,24 +36,58 @@ class Event(NamedTuple):
 
 
 class HistoryRecorder:
-    """Append-only log of read/write events plus commit/abort outcomes (in memory)."""
+    """Append-only log of read/write events plus commit/abort outcomes (in memory).
 
-    def __init__(self):
+    With `stream=PATH` every event goes straight to that file instead (one msgpack array
+    per event, with a CLOCK_MONOTONIC timestamp, written with os.write so that a process
+    killed with -9 leaves everything it recorded): a replicated server records one file
+    per incarnation, and `merge_streams` puts the files of a whole cluster together.
+    Streams also carry `alias` (this transaction is one part of a distributed
+    transaction named so) and `confirm` (its commit is known to have survived: the
+    backup held it before anyone was answered)."""
+
+    def __init__(self, stream: str | None = None):
         self.events: list[Event] = []
         self.committed: set[int] = set()
         self.aborted: set[int] = set()
+        self._fd = None if stream is None else os.open(
+            stream, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def _emit(self, *rec) -> None:
+        os.write(self._fd, msgpack.packb([time.monotonic_ns(), *rec]))
 
     def read(self, txn: int, obj: Hashable) -> None:
+        if self._fd is not None:
+            return self._emit("r", txn, _enc(obj))
         self.events.append(Event(txn, "r", obj))
 
     def write(self, txn: int, obj: Hashable) -> None:
+        if self._fd is not None:
+            return self._emit("w", txn, _enc(obj))
         self.events.append(Event(txn, "w", obj))
 
     def commit(self, txn: int) -> None:
+        if self._fd is not None:
+            return self._emit("c", txn)
         self.committed.add(txn)
 
     def abort(self, txn: int) -> None:
+        if self._fd is not None:
+            return self._emit("a", txn)
         self.aborted.add(txn)
+
+    def alias(self, txn: int, name: str) -> None:
+        if self._fd is not None:
+            self._emit("alias", txn, name)
+
+    def confirm(self, txn: int) -> None:
+        if self._fd is not None:
+            self._emit("confirm", txn)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def dump(self, path: str) -> None:
         """Write the history to `path` (msgpack), e.g. from a mount process for a test."""
@@ -72,6 +108,53 @@ class HistoryRecorder:
         h.committed.update(d["committed"])
         h.aborted.update(d["aborted"])
         return h
+
+
+def _enc(obj) -> list:
+    return ["B", *obj] if isinstance(obj, BlockRange) else ["K", repr(obj)]
+
+
+def merge_streams(sources: dict[int, list[str]]) -> tuple[list[Event], set, list[str]]:
+    """Put the streamed histories of a cluster together: `sources` maps a namespace (a
+    replica group: its objects are its own) to the stream files recorded in it.
+
+    Transactions are named (file, txn), or by their alias (the parts of one distributed
+    transaction become one transaction). A transaction counts as committed when it
+    committed and, if it wrote anything, its commit was confirmed -- a commit the
+    crash of its primary took away before the backup held it never happened. Events of
+    one namespace are ordered by their timestamps; different namespaces share no
+    object. Returns (events, committed names, problems): a distributed transaction that
+    committed in one place and aborted in another is a problem (atomicity)."""
+    events: list[Event] = []
+    status: dict = defaultdict(set)
+    wrote: set = set()
+    for ns, paths in sorted(sources.items()):
+        raw = []
+        for path in paths:
+            with open(path, "rb") as f:
+                recs = list(msgpack.Unpacker(f, raw=False))
+            alias = {r[2]: r[3] for r in recs if r[1] == "alias"}
+
+            def name(t, path=path, alias=alias):
+                return alias.get(t) or f"{os.path.basename(path)}:{t}"
+            for r in recs:
+                kind = r[1]
+                if kind in ("r", "w"):
+                    o = r[3]
+                    obj = (BlockRange(o[1] + (ns << 40), o[2], o[3]) if o[0] == "B"
+                           else ("K", ns, o[1]))
+                    raw.append((r[0], Event(name(r[2]), kind, obj)))
+                    if kind == "w":
+                        wrote.add(name(r[2]))
+                elif kind in ("c", "a", "confirm"):
+                    status[name(r[2])].add(kind)
+        raw.sort(key=lambda x: x[0])
+        events.extend(e for _, e in raw)
+    committed = {t for t, st in status.items()
+                 if "c" in st and ("confirm" in st or t not in wrote)}
+    problems = [f"{t} committed in one group and aborted in another" for t, st in status.items()
+                if "c" in st and "a" in st and "confirm" in st]
+    return events, committed, problems
 
 
 @dataclass

@@ -241,6 +241,26 @@ def test_crash_at_every_step(running, role):
 
 
 # ---------------------------------------------------------------- contention and kills
+def check_histories(running) -> None:
+    """Every primary's streamed history, merged over the cluster (a distributed
+    transaction is one node): conflict-serializable, and no distributed transaction
+    committed in one group and aborted in another."""
+    from replfs.txn.history import check_serializable, merge_streams
+    files = sorted(running.history_dir.glob("*.hist"))
+    sources: dict = {}
+    for f in files:
+        sources.setdefault(int(f.name.split("-")[0][1:]), []).append(str(f))
+    assert set(sources) == {0, 1} and len(files) >= 4      # both groups, several primaries
+    events, committed, problems = merge_streams(sources)
+    assert problems == []
+    distributed = {t for t in committed if ":" not in t}     # gtids; others are file:txn
+    assert len(distributed) > 20, "few distributed transactions were recorded"
+    result = check_serializable(events, committed)
+    assert result, f"not serializable: cycle {result.cycle}"
+    assert result.transactions > 100
+
+
+@pytest.mark.history
 def test_concurrent_renames_both_ways_with_kills(running):
     mnt = running.mnt
     a, b = mnt / name_in(0, "a"), mnt / name_in(1, "b")
@@ -292,6 +312,7 @@ def test_concurrent_renames_both_ways_with_kills(running):
         assert ((a if f in in_a else b) / f).read_text() == f
     wait_no_doubt(running)
     stop_and_check(running)
+    check_histories(running)
 
 
 # ---------------------------------------------------------------- in doubt, visibly

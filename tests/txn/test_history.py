@@ -55,3 +55,45 @@ def test_long_cycle_is_reported_in_edge_order():
     # each transaction on the cycle has an edge to the next one
     for a, b in zip(cyc, cyc[1:] + cyc[:1]):
         assert (a, b) in {(i % 5 + 1, i) for i in range(1, 6)}
+
+
+def test_merged_streams_find_a_cycle_across_namespaces(tmp_path):
+    """Each group's history alone is serializable; merged, the two distributed
+    transactions (aliases) form a cycle -- and a part aborted where another part
+    committed is an atomicity problem."""
+    from replfs.txn.history import merge_streams
+    h0 = HistoryRecorder(stream=str(tmp_path / "g0"))
+    h1 = HistoryRecorder(stream=str(tmp_path / "g1"))
+    x = BlockRange(7, 0, 8)
+    # group 0: G1 writes x, then G2 reads it (G1 -> G2)
+    h0.write(1, x)
+    h0.read(2, x)
+    # group 1 (same block number, another object): G2 writes y, then G1 reads it (G2 -> G1)
+    h1.write(5, x)
+    h1.read(6, x)
+    for h, a, b in ((h0, 1, 2), (h1, 6, 5)):
+        h.alias(a, "G1")
+        h.alias(b, "G2")
+        for t in (a, b):
+            h.commit(t)
+            h.confirm(t)
+    h0.close()
+    h1.close()
+    alone = [merge_streams({g: [str(tmp_path / f"g{g}")]}) for g in (0, 1)]
+    assert all(check_serializable(ev, com) for ev, com, _ in alone)
+    events, committed, problems = merge_streams({0: [str(tmp_path / "g0")],
+                                                 1: [str(tmp_path / "g1")]})
+    assert committed == {"G1", "G2"} and problems == []
+    result = check_serializable(events, committed)
+    assert not result and set(result.cycle) == {"G1", "G2"}
+    # a write whose commit was never confirmed (lost with its primary) does not count
+    h2 = HistoryRecorder(stream=str(tmp_path / "g2"))
+    h2.write(1, x)
+    h2.commit(1)
+    h2.abort(3)
+    h2.alias(3, "G1")
+    h2.close()
+    events, committed, problems = merge_streams({0: [str(tmp_path / "g0")],
+                                                 1: [str(tmp_path / "g1"), str(tmp_path / "g2")]})
+    assert committed == {"G1", "G2"}
+    assert problems == ["G1 committed in one group and aborted in another"]
