@@ -13,8 +13,7 @@ from mounthelp import REPLFS
 
 from replfs.replication import wire
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.slow,
-              pytest.mark.placement("parent")]     # mkdirs of new top-level directories
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def test_lossy_network_nothing_executed_twice(running):
