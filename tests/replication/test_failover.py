@@ -68,7 +68,8 @@ def test_kill_primary_during_shell_workload(running):
     assert running.primary() != old
     check_workload(running.mnt, n)
     # spread placement puts w/ in group 0 and w/sub/ in group 1: every `mv w/sub/f w/`
-    # was a two-phase commit, and the killed primary was its coordinator's group's
+    # was a two-phase commit (coordinated by group 1), and group 0, whose primary was
+    # killed, took part in it
     assert [os.stat(running.mnt / d).st_ino >> 48 for d in ("w", "w/sub")] == [0, 1]
     assert "primary is now" in running.log("mount")
     # the killed server comes back, is brought up to date, and the replicas agree
