@@ -131,7 +131,19 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------ names
     @translate
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._looked_up(await self.fs.lookup(parent_inode, name))
+        try:
+            attr = await self.fs.lookup(parent_inode, name)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # a negative entry (st_ino 0): the kernel caches "no such name" for
+            # ENTRY_TIMEOUT as it caches names that exist (a create through this mount
+            # replaces it at once), so a create does not cost a lookup first
+            e = pyfuse3.EntryAttributes()
+            e.st_ino = 0
+            e.entry_timeout = ENTRY_TIMEOUT
+            return e
+        return self._looked_up(attr)
 
     @translate
     async def getattr(self, inode, ctx=None):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 import secrets
 
 import trio
@@ -114,6 +115,7 @@ class RemoteFS:
         self._nursery: trio.Nursery | None = None
         self._view_lock = trio.Lock()
         self.stats = dict(requests=0, retries=0, view_fetches=0, failovers=0)
+        self.methods: Counter[str] = Counter()     # requests per method (logged at unmount)
         self._vs: wire.Channel | None = None
         self._srtt = 0.01
 
@@ -215,6 +217,7 @@ class RemoteFS:
         seq = self._lane_seq[lane]
         w = _Waiter()
         self.stats["requests"] += 1
+        self.methods[method] += 1
         try:
             with trio.fail_after(self.deadline):
                 return await self._call(w, group, lane, seq, method, list(args), kwargs)

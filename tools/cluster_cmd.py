@@ -180,7 +180,8 @@ async def serve_remote(dirpath: str, mnt: str, allow_other: bool = False,
                              fail=fail)
         finally:
             await rfs.aclose()
-            log.info("unmounted %s (client stats %s)", mnt, rfs.stats)
+            log.info("unmounted %s (client stats %s; requests %s)", mnt, rfs.stats,
+                     dict(rfs.methods.most_common()))
             outer.cancel_scope.cancel()
 
 
