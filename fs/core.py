@@ -27,7 +27,7 @@ import msgpack
 from replfs.crash import crash_point
 from replfs.fs import blockmap, directory
 from replfs.fs.alloc import ByteMap
-from replfs.fs.errors import ForeignInode, FsError, Stale
+from replfs.fs.errors import FsError, Stale
 from replfs.fs.layout import (BLOCK_SIZE, INLINE_MAX, MAX_FILE_SIZE, NAME_MAX, ORPHAN_SLOT,
                               ROOT_SLOT, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, SYMLINK_MAX,
                               XATTR_NAME_MAX, Inode, Superblock, ino_group, make_ino)
@@ -119,6 +119,16 @@ def _now() -> int:
 
 def _type_of(mode: int) -> int:
     return (mode & S_IFMT) >> 12
+
+
+def _check_linkable(node: Inode) -> None:
+    """May `node` get one more name (link)?"""
+    if node.is_dir:
+        raise FsError(errno.EPERM, "hard links to directories are not allowed")
+    if node.nlink == 0:
+        raise FsError(errno.ENOENT, "the file was removed")
+    if node.nlink >= LINK_MAX:
+        raise FsError(errno.EMLINK, "too many links")
 
 
 class FileSystem:
@@ -390,12 +400,7 @@ class FileSystem:
         async def fn(op):
             pnode = await self._dir(op, parent, "X")
             node = await op.inode(ino, "X")
-            if node.is_dir:
-                raise FsError(errno.EPERM, "hard links to directories are not allowed")
-            if node.nlink == 0:
-                raise FsError(errno.ENOENT, "the file was removed")
-            if node.nlink >= LINK_MAX:
-                raise FsError(errno.EMLINK, "too many links")
+            _check_linkable(node)
             directory.check_name(name)
             if await directory.lookup(op, pnode, name) is not None:
                 raise FsError(errno.EEXIST, name.decode(errors="replace"))
@@ -851,12 +856,7 @@ class FileSystem:
         if kind == "add_link":              # ino
             (ino,) = args
             node = await op.inode(ino, "X")
-            if node.is_dir:
-                raise FsError(errno.EPERM, "hard links to directories are not allowed")
-            if node.nlink == 0:
-                raise FsError(errno.ENOENT, "the file was removed")
-            if node.nlink >= LINK_MAX:
-                raise FsError(errno.EMLINK, "too many links")
+            _check_linkable(node)
             node.nlink += 1
             node.ctime_ns = now
             await op.put(ino, node)

@@ -28,6 +28,27 @@ SLOT = 512
 SLOTS_PER_BLOCK = BLOCK_SIZE // SLOT
 
 
+async def load_slots(mgr, first: int, nblocks: int, slot_size: int, name: str) -> list:
+    """Every used slot of a slotted table in blocks [first, first + nblocks): slots of
+    `slot_size` bytes, each a 2-byte length and a msgpack body (length 0: free).
+    Returns [(slot number, unpacked body)], skipping bodies that do not unpack."""
+    async def fn(txn):
+        return [await txn.read(first + i) for i in range(nblocks)]
+    per_block = BLOCK_SIZE // slot_size
+    out = []
+    for i, data in enumerate(await mgr.run(fn, name=name)):
+        for j in range(per_block):
+            raw = data[j * slot_size:(j + 1) * slot_size]
+            n = int.from_bytes(raw[:2], "little")
+            if not n:
+                continue
+            try:
+                out.append((i * per_block + j, msgpack.unpackb(raw[2:2 + n])))
+            except Exception:
+                continue
+    return out
+
+
 def tail_start(nblocks: int) -> int:
     return nblocks - TAIL_BLOCKS
 
@@ -73,26 +94,17 @@ class AmoTable:
 
     async def load(self, mgr) -> None:
         """Read the whole table (one read-only transaction)."""
-        async def fn(txn):
-            return [await txn.read(self.first + i) for i in range(TABLE_BLOCKS)]
-        blocks = await mgr.run(fn, name="amo-load")
         taken = set()
-        for i, data in enumerate(blocks):
-            for j in range(SLOTS_PER_BLOCK):
-                raw = data[j * SLOT:(j + 1) * SLOT]
-                n = int.from_bytes(raw[:2], "little")
-                if not n:
-                    continue
-                try:
-                    client, lane, seq, reply = msgpack.unpackb(raw[2:2 + n])
-                except Exception:
-                    continue
-                slot = i * SLOTS_PER_BLOCK + j
-                key = (client, lane)
-                self.entries[key] = (seq, reply)
-                self.slots[key] = slot
-                self._used[key] = 0         # older than anything used from now on
-                taken.add(slot)
+        for slot, entry in await load_slots(mgr, self.first, TABLE_BLOCKS, SLOT, "amo-load"):
+            try:
+                client, lane, seq, reply = entry
+            except (TypeError, ValueError):
+                continue
+            key = (client, lane)
+            self.entries[key] = (seq, reply)
+            self.slots[key] = slot
+            self._used[key] = 0         # older than anything used from now on
+            taken.add(slot)
         self.free = [s for s in range(TABLE_BLOCKS * SLOTS_PER_BLOCK) if s not in taken][::-1]
 
     def lookup(self, key) -> tuple[int, bytes] | None:

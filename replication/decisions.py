@@ -35,23 +35,15 @@ class DecisionTable:
         self.free: list[int] = list(range(SLOTS))[::-1]
 
     async def load(self, mgr) -> None:
-        async def fn(txn):
-            return [await txn.read(self.first + i) for i in range(amo.DECISION_BLOCKS)]
-        blocks = await mgr.run(fn, name="decisions-load")
         taken = set()
-        for i, data in enumerate(blocks):
-            for j in range(SLOTS_PER_BLOCK):
-                raw = data[j * SLOT:(j + 1) * SLOT]
-                n = int.from_bytes(raw[:2], "little")
-                if not n:
-                    continue
-                try:
-                    gtid, groups = msgpack.unpackb(raw[2:2 + n])
-                except Exception:
-                    continue
-                slot = i * SLOTS_PER_BLOCK + j
+        for slot, entry in await amo.load_slots(mgr, self.first, amo.DECISION_BLOCKS, SLOT,
+                                                "decisions-load"):
+            try:
+                gtid, groups = entry
                 self.entries[str(gtid)] = (slot, [int(g) for g in groups])
-                taken.add(slot)
+            except (TypeError, ValueError):
+                continue
+            taken.add(slot)
         self.free = [s for s in range(SLOTS) if s not in taken][::-1]
 
     def _where(self, slot: int) -> tuple[int, int]:

@@ -791,42 +791,42 @@ class ReplicaServer:
             await self._apply_next()
 
     async def _apply_next(self) -> None:
-        if True:
-            group, size = [], 0
-            while self._applyq and (not group or size < APPLY_MAX):
-                if group and self._applyq[0][0][0] == "2pc":
-                    break
-                item, nbytes = self._applyq.pop(0)
-                group.append(item)
-                size += nbytes
-                if item[0] == "2pc":
-                    break
-            changes: list = []
-            pos = None
-            synced, inc = self._q_synced, self._q_inc
-            for item in group:
-                kind = item[0]
-                if kind == "unsync":
-                    synced, inc, pos = False, item[1], ("", 0)
-                elif kind == "fwd":
-                    changes.extend(item[1])
-                    if synced:
-                        pos = (inc, item[2])
-                elif kind == "snap":
-                    changes.extend(item[1])
-                elif kind == "synced":
-                    synced, inc, pos = True, item[1], (item[1], item[2])
-                elif kind == "2pc":
-                    await self._apply_2pc(*item[1:6])
-                    if synced:
-                        pos = (inc, item[6])
-            await self._apply(changes, pos)
-            self._q_synced, self._q_inc = synced, inc
-            self.backup_synced = synced
-            self._queued_bytes -= size
-            self._applied += len(group)
-            self.stats["applied_batches"] += 1
-            self._notify()
+        """Apply the next group of queued items (a 2PC event is a group of its own)."""
+        group, size = [], 0
+        while self._applyq and (not group or size < APPLY_MAX):
+            if group and self._applyq[0][0][0] == "2pc":
+                break
+            item, nbytes = self._applyq.pop(0)
+            group.append(item)
+            size += nbytes
+            if item[0] == "2pc":
+                break
+        changes: list = []
+        pos = None
+        synced, inc = self._q_synced, self._q_inc
+        for item in group:
+            kind = item[0]
+            if kind == "unsync":
+                synced, inc, pos = False, item[1], ("", 0)
+            elif kind == "fwd":
+                changes.extend(item[1])
+                if synced:
+                    pos = (inc, item[2])
+            elif kind == "snap":
+                changes.extend(item[1])
+            elif kind == "synced":
+                synced, inc, pos = True, item[1], (item[1], item[2])
+            elif kind == "2pc":
+                await self._apply_2pc(*item[1:6])
+                if synced:
+                    pos = (inc, item[6])
+        await self._apply(changes, pos)
+        self._q_synced, self._q_inc = synced, inc
+        self.backup_synced = synced
+        self._queued_bytes -= size
+        self._applied += len(group)
+        self.stats["applied_batches"] += 1
+        self._notify()
 
     async def _apply_2pc(self, kind: str, gtid: str, changes: list, payload, locks: list) -> None:
         """The backup's copy of a participant's prepared transaction: PREPARE makes a

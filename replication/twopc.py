@@ -49,8 +49,8 @@ import trio
 from replfs.crash import crash_point
 from replfs.fs import directory
 from replfs.fs.core import RENAME_EXCHANGE, RENAME_NOREPLACE, Attr
-from replfs.fs.errors import ForeignInode, FsError, Stale
-from replfs.fs.layout import NAME_MAX, S_IFDIR, S_IFMT, ino_group
+from replfs.fs.errors import FsError, Stale
+from replfs.fs.layout import S_IFDIR, S_IFMT, ino_group
 from replfs.replication import wire
 from replfs.replication.decisions import DecisionTable, TableFull
 from replfs.txn import TxnAborted
