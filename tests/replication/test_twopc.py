@@ -137,6 +137,32 @@ def test_operations_across_groups(running):
     stop_and_check(running)
 
 
+def test_exchange_and_noreplace_across_groups(running):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def renameat2(a, b, flags):
+        if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), flags) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    mnt = running.mnt
+    a, b = mnt / name_in(0, "a"), mnt / name_in(1, "b")
+    a.mkdir()
+    b.mkdir()
+    (a / "f").write_text("file")
+    (b / "d").mkdir()
+    (b / "d" / "x").write_text("x")
+    renameat2(a / "f", b / "d", 2)              # RENAME_EXCHANGE: a file and a directory
+    assert (a / "f" / "x").read_text() == "x" and (b / "d").read_text() == "file"
+    assert os.stat(a / "f" / "..").st_ino == os.stat(a).st_ino
+    assert os.stat(a).st_nlink == 3 and os.stat(b).st_nlink == 2
+    with pytest.raises(OSError) as ei:
+        renameat2(b / "d", a / "f", 1)          # RENAME_NOREPLACE
+    assert ei.value.errno == errno.EEXIST
+    wait_no_doubt(running)
+    stop_and_check(running)
+
+
 # ---------------------------------------------------------------- a shell workload
 WORKLOAD = r"""
 mkdir -p SRC/tree/sub DST
