@@ -98,6 +98,11 @@ def test_operations_across_groups(running):
     os.unlink(b / "hard2")                                  # unlink: entry in 1, inode in 0
     os.unlink(a / "hard")
     assert os.stat(b / "f").st_nlink == 1
+    with open(b / "f", "rb") as held:                       # unlinked while open: an orphan
+        os.unlink(b / "f")                                  # of group 0 until closed
+        assert held.read() == b"hello"
+    (a / "f").write_text("hello")
+    os.rename(a / "f", b / "f")
     (a / "d").mkdir()
     (a / "d" / "x").write_text("x")
     os.rename(a / "d", b / "d")                             # a directory: its `..` moves
