@@ -1,7 +1,10 @@
-"""Random kills and restarts of servers under two writers: nothing lost, nothing doubled,
-replicas' logical blocks identical afterwards. A short run by default; the full minute
-with --soak."""
+"""Random kills and restarts of servers of both groups under two writers: nothing lost,
+nothing doubled, replicas' logical blocks identical and every group clean (fsck)
+afterwards. Every fifth file moves into {w}/sub, which the spread placement puts in
+group 1 while w1 is in group 0 and w3 in group 1: half the moves are two-phase commits.
+A short run by default; the full minute with --soak."""
 
+import os
 import random
 import signal
 import subprocess
@@ -10,15 +13,18 @@ import time
 import pytest
 
 from clusterhelp import compare_replicas, followers
+from replfs.tools.cluster import REPLFS
+
+WRITERS = ("w1", "w3")          # groups 0 and 1 under the spread placement
 
 WRITER = r"""
 i=0
-mkdir -p {w}
+mkdir -p {w}/sub
 while [ ! -e stop ]; do
   i=$((i+1))
   echo "{w} $i" >> {w}.log
   echo "$i" > {w}/f$i
-  if [ $((i % 5)) -eq 0 ]; then mv {w}/f$i {w}/g$i; fi
+  if [ $((i % 5)) -eq 0 ]; then mv {w}/f$i {w}/sub/g$i; fi
 done
 echo $i
 """
@@ -28,20 +34,21 @@ def chaos(running, seconds, seed):
     rng = random.Random(seed)
     writers = [subprocess.Popen(["bash", "-eu", "-c", WRITER.format(w=w)], cwd=running.mnt,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for w in ("w1", "w2")]
+               for w in WRITERS]
     kills = 0
     try:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             time.sleep(rng.uniform(0.2, 1.0))
-            view = running.view()
+            group = rng.choice(sorted(running.cfg.groups))
+            view = running.view(group)
             victim = rng.choice([view["primary"], view["backup"]])
             sig = rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGSTOP])
             running.cluster.signal(victim, sig)
             kills += 1
             time.sleep(rng.uniform(0.0, 1.0))
             # the view server notices (so the next wait is for the *new* view's backup)
-            running.cluster.wait_until(lambda st: st["viewserver"]["groups"]["0"]["view"]
+            running.cluster.wait_until(lambda st: st["viewserver"]["groups"][str(group)]["view"]
                                        > view["view"], timeout=30, what="a new view")
             if sig == signal.SIGSTOP:
                 running.cluster.signal(victim, signal.SIGCONT)
@@ -60,19 +67,25 @@ def chaos(running, seconds, seed):
 
 
 def check(running, counts):
-    for w, n in zip(("w1", "w2"), counts):
+    assert [os.stat(running.mnt / d).st_ino >> 48 for d in ("w1", "w1/sub", "w3")] == [0, 1, 1]
+    for w, n in zip(WRITERS, counts):
         assert n > 10
         lines = (running.mnt / f"{w}.log").read_text().splitlines()
         assert lines == [f"{w} {i}" for i in range(1, n + 1)]
         names = sorted(p.name for p in (running.mnt / w).iterdir())
-        assert names == sorted(f"g{i}" if i % 5 == 0 else f"f{i}" for i in range(1, n + 1))
+        assert names == sorted([f"f{i}" for i in range(1, n + 1) if i % 5] + ["sub"])
+        moved = sorted(p.name for p in (running.mnt / w / "sub").iterdir())
+        assert moved == sorted(f"g{i}" for i in range(5, n + 1, 5))
         for i in range(1, n + 1, 7):
-            name = f"g{i}" if i % 5 == 0 else f"f{i}"
+            name = f"sub/g{i}" if i % 5 == 0 else f"f{i}"
             assert (running.mnt / w / name).read_text() == f"{i}\n"
     running.unmount()
     running.cluster.stop_all()
     diff, compared = compare_replicas(running.cfg)
     assert compared > 500 and diff == {s: [] for s in followers(running.cfg)}
+    r = subprocess.run([*REPLFS, "fsck", running.cfg.dir], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.timeout(180)
