@@ -71,7 +71,8 @@ ACK_TIMEOUT = 5.0
 FORWARD_MAX = 2**20     # bytes of after-images per forward batch
 APPLY_MAX = 2**20       # bytes of after-images per backup transaction
 QUEUE_MAX = 16 * 2**20  # bytes a backup holds unapplied before it stops reading
-FLUSH_BEHIND = 0.5      # seconds a backup's applied batches may stay off its disk
+FLUSH_BEHIND = 0.1      # seconds a backup's applied batches may stay off its disk (its
+                        # window if both replicas of a group die at once)
 
 
 class NotPrimaryError(Exception):
