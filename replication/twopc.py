@@ -366,6 +366,7 @@ class TwoPhase:
             remote = {g: votes[g][1] for g in groups}
 
             async def finish(txn, results):
+                box["txn"] = txn
                 self._alias(txn, gtid)
                 result = plan.result(remote, results)
                 box["result"] = result
@@ -390,7 +391,15 @@ class TwoPhase:
                     return None, exc.errno, str(exc)
                 raise _Retry from None
             except BaseException:
-                if "rec" not in box:
+                txn = box.get("txn")
+                if txn is not None and txn.commit_record is not None:
+                    # the COMMIT was appended (and streamed to the backup) but its force
+                    # failed: the decision is unknown here -- answer "pending" for good
+                    # and let whoever takes over from us, with the backup's state, decide
+                    box["undecided"] = True
+                    log.error("decision %s unknown after a log failure: participants wait "
+                              "for the next primary", gtid)
+                elif "rec" not in box:
                     self.table.release(box.get("slot"))
                     self._abort_all(p, gtid, groups)
                 raise
@@ -405,7 +414,8 @@ class TwoPhase:
                 self.table.remember(gtid, box["slot"], groups)
             crash_point("2pc.coord.replicated")
         finally:
-            self.active.discard(gtid)
+            if not box.get("undecided"):
+                self.active.discard(gtid)
         if groups:
             done = self._start_delivery(p, gtid)
             with trio.move_on_after(DECIDE_WAIT):
