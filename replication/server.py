@@ -10,8 +10,9 @@ backup; the backup answers `Ack(lsn)` as soon as it holds a batch and applies ba
 order in the background, several batches per local transaction, lazily (forced within
 FLUSH_BEHIND). The stream carries each commit as soon as it is appended, so the
 primary's force and the round trip to the backup overlap: an acknowledged update is
-durable on the primary and held by the backup (it survives the crash of either, and the
-crash of both loses nothing acknowledged); `fsync` additionally sends `Flush` and returns once the backup has
+durable on the primary and held by the backup (it survives the crash of either; should
+both die, the primary's disk has it -- but see the closing note of issue 6 on which of
+them the view server then picks); `fsync` additionally sends `Flush` and returns once the backup has
 forced everything it received.
 
 State transfer to a new backup runs inside that same ordered stream: the primary
