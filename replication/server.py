@@ -11,8 +11,8 @@ order in the background, several batches per local transaction, lazily (forced w
 FLUSH_BEHIND). The stream carries each commit as soon as it is appended, so the
 primary's force and the round trip to the backup overlap: an acknowledged update is
 durable on the primary and held by the backup (it survives the crash of either; should
-both die, the primary's disk has it -- but see the closing note of issue 6 on which of
-them the view server then picks); `fsync` additionally sends `Flush` and returns once the backup has
+both die at once, the primary's disk has it, but the view server may hand the group to
+the restarted backup, whose disk can lack the last FLUSH_BEHIND of them); `fsync` additionally sends `Flush` and returns once the backup has
 forced everything it received.
 
 State transfer to a new backup runs inside that same ordered stream: the primary
