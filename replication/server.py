@@ -12,8 +12,8 @@ FLUSH_BEHIND). The stream carries each commit as soon as it is appended, so the
 primary's force and the round trip to the backup overlap: an acknowledged update is
 durable on the primary and held by the backup (it survives the crash of either; should
 both die at once, the primary's disk has it, but the view server may hand the group to
-the restarted backup, whose disk can lack the last FLUSH_BEHIND of them); `fsync` additionally sends `Flush` and returns once the backup has
-forced everything it received.
+the restarted backup, whose disk can lack the last FLUSH_BEHIND of them); `fsync`
+additionally sends `Flush` and returns once the backup has forced everything it received.
 
 State transfer to a new backup runs inside that same ordered stream: the primary
 computes a plan (every allocated logical block, or only the blocks changed since the
