@@ -80,9 +80,6 @@ class Request:
     # awaited as before_commit(txn, result) inside the transaction, just before it
     # commits (the replication server records its at-most-once reply there)
     before_commit: Callable[[Any, Any], Any] | None = None
-    # False: commit lazily (the server answers only once its backup holds the commit,
-    # so it survives the crash of either server before either log reaches the disk)
-    durable: bool = True
 
 
 class Part:
@@ -95,9 +92,9 @@ class Part:
         self.op = op
         self.results = results
 
-    async def commit(self, *, durable: bool = True):
-        """Commit the prepared transaction; returns its CommitRecord."""
-        rec = await self.txn.commit(durable=durable)
+    async def commit(self):
+        """Commit the prepared transaction (forced); returns its CommitRecord."""
+        rec = await self.txn.commit()
         if self.op is not None:
             self.op.committed()
         else:           # recovered in doubt: which inodes it wrote is not known here
@@ -184,7 +181,7 @@ class FileSystem:
             if req is not None and not readonly:
                 if req.before_commit is not None:
                     await req.before_commit(txn, result)
-                req.commit = await txn.commit(req.payload(result), durable=req.durable)
+                req.commit = await txn.commit(req.payload(result))
             elif self.lazy_commits and not readonly:
                 # like a journaling filesystem's write(2): committed (whole or absent
                 # after a crash) but durable only at the next fsync or flush-behind

@@ -181,15 +181,13 @@ class Txn:
         if self.mgr.history is not None:
             self.mgr.history.write(self.id, key)
 
-    async def prepare(self, payload: Any = None, *, durable: bool = True) -> int:
+    async def prepare(self, payload: Any = None) -> int:
         """2PC vote YES: log PREPARE (payload + X-locked keys) and force it; returns its LSN.
 
         Afterwards the transaction can only `commit()` or `abort()`; it survives a crash
-        in doubt (see `TxnManager.in_doubt`). `durable=False` appends without forcing,
-        for a caller whose vote is made durable elsewhere (a replicated participant
-        votes once its backup holds the PREPARE)."""
+        in doubt (see `TxnManager.in_doubt`)."""
         self._check_usable()
-        return await self.mgr._prepare(self, payload, durable)
+        return await self.mgr._prepare(self, payload)
 
     async def commit(self, payload: Any = None, *, durable: bool = True) -> CommitRecord:
         """Log COMMIT (with `payload`), force the log, release the locks.
@@ -198,9 +196,9 @@ class Txn:
         Once it returns, the transaction survives any crash.
 
         `durable=False` (a lazy commit, as a journaling filesystem's write(2)): the
-        COMMIT is appended but not forced, and the locks are released at once. (For a
-        prepared transaction only when the commit is made durable elsewhere: a
-        replicated participant answers its coordinator once its backup holds it.) The
+        COMMIT is appended but not forced, and the locks are released at once. A
+        prepared transaction always commits durably (its coordinator may forget the
+        decision once it answers). The
         transaction is committed for everyone who runs after it, and becomes durable
         with the next force (any durable commit, `TxnManager.force()`, or
         `flush_behind`); a crash before then loses it whole, never in part, and never
@@ -584,7 +582,7 @@ class TxnManager:
                               f"{self.log.reserved} reserved) even after a checkpoint")
         self.log.reserved += nbytes
 
-    async def _prepare(self, txn: Txn, payload: Any, durable: bool = True) -> int:
+    async def _prepare(self, txn: Txn, payload: Any) -> int:
         locks = [k for k, m in self.locks.held(txn).items() if m == "X"]
         size = _size(_packed_len([payload, locks]))
         keep = COMMIT_SIZE + (ABORT_SIZE if txn.first_lsn is None else 0)
@@ -600,9 +598,8 @@ class TxnManager:
                 lsn, txn.id, tuple(Change(u.block, u.offset, u.new) for u in txn.updates),
                 payload, "prepare", tuple(locks)))
         crash_point("txn.prepare.appended")
-        if durable:
-            with trio.CancelScope(shield=True):
-                await self.log.force(end)
+        with trio.CancelScope(shield=True):
+            await self.log.force(end)
         txn.state = "prepared"
         crash_point("txn.prepare.durable")
         self._publish()
@@ -633,7 +630,7 @@ class TxnManager:
         if self._subscribers:
             self._queue_publish(end, rec)
         crash_point("txn.commit.appended")
-        if not durable:
+        if not durable and not prepared:
             self._stats["lazy_commits"] += 1
             await self._finish(txn, "committed")
             if self.log.used > self.checkpoint_at * self.log.usable and not self._ckpt_running:
