@@ -787,92 +787,85 @@ class FileSystem:
         """A transaction recovered in doubt (its Op is gone): it can still be decided."""
         return Part(self, txn, None, [])
 
+    STEPS = frozenset({"unlink_entry", "link_entry", "move_child", "drop_link", "add_link",
+                       "new_dir", "expect_parent"})
+
     async def _step(self, op: Op, st: list):
-        kind, args = st[0], st[1:]
-        now = _now()
-        if kind == "unlink_entry":          # dir, name, expected ino, dir nlink delta
-            d, name, expect, delta = args
-            pnode = await self._dir(op, d, "X")
-            ent = await directory.lookup(op, pnode, name)
-            if ent is None or ent[0] != expect:
-                raise Stale(f"{name!r} in {d:#x} changed")
-            await directory.remove(op, pnode, name)
-            pnode.nlink += delta
-            pnode.mtime_ns = pnode.ctime_ns = now
-            await op.put(d, pnode)
-            return None
-        if kind == "link_entry":            # dir, name, ino, type, replaced ino (0), dir nlink delta
-            d, name, ino, typ, old, delta = args
-            directory.check_name(name)
-            pnode = await self._dir(op, d, "X")
-            ent = await directory.lookup(op, pnode, name)
-            if (ent[0] if ent else 0) != old:
-                raise Stale(f"{name!r} in {d:#x} changed")
-            if delta > 0 and pnode.nlink >= LINK_MAX:
-                raise FsError(errno.EMLINK, "too many subdirectories")
-            if old:
-                await directory.replace(op, pnode, name, ino, typ)
-            else:
-                await directory.insert(op, pnode, name, ino, typ)
-            pnode.nlink += delta
-            pnode.mtime_ns = pnode.ctime_ns = now
-            await op.put(d, pnode)
-            return None
-        if kind == "replace_entry":         # dir, name, expected ino, new ino, new type, dir nlink delta
-            d, name, expect, ino, typ, delta = args
-            pnode = await self._dir(op, d, "X")
-            ent = await directory.lookup(op, pnode, name)
-            if ent is None or ent[0] != expect:
-                raise Stale(f"{name!r} in {d:#x} changed")
+        if not st or st[0] not in self.STEPS:
+            raise FsError(errno.EINVAL, f"unknown step {st[:1]!r}")
+        return await getattr(self, "_step_" + st[0])(op, _now(), *st[1:])
+
+    async def _named(self, op: Op, d: int, name: bytes, expect: int) -> Inode:
+        """X-lock directory `d`; Stale unless `name` names `expect` there (0: no entry)."""
+        pnode = await self._dir(op, d, "X")
+        ent = await directory.lookup(op, pnode, name)
+        if (ent[0] if ent else 0) != expect:
+            raise Stale(f"{name!r} in {d:#x} changed")
+        return pnode
+
+    async def _dir_changed(self, op: Op, d: int, pnode: Inode, nlink_delta: int, now: int) -> None:
+        pnode.nlink += nlink_delta
+        pnode.mtime_ns = pnode.ctime_ns = now
+        await op.put(d, pnode)
+
+    async def _step_unlink_entry(self, op, now, d, name, expect, nlink_delta):
+        pnode = await self._named(op, d, name, expect)
+        await directory.remove(op, pnode, name)
+        await self._dir_changed(op, d, pnode, nlink_delta, now)
+
+    async def _step_link_entry(self, op, now, d, name, ino, typ, replaced, nlink_delta):
+        """Name `ino` in `d`, where `name` names `replaced` now (0: nothing)."""
+        directory.check_name(name)
+        pnode = await self._named(op, d, name, replaced)
+        if nlink_delta > 0 and pnode.nlink >= LINK_MAX:
+            raise FsError(errno.EMLINK, "too many subdirectories")
+        if replaced:
             await directory.replace(op, pnode, name, ino, typ)
-            pnode.nlink += delta
-            pnode.mtime_ns = pnode.ctime_ns = now
-            await op.put(d, pnode)
-            return None
-        if kind == "move_child":            # ino, is dir, old parent, new parent (0: same)
-            ino, is_dir, old_parent, new_parent = args
-            node = await op.inode(ino, "X")
-            if node.nlink == 0 or node.is_dir != is_dir:
-                raise Stale(f"inode {ino:#x} changed")
-            if new_parent:
-                if node.parent != old_parent:
-                    raise Stale(f"directory {ino:#x} moved")
-                node.parent = new_parent
-            node.ctime_ns = now
-            await op.put(ino, node)
-            return None
-        if kind == "drop_link":             # ino, is dir
-            ino, is_dir = args
-            node = await op.inode(ino, "X")
-            if node.nlink == 0 or node.is_dir != is_dir:
-                raise Stale(f"inode {ino:#x} changed")
-            if node.is_dir and node.dir_entries:
-                raise FsError(errno.ENOTEMPTY, f"directory {ino:#x} is not empty")
-            await self._drop_link(op, ino, node)
-            return None
-        if kind == "add_link":              # ino
-            (ino,) = args
-            node = await op.inode(ino, "X")
-            _check_linkable(node)
-            node.nlink += 1
-            node.ctime_ns = now
-            await op.put(ino, node)
-            return Attr.of(ino, node)
-        if kind == "new_dir":               # parent (another group's), mode, uid, gid
-            parent, mode, uid, gid = args
-            node = Inode(mode=(mode & 0o7777) | S_IFDIR, uid=uid, gid=gid, nlink=2,
-                         atime_ns=now, mtime_ns=now, ctime_ns=now, parent=parent)
-            ino = await op.new_inode(node)
-            await directory.init(op, node)
-            await op.put(ino, node)
-            return Attr.of(ino, node)
-        if kind == "expect_parent":         # dir, its parent
-            d, parent = args
-            node = await self._dir(op, d, "S")
-            if (node.parent or d) != parent:
-                raise Stale(f"directory {d:#x} moved")
-            return None
-        raise FsError(errno.EINVAL, f"unknown step {kind!r}")
+        else:
+            await directory.insert(op, pnode, name, ino, typ)
+        await self._dir_changed(op, d, pnode, nlink_delta, now)
+
+    async def _step_move_child(self, op, now, ino, is_dir, old_parent, new_parent):
+        """`ino` got a new name; a directory's `..` goes to `new_parent` (0: unchanged)."""
+        node = await op.inode(ino, "X")
+        if node.nlink == 0 or node.is_dir != is_dir:
+            raise Stale(f"inode {ino:#x} changed")
+        if new_parent:
+            if node.parent != old_parent:
+                raise Stale(f"directory {ino:#x} moved")
+            node.parent = new_parent
+        node.ctime_ns = now
+        await op.put(ino, node)
+
+    async def _step_drop_link(self, op, now, ino, is_dir):
+        node = await op.inode(ino, "X")
+        if node.nlink == 0 or node.is_dir != is_dir:
+            raise Stale(f"inode {ino:#x} changed")
+        if node.is_dir and node.dir_entries:
+            raise FsError(errno.ENOTEMPTY, f"directory {ino:#x} is not empty")
+        await self._drop_link(op, ino, node)
+
+    async def _step_add_link(self, op, now, ino):
+        node = await op.inode(ino, "X")
+        _check_linkable(node)
+        node.nlink += 1
+        node.ctime_ns = now
+        await op.put(ino, node)
+        return Attr.of(ino, node)
+
+    async def _step_new_dir(self, op, now, parent, mode, uid, gid):
+        """A directory here whose parent is in another group."""
+        node = Inode(mode=(mode & 0o7777) | S_IFDIR, uid=uid, gid=gid, nlink=2,
+                     atime_ns=now, mtime_ns=now, ctime_ns=now, parent=parent)
+        ino = await op.new_inode(node)
+        await directory.init(op, node)
+        await op.put(ino, node)
+        return Attr.of(ino, node)
+
+    async def _step_expect_parent(self, op, now, d, parent):
+        node = await self._dir(op, d, "S")
+        if (node.parent or d) != parent:
+            raise Stale(f"directory {d:#x} moved")
 
     async def close(self) -> None:
         """Checkpoint and close the transaction manager (the device stays open)."""

@@ -234,8 +234,8 @@ class TwoPhase:
 
         def add(ino, step):
             steps.setdefault(ino_group(ino), []).append(step)
-        add(p_old, ["replace_entry", p_old, n_old, a[0], b[0], b[1], delta_old])
-        add(p_new, ["replace_entry", p_new, n_new, b[0], a[0], a[1], -delta_old])
+        add(p_old, ["link_entry", p_old, n_old, b[0], b[1], a[0], delta_old])
+        add(p_new, ["link_entry", p_new, n_new, a[0], a[1], b[0], -delta_old])
         add(a[0], ["move_child", a[0], a_dir, p_old if cross and a_dir else 0,
                    p_new if cross and a_dir else 0])
         add(b[0], ["move_child", b[0], b_dir, p_new if cross and b_dir else 0,
