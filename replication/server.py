@@ -247,7 +247,6 @@ class ReplicaServer:
     async def _on_view(self, v: View) -> None:
         if v.num <= self.view.num:
             return
-        old = self.view
         self.view = v
         log.info("view %d: primary %s, backup %s (I am %s)", v.num, v.primary,
                  v.backup or "-", "primary" if v.primary == self.name else
@@ -660,10 +659,9 @@ class ReplicaServer:
 
     async def _execute_update(self, p: Primary, key, req: wire.OpRequest):
         if req.method == "mkdir" and len(req.args) >= 2:
-            target = self.twopc.placement(req.args[0], req.args[1])
+            target = self.cfg.place_dir(req.args[0], req.args[1])
             if target != self.group:
-                args = (req.args, dict(req.kwargs, group=target))
-                return await self.twopc.execute(p, key, req, args)
+                return await self.twopc.execute(p, key, req, group=target)
         packed = {}
 
         async def before_commit(txn, result):
@@ -1016,15 +1014,7 @@ class ReplicaServer:
                    array=_array_summary(self.array),
                    txn=mgr.stats() if mgr is not None else {},
                    backup_synced=self.backup_synced,
-                   in_doubt=self.twopc.in_doubt() if self.role == "primary" else [
-                       dict(gtid=str((t.payload or {}).get("gtid", t.id))
-                            if isinstance(t.payload, dict) else str(t.id),
-                            coordinator=(t.payload or {}).get("coord", -1)
-                            if isinstance(t.payload, dict) else -1, age=None, replica=True)
-                       for t in (mgr.in_doubt() if mgr is not None else [])],
-                   pending_decisions=len(self.twopc.table.entries)
-                   if self.role == "primary" and self.twopc.table is not None else 0,
-                   twopc=dict(self.twopc.stats))
+                   **self.twopc.status())
         if p is not None:
             out.update(incarnation=p.incarnation, committed_lsn=p.committed_lsn,
                        acked_lsn=p.acked_lsn, lag_bytes=max(0, p.committed_lsn - p.acked_lsn),

@@ -102,10 +102,6 @@ def _type(mode: int) -> int:
     return (mode & S_IFMT) >> 12
 
 
-def pack_results(results: list) -> bytes:
-    return wire.pack_value(results)
-
-
 class TwoPhase:
     """The 2PC roles of one replica server (coordinator and participant)."""
 
@@ -314,16 +310,13 @@ class TwoPhase:
         return Plan(steps, lambda remote: mine)
 
     # ------------------------------------------------------------ coordinator
-    def placement(self, parent: int, name: bytes) -> int:
-        place = getattr(self.s.cfg, "place_dir", None)
-        return self.s.group if place is None else place(parent, name)
-
-    async def execute(self, p, key, req, planner_args=None):
+    async def execute(self, p, key, req, **extra):
         """Run client request `req` as a distributed transaction; returns (value, errno,
-        message) like the server's `_execute_update`. Raises NotPrimaryError."""
+        message) like the server's `_execute_update`. Raises NotPrimaryError. `extra`
+        goes to the planner (mkdir's target group)."""
         self.stats["distributed"] += 1
         planner = getattr(self, "_plan_" + req.method)
-        args, kwargs = (planner_args or (req.args, req.kwargs))
+        args, kwargs = req.args, dict(req.kwargs, **extra)
         for attempt in range(MAX_ATTEMPTS):
             if attempt:
                 self.stats["retries"] += 1
@@ -513,7 +506,7 @@ class TwoPhase:
             self._alias(txn, gtid)
             # YES only once the PREPARE is on our disk and held by the backup
             box["lsn"] = await txn.prepare({"gtid": gtid, "coord": coord,
-                                            "results": pack_results(results)})
+                                            "results": wire.pack_value(results)})
 
         await s.gate.enter()
         try:
@@ -602,6 +595,23 @@ class TwoPhase:
                         log.warning("in doubt %s: %s", gtid, exc)
 
     def in_doubt(self) -> list[dict]:
-        now = time.monotonic()
-        return [dict(gtid=st.gtid, coordinator=st.coord, age=round(now - st.since, 3),
-                     recovered=st.recovered) for st in self.parts.values()]
+        """A primary: its prepared parts, with their age. A backup: its prepared copies
+        (their age is the primary's to tell)."""
+        if self.s.role == "primary":
+            now = time.monotonic()
+            return [dict(gtid=st.gtid, coordinator=st.coord, age=round(now - st.since, 3),
+                         recovered=st.recovered) for st in self.parts.values()]
+        mgr = self.s.fs.mgr if self.s.fs is not None else None
+        out = []
+        for t in (mgr.in_doubt() if mgr is not None else []):
+            pay = t.payload if isinstance(t.payload, dict) else {}
+            out.append(dict(gtid=str(pay.get("gtid", t.id)), coordinator=pay.get("coord", -1),
+                            age=None, replica=True))
+        return out
+
+    def status(self) -> dict:
+        """The server's status fields for 2PC."""
+        primary = self.s.role == "primary" and self.table is not None
+        return dict(in_doubt=self.in_doubt(),
+                    pending_decisions=len(self.table.entries) if primary else 0,
+                    twopc=dict(self.stats))
