@@ -191,7 +191,6 @@ class ReplicaServer:
         self.twopc = TwoPhase(self)
         self._unforced_position: tuple[str, int] | None = None
         self._apply_dirty = trio.Event()
-        self.replica_parts: dict[str, object] = {}     # backup: gtid -> prepared Txn
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -280,7 +279,6 @@ class ReplicaServer:
         self._nursery.start_soon(self._pump, self.fs.mgr.subscribe(), send, self.primary.pump)
         self.role = "primary"
         self.backup_synced = False
-        self.replica_parts.clear()
         log.info("promoted to primary of view %d (incarnation %s)", v.num,
                  self.primary.incarnation)
         await self.twopc.on_promote(self.primary)
@@ -846,14 +844,9 @@ class ReplicaServer:
                 except BaseException:
                     await txn.abort()
                     raise
-                self.replica_parts[gtid] = txn
                 return
-            txn = self.replica_parts.pop(gtid, None)
-            if txn is None:
-                for t in mgr.in_doubt():
-                    if isinstance(t.payload, dict) and t.payload.get("gtid") == gtid:
-                        txn = t
-                        break
+            txn = next((t for t in mgr.in_doubt()
+                        if isinstance(t.payload, dict) and t.payload.get("gtid") == gtid), None)
             if txn is not None:
                 if kind == "commit":
                     await txn.commit()
@@ -869,7 +862,6 @@ class ReplicaServer:
         async with self.apply_lock:
             for txn in self.fs.mgr.in_doubt():
                 await txn.abort()
-            self.replica_parts.clear()
 
     def _durable_for(self, incarnation: str) -> int:
         return self.position[1] if self.position[0] == incarnation and self.position[0] else 0

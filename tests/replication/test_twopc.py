@@ -45,24 +45,21 @@ def replfs(*args, check=True, timeout=60):
     return r
 
 
-def in_doubt(running) -> list:
-    st = running.cluster.status()
+def _doubts(st: dict) -> list:
     return [(s, d) for s, info in st["servers"].items() if info
             for d in (info.get("in_doubt") or [])]
 
 
+def in_doubt(running) -> list:
+    return _doubts(running.cluster.status())
+
+
 def wait_no_doubt(running, timeout=20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = running.cluster.status()
-        left = [(s, d) for s, info in st["servers"].items() if info
-                for d in (info.get("in_doubt") or [])]
-        pending = sum((info or {}).get("pending_decisions", 0) for info in st["servers"].values())
-        if not left and not pending:
-            return
-        assert time.monotonic() < deadline, f"still in doubt after {timeout} s: {left}, " \
-                                            f"{pending} decisions pending"
-        time.sleep(0.2)
+    """Until no server has a transaction in doubt or a decision to deliver."""
+    running.cluster.wait_until(
+        lambda st: not _doubts(st) and not sum((i or {}).get("pending_decisions", 0)
+                                               for i in st["servers"].values()),
+        timeout, "every 2PC transaction decided and delivered")
 
 
 def fsck_cluster(running) -> dict:
@@ -321,13 +318,17 @@ def test_concurrent_renames_both_ways_with_kills(running):
         t.start()
     try:
         for round_ in range(3):
-            time.sleep(2.0)
-            victim = running.primary(round_ % 2)
+            time.sleep(2.0)                     # renames run before each kill
+            group = round_ % 2
+            view = running.view(group)
+            victim = view["primary"]
             running.cluster.signal(victim, signal.SIGKILL)
-            time.sleep(1.5)
+            running.cluster.wait_until(         # the backup took over
+                lambda st: st["viewserver"]["groups"][str(group)]["view"] > view["view"],
+                timeout=30, what="a new view")
             running.cluster.start_server(victim)
             running.cluster.wait_protected(timeout=60)
-        time.sleep(1.0)
+        time.sleep(1.0)                         # and after the last restart
     finally:
         stop.set()
         for t in threads:
