@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 from replfs.errors import ReplfsError
@@ -30,7 +31,7 @@ class ForeignInode(FsError):
     runs the operation as a distributed transaction (rename, link, unlink, rmdir, mkdir)."""
 
     def __init__(self, ino: int):
-        super().__init__(18, f"inode {ino:#x} is in replica group {ino >> 48}")  # EXDEV
+        super().__init__(errno.EXDEV, f"inode {ino:#x} is in replica group {ino >> 48}")
         self.ino = ino
 
 
@@ -39,4 +40,4 @@ class Stale(FsError):
     changed since it was read): the coordinator plans again (errno EAGAIN)."""
 
     def __init__(self, what: str):
-        super().__init__(11, what)
+        super().__init__(errno.EAGAIN, what)

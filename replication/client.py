@@ -28,10 +28,11 @@ the whole client, so each group sees it increase with gaps, which its table allo
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
-from collections import Counter
 import secrets
+from collections import Counter
 
 import trio
 
@@ -46,8 +47,6 @@ log = logging.getLogger("replfs.client")
 REQUEST_TIMEOUT = 0.4       # largest wait for one transmission; a retry is always safe
 MIN_RTO = 0.05
 CONNECT_TIMEOUT = 0.4
-ENOENT = 2
-EXDEV = 18
 
 
 class Unavailable(FsError):
@@ -118,11 +117,6 @@ class RemoteFS:
         self.methods: Counter[str] = Counter()     # requests per method (logged at unmount)
         self._vs: wire.Channel | None = None
         self._srtt = 0.01
-
-    @property
-    def view(self) -> View:
-        """Group 0's view (the one of a single-group cluster)."""
-        return self.views[0]
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve connection readers until cancelled; start with `nursery.start`."""
@@ -210,7 +204,7 @@ class RemoteFS:
         """Run `method` on the primary of `group`; returns its value or raises FsError
         (ForeignInode for EXDEV with an inode number)."""
         if group not in self.views:
-            raise FsError(EXDEV, f"{method}: no replica group {group} in this cluster")
+            raise FsError(errno.EXDEV, f"{method}: no replica group {group} in this cluster")
         await self._lane_free.acquire()
         lane = self._lanes.pop()
         self._lane_seq[lane] += 1
@@ -267,7 +261,7 @@ class RemoteFS:
             if isinstance(reply, wire.OpReply):
                 if attempt == 1:        # Karn: time only unambiguous round trips
                     self._srtt = 0.875 * self._srtt + 0.125 * (trio.current_time() - t0)
-                if reply.errno == EXDEV and type(reply.value) is int:
+                if reply.errno == errno.EXDEV and type(reply.value) is int:
                     raise ForeignInode(reply.value)
                 if reply.errno:
                     raise FsError(reply.errno, reply.message)
@@ -380,7 +374,7 @@ class RemoteFS:
                 try:
                     return await self.getattr(fino)
                 except FsError as exc:
-                    if exc.errno == ENOENT:
+                    if exc.errno == errno.ENOENT:
                         return None
                     raise
             attrs = await self._each([lambda i=i: attr_of(batch[i][1]) for i in foreign])
