@@ -1,0 +1,280 @@
+"""The backup's side of a replica server (`BackupRole`, mixed into `ReplicaServer`).
+
+A backup rejects client operations, and forwards from anyone but the primary of the view
+it knows: a backup that learnt of a newer view refuses the old primary's forwards.
+
+It acknowledges a forward once it holds it (in memory, in order) and applies it in the
+background, several batches per local transaction, without undo records, lazily (forced
+within FLUSH_BEHIND): an update acknowledged to a client is held by the backup and
+survives the crash of either replica. `Flush` (fsync) waits until the backup has forced
+everything it received. The position it reports as durable (`Ack.durable`,
+`SyncPosition`: the primary's incarnation and the LSN of the last batch) is the forced
+one, stored in its own position block in the same transaction as the batch; a batch cut
+in half by a crash lies beyond it, so the primary sends it again.
+
+A participant's 2PC PREPARE reaches the backup in the same stream and becomes a prepared
+transaction of its own (same bytes, same locks), so a promotion or a restart finds it in
+doubt with its locks held.
+
+The attributes used here belong to `ReplicaServer` (replication/server.py), which sets
+them all up in its `__init__`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from replfs.replication import amo, wire
+from replfs.txn.records import tuplify
+
+log = logging.getLogger("replfs.server")
+
+APPLY_MAX = 2**20       # bytes of after-images per backup transaction
+QUEUE_MAX = 16 * 2**20  # bytes a backup holds unapplied before it stops reading
+FLUSH_BEHIND = 0.1      # seconds a backup's applied batches may stay off its disk (its
+                        # window if both replicas of a group die at once)
+
+
+class BackupRole:
+    """What a server does as backup: take the primary's stream, apply it, force it."""
+
+    # ---------------------------------------------------------------- backup
+    def _backup_check(self, view: int, primary: str) -> wire.Refused | None:
+        if self.role != "backup" or view != self.view.num or primary != self.view.primary:
+            self.stats["refused_forwards"] += 1
+            return wire.Refused(self.view.num, f"{self.name} is {self.role} in view "
+                                f"{self.view.num} (primary {self.view.primary or '-'}); "
+                                f"{primary} sent view {view}")
+        return None
+
+    async def _read_position(self) -> tuple[str, int]:
+        blk = amo.position_block(self.array.nblocks)
+
+        async def fn(txn):
+            return await txn.read(blk)
+        return amo.unpack_position(await self.fs.mgr.run(fn, name="position"))
+
+    async def _apply(self, changes: list, position: tuple[str, int] | None) -> None:
+        """Apply the primary's changes, as few local transactions as the log allows
+        (the position, written with the last, says they are all here)."""
+        if position is not None:
+            changes = changes + [(amo.position_block(self.array.nblocks), 0,
+                                  amo.pack_position(*position))]
+        limit = max(4096, self.fs.mgr.max_txn_bytes // 2)   # redo + record overhead
+        async with self.apply_lock:
+            chunk, size = [], 0
+            for c in changes:
+                if chunk and size + len(c[2]) > limit:
+                    await self.fs.mgr.apply(chunk, durable=False, undo=False)
+                    chunk, size = [], 0
+                chunk.append(c)
+                size += len(c[2]) + 64
+            if chunk:
+                await self.fs.mgr.apply(chunk, durable=False, undo=False)
+        if position is not None:
+            self._unforced_position = position
+        self._apply_dirty.set()
+
+    async def _force_applied(self) -> None:
+        """Make everything applied durable; only then is its position ours to report
+        (`Ack.durable`, `SyncPosition`). A batch applied without undo that a crash cut
+        in half lies beyond that position, so the primary sends it again."""
+        pos = self._unforced_position
+        await self.fs.mgr.force()
+        if pos is not None and self._unforced_position is pos:
+            self._unforced_position = None
+        if pos is not None:
+            self.position = pos
+
+    async def _backup_flusher(self) -> None:
+        """Applies commit lazily (one force per batch would make every operation wait
+        for the backup's disk); this forces them within FLUSH_BEHIND."""
+        while True:
+            await self._apply_dirty.wait()
+            await trio.sleep(FLUSH_BEHIND)
+            self._apply_dirty = trio.Event()
+            async with self.apply_lock:
+                if self.role != "primary":
+                    await self._force_applied()
+
+    # The backup acknowledges a forward once it holds it (in memory, in order) and
+    # applies it in the background, several batches per local transaction (one force):
+    # an update acknowledged to a client is durable on the primary and held by the
+    # backup, so it survives the crash of either; `Flush` (fsync) waits until the backup
+    # has forced everything it received. A backup that crashes loses only what the
+    # primary still remembers as not durable there (`Ack.durable`).
+
+    def _enqueue(self, item: tuple, nbytes: int) -> None:
+        self._applyq.append((item, nbytes))
+        self._queued_bytes += nbytes
+        self._received += 1
+        self._applyq_event.set()
+
+    async def _wait_applied(self) -> None:
+        target = self._received
+        while self._applied < target:
+            await self._changed.wait()
+
+    async def _applier(self) -> None:
+        while True:
+            if not self._applyq:
+                self._applyq_event = trio.Event()
+                await self._applyq_event.wait()
+                continue
+            with trio.CancelScope(shield=True):     # a batch is applied whole
+                await self._apply_next()
+
+    async def _drain_applyq(self) -> None:
+        """At a clean stop: apply what we acknowledged but did not apply yet."""
+        while self._applyq and self.role != "primary":
+            await self._apply_next()
+
+    async def _apply_next(self) -> None:
+        """Apply the next group of queued items (a 2PC event is a group of its own)."""
+        group, size = [], 0
+        while self._applyq and (not group or size < APPLY_MAX):
+            if group and self._applyq[0][0][0] == "2pc":
+                break
+            item, nbytes = self._applyq.pop(0)
+            group.append(item)
+            size += nbytes
+            if item[0] == "2pc":
+                break
+        changes: list = []
+        pos = None
+        synced, inc = self._q_synced, self._q_inc
+        for item in group:
+            kind = item[0]
+            if kind == "unsync":
+                synced, inc, pos = False, item[1], ("", 0)
+            elif kind == "fwd":
+                changes.extend(item[1])
+                if synced:
+                    pos = (inc, item[2])
+            elif kind == "snap":
+                changes.extend(item[1])
+            elif kind == "synced":
+                synced, inc, pos = True, item[1], (item[1], item[2])
+            elif kind == "2pc":
+                await self._apply_2pc(*item[1:6])
+                if synced:
+                    pos = (inc, item[6])
+        await self._apply(changes, pos)
+        self._q_synced, self._q_inc = synced, inc
+        self.backup_synced = synced
+        self._queued_bytes -= size
+        self._applied += len(group)
+        self.stats["applied_batches"] += 1
+        self._notify()
+
+    async def _apply_2pc(self, kind: str, gtid: str, changes: list, payload, locks: list) -> None:
+        """The backup's copy of a participant's prepared transaction: PREPARE makes a
+        local prepared transaction (same bytes, same locks: it survives our restart
+        and our promotion in doubt); COMMIT/ABORT end it. Without the local copy (we
+        were away when it prepared) the after-/before-images are applied as they come."""
+        mgr = self.fs.mgr
+        async with self.apply_lock:
+            if kind == "prepare":
+                txn = mgr.begin("replica-prepare")
+                try:
+                    for b, o, d in changes:
+                        await txn.write(b, o, d)
+                    for k in locks:
+                        txn.lock_nowait(k, "X")
+                    await txn.prepare(payload)
+                except BaseException:
+                    await txn.abort()
+                    raise
+                return
+            txn = next((t for t in mgr.in_doubt()
+                        if isinstance(t.payload, dict) and t.payload.get("gtid") == gtid), None)
+            if txn is not None:
+                if kind == "commit":
+                    await txn.commit()
+                else:
+                    await txn.abort()
+            elif changes:
+                await mgr.apply(changes)
+
+    async def _abort_local_in_doubt(self) -> None:
+        """A backup (re)joining: its own prepared transactions are not the primary's
+        truth any more (the primary decided them or still holds them): undo them; the
+        state transfer brings whatever the primary has."""
+        async with self.apply_lock:
+            for txn in self.fs.mgr.in_doubt():
+                await txn.abort()
+
+    def _durable_for(self, incarnation: str) -> int:
+        return self.position[1] if self.position[0] == incarnation and self.position[0] else 0
+
+    async def _on_sync_start(self, ch: wire.Channel, msg: wire.SyncStart) -> None:
+        if msg.view > self.view.num:
+            await self._refresh_view()
+        if await self._refuse(ch, msg):
+            return
+        await self._wait_applied()          # report the position that is on disk
+        async with self.apply_lock:
+            await self._force_applied()
+        await self._abort_local_in_doubt()
+        await ch.send(wire.SyncPosition(*self.position))
+        self.sync_incarnation = msg.incarnation
+        self._enqueue(("unsync", msg.incarnation), 0)   # no position until SyncDone
+        self.sync_progress = (0, 0)
+
+    async def _refuse(self, ch: wire.Channel, msg) -> bool:
+        refused = self._backup_check(msg.view, msg.primary)
+        if refused:
+            await ch.send(refused)
+            return True
+        while self._queued_bytes > QUEUE_MAX:   # flow control: stop reading the link
+            await self._changed.wait()
+        return False
+
+    async def _on_forward(self, ch: wire.Channel, msg: wire.Forward) -> None:
+        if await self._refuse(ch, msg):
+            return
+        changes: list = []
+        lsn = msg.records[-1][0]
+        for rlsn, cs, kind, payload, locks in msg.records:
+            gtid = payload.get("gtid") if isinstance(payload, dict) else None
+            if kind == "commit" and gtid is None:
+                changes.extend((b, o, d) for b, o, d in cs)
+                continue
+            # a 2PC event (replication/twopc.py): applied in its place in the order
+            if changes:
+                self._enqueue(("fwd", changes, rlsn), sum(len(c[2]) for c in changes))
+                changes = []
+            item = ("2pc", kind, str(gtid), [(b, o, d) for b, o, d in cs], payload,
+                    [tuplify(k) for k in locks], rlsn)
+            self._enqueue(item, sum(len(c[2]) for c in cs))
+        if changes:
+            self._enqueue(("fwd", changes, lsn), sum(len(c[2]) for c in changes))
+        self.applied_lsn = lsn
+        await ch.send(wire.Ack(lsn, self._durable_for(self.sync_incarnation)))
+
+    async def _on_snapshot(self, ch: wire.Channel, msg: wire.Snapshot) -> None:
+        if await self._refuse(ch, msg):
+            return
+        self._enqueue(("snap", [(b, 0, d) for b, d in msg.blocks]), 4096 * len(msg.blocks))
+        self.sync_progress = (msg.sent, msg.total)
+        if msg.sent == msg.total or msg.sent % 1024 == 0:
+            log.info("state transfer: %d of %d blocks", msg.sent, msg.total)
+        await ch.send(wire.Ack(0, self._durable_for(self.sync_incarnation)))
+
+    async def _on_sync_done(self, ch: wire.Channel, msg: wire.SyncDone) -> None:
+        if await self._refuse(ch, msg):
+            return
+        self._enqueue(("synced", msg.incarnation, msg.lsn), 0)
+        log.info("in sync with primary %s (incarnation %s, lsn %d)", msg.primary,
+                 msg.incarnation, msg.lsn)
+        await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))
+
+    async def _on_flush(self, ch: wire.Channel, msg: wire.Flush) -> None:
+        if await self._refuse(ch, msg):
+            return
+        await self._wait_applied()
+        async with self.apply_lock:
+            await self._force_applied()
+        await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))

@@ -1,0 +1,503 @@
+"""The primary's side of a replica server (`PrimaryRole`, mixed into `ReplicaServer`).
+
+Operations: the primary executes each client operation as a transaction with
+`current_request` set (fs/core.py), records the reply in the at-most-once table inside
+that same transaction (replication/amo.py), and answers only once its backup has
+acknowledged the transaction (or the view has no backup). A retransmission of a request
+that is still running waits for its result (`_once`).
+
+Forwarding: a single task reads the transaction manager's commit stream
+(`mgr.subscribe()`, commit order) and ships batches of commit records (their byte-range
+after-images) to the backup. The stream carries each commit as soon as it is appended,
+so the primary's own log write and the round trip to the backup overlap. `fsync`
+additionally sends `Flush` and returns once the backup has forced everything it received.
+
+State transfer to a new backup runs inside that same ordered stream: the primary
+computes a plan (every allocated logical block, or only the blocks changed since the
+backup was last in sync), and for each chunk briefly closes the *gate* that update
+operations pass (so no transaction is live and the cache holds committed state only),
+drains the commit stream, reads the chunk, reopens the gate and sends the chunk after the
+forwards it already includes. Updates keep flowing between chunks. Only after
+`SyncDone` does the primary acknowledge the view, so a backup that does not yet hold
+the state can never be promoted.
+
+A backup that comes back after a short absence: the primary remembers the blocks changed
+since the backup's last durable batch (a dirty set, kept while the backup is away); the
+backup reports its durable position (the primary's incarnation id and the LSN of the
+last batch it forced), and if it is in the current incarnation only the dirty blocks are
+sent.
+
+The attributes used here belong to `ReplicaServer` (replication/server.py), which sets
+them all up in its `__init__`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from replfs.fs.core import Request, current_request
+from replfs.fs.errors import ForeignInode, FsError
+from replfs.replication import amo, wire
+from replfs.replication.twopc import DISTRIBUTED, TX_METHODS
+from replfs.replication.viewserver import View
+
+log = logging.getLogger("replfs.server")
+
+UPDATES = frozenset({"setattr", "mknod", "create", "mkdir", "symlink", "link", "unlink",
+                     "rmdir", "forget", "rename", "write", "setxattr", "removexattr"})
+READS = frozenset({"lookup", "getattr", "readlink", "read", "readdir", "statfs",
+                   "getxattr", "listxattr", "entry", "dir_info"})
+CHUNK = 64                  # blocks per state-transfer message
+ACK_TIMEOUT = 5.0
+FORWARD_MAX = 2**20     # bytes of after-images per forward batch
+
+
+class NotPrimaryError(Exception):
+    pass
+
+class LinkError(Exception):
+    pass
+
+
+class Gate:
+    """Update operations pass the gate concurrently (`passing`); a state-transfer chunk
+    closes it (`closed`) once every operation inside has left. Waiting closers go first."""
+
+    def __init__(self):
+        self._cond = trio.Condition()
+        self.inside = 0
+        self.closing = 0
+        self.shut = False
+
+    async def enter(self) -> None:
+        async with self._cond:
+            while self.shut or self.closing:
+                await self._cond.wait()
+            self.inside += 1
+
+    async def leave(self) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._cond:
+                self.inside -= 1
+                self._cond.notify_all()
+
+    async def close(self) -> None:
+        async with self._cond:
+            self.closing += 1
+            try:
+                while self.inside or self.shut:
+                    await self._cond.wait()
+            finally:
+                self.closing -= 1
+            self.shut = True
+
+    async def open(self) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._cond:
+                self.shut = False
+                self._cond.notify_all()
+
+
+@dataclass
+class Primary:
+    """What a server holds while it is primary (one incarnation)."""
+    incarnation: str
+    table: amo.AmoTable
+    commits: trio.MemoryReceiveChannel
+    committed_lsn: int = 0
+    acked_lsn: int = 0
+    backup_synced: bool = False
+    dirty: set | None = None        # blocks changed since `dirty_base` (None: unknown)
+    dirty_base: int = -1
+    unacked: list | None = None     # [(lsn, blocks)] sent, not yet durable on the backup
+    backup_durable: int = 0
+    markers: list = field(default_factory=list)     # fsyncs waiting for the backup's flush
+    pump: trio.CancelScope | None = None
+    stream: trio.MemorySendChannel | None = None
+    sync_progress: tuple[int, int] = (0, 0)
+
+
+
+class Inflight:
+    """An update being executed; retransmissions wait for its result."""
+
+    def __init__(self):
+        self.done = trio.Event()
+        self.result = None
+
+
+
+class PrimaryRole:
+    """What a server does as primary: replicate to its backup, execute operations."""
+
+    # ---------------------------------------------------------------- primary: replication
+    async def _replicate(self, v: View) -> None:
+        p = self.primary
+        if p.unacked is not None or p.backup_synced:
+            self._lost_backup(p)
+        if not v.backup:
+            # everything consumed from the commit stream so far is as acknowledged as
+            # it can be: there is nobody to wait for
+            p.acked_lsn = max(p.acked_lsn, p.committed_lsn)
+            self.serving = True
+            self._notify()
+            self.ping_view = v.num
+            log.warning("serving alone in view %d: the group is unprotected", v.num)
+            while True:
+                self._release_markers(p)        # fsync: the primary alone is all there is
+                batch = await self._next_batch(p)
+                if batch:
+                    p.acked_lsn = batch[-1].lsn
+                    self._track_dirty(p, batch)
+                self._notify()
+        self.serving = True
+        while True:
+            try:
+                await self._link(v, p)
+            except (LinkError, *wire.CONN_ERRORS) as exc:
+                log.warning("link to backup %s failed: %s", v.backup, exc)
+                self._lost_backup(p)
+                self.backup_synced = False
+                await trio.sleep(self.cfg.ping_interval)
+
+    def _track_dirty(self, p: Primary, batch) -> None:
+        if p.dirty is not None:
+            for rec in batch:
+                p.dirty.update(c.block for c in rec.changes)
+
+    def _lost_backup(self, p: Primary) -> None:
+        """The link failed: remember what the backup may lack, for a later short sync
+        (everything after the last batch it had made durable)."""
+        if p.backup_synced:
+            p.dirty = set()
+            p.dirty_base = p.backup_durable
+            p.backup_synced = False
+        if p.dirty is not None and p.unacked:
+            for _, blocks in p.unacked:
+                p.dirty.update(blocks)
+        p.unacked = None
+
+    async def _pump(self, sub, send, scope: trio.CancelScope) -> None:
+        """Commit records (commit order) into the primary's own stream, which also
+        carries fsync markers in their place."""
+        with scope:
+            async with sub:         # closing it drops the subscription in the manager
+                async for rec in sub:
+                    try:
+                        send.send_nowait(rec)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return      # demoted meanwhile
+
+    def _release_markers(self, p: Primary) -> None:
+        for m in p.markers:
+            m.set()
+        if p.markers:
+            p.markers = []
+            self._notify()
+
+    def _take(self, p: Primary, item, batch: list) -> int:
+        if isinstance(item, trio.Event):
+            p.markers.append(item)
+            return 0
+        batch.append(item)
+        p.committed_lsn = item.lsn
+        return sum(len(c.data) for c in item.changes)
+
+    async def _next_batch(self, p: Primary) -> list:
+        """The next commit records (possibly none: only fsync markers)."""
+        batch: list = []
+        size = self._take(p, await p.commits.receive(), batch)
+        while size < FORWARD_MAX:
+            try:
+                item = p.commits.receive_nowait()
+            except trio.WouldBlock:
+                break
+            size += self._take(p, item, batch)
+        return batch
+
+    def _drain(self, p: Primary) -> list:
+        out: list = []
+        while True:
+            try:
+                self._take(p, p.commits.receive_nowait(), out)
+            except trio.WouldBlock:
+                return out
+
+    async def _flush_backup(self, ch, v: View, p: Primary) -> None:
+        """Answer waiting fsyncs: the backup forces everything it received."""
+        if not p.markers:
+            return
+        markers, p.markers = p.markers, []
+        await self._call(ch, wire.Flush(v.num, self.name, p.acked_lsn))
+        for m in markers:
+            m.set()
+        self._notify()
+
+    async def _link(self, v: View, p: Primary) -> None:
+        with trio.fail_after(ACK_TIMEOUT):
+            ch = await wire.connect(self.cfg.addr(self.name, v.backup), self.secret, self.name)
+        try:
+            with trio.fail_after(ACK_TIMEOUT):
+                await ch.send(wire.SyncStart(v.num, self.name, p.incarnation))
+                pos = await ch.receive()
+            if isinstance(pos, wire.Refused):
+                await self._refused(pos)
+            if not isinstance(pos, wire.SyncPosition):
+                raise LinkError(f"backup answered {pos.TAG} to sync-start")
+            p.unacked = []
+            if (pos.incarnation == p.incarnation and p.dirty is not None
+                    and pos.lsn >= p.dirty_base):
+                plan = sorted(p.dirty)
+                self.stats["transfers_dirty"] += 1
+                kind = "changed"
+            else:
+                plan = self._all_blocks()
+                self.stats["transfers_full"] += 1
+                kind = "allocated"
+            p.dirty = None
+            log.info("state transfer to %s: %d %s blocks", v.backup, len(plan), kind)
+            t0 = time.monotonic()
+            last_lsn = p.acked_lsn
+            for i in range(0, len(plan), CHUNK):
+                chunk = plan[i:i + CHUNK]
+                last_lsn = await self._forward_ready(ch, v, p, last_lsn)
+                while True:
+                    await self.gate.close()
+                    if not self.fs.mgr.in_doubt():
+                        break
+                    # a prepared (2PC) transaction's bytes are not committed state:
+                    # wait until it is decided, refusing new prepares meanwhile
+                    self.twopc.transfer_waiting = True
+                    await self.gate.open()
+                    last_lsn = await self._forward_ready(ch, v, p, last_lsn)
+                    await trio.sleep(0.02)
+                try:
+                    recs = self._drain(p)
+                    datas = await self._read_blocks(chunk)
+                finally:
+                    self.twopc.transfer_waiting = False
+                    await self.gate.open()
+                if recs:
+                    last_lsn = await self._send_forward(ch, v, p, recs)
+                await self._call(ch, wire.Snapshot(v.num, self.name, list(zip(chunk, datas)),
+                                                   i + len(chunk), len(plan)))
+                p.sync_progress = (i + len(chunk), len(plan))
+                self.stats["blocks_transferred"] += len(chunk)
+            last_lsn = await self._forward_ready(ch, v, p, last_lsn)
+            await self._call(ch, wire.SyncDone(v.num, self.name, p.incarnation, last_lsn))
+            p.backup_synced = True
+            self.backup_synced = True
+            # the transfer covered every commit consumed so far
+            p.acked_lsn = max(p.acked_lsn, p.committed_lsn)
+            p.sync_progress = (len(plan), len(plan))
+            log.info("backup %s in sync after %.2f s; acknowledging view %d", v.backup,
+                     time.monotonic() - t0, v.num)
+            self.ping_view = v.num
+            self._notify()
+            while True:
+                await self._flush_backup(ch, v, p)
+                batch = await self._next_batch(p)
+                if batch:
+                    await self._send_forward(ch, v, p, batch)
+        finally:
+            await ch.aclose()
+
+    async def _forward_ready(self, ch, v, p, last_lsn: int) -> int:
+        recs = self._drain(p)
+        if recs:
+            last_lsn = await self._send_forward(ch, v, p, recs)
+        await self._flush_backup(ch, v, p)
+        return last_lsn
+
+    async def _send_forward(self, ch, v: View, p: Primary, batch) -> int:
+        lsn = batch[-1].lsn
+        p.unacked.append((lsn, {c.block for r in batch for c in r.changes}))
+        records = [[r.lsn, [[c.block, c.offset, c.data] for c in r.changes], r.kind,
+                    r.payload if isinstance(r.payload, dict) else None, list(r.locks)]
+                   for r in batch]
+        t0 = time.perf_counter()
+        await self._call(ch, wire.Forward(v.num, self.name, records))
+        self.stats["forward_seconds"] += time.perf_counter() - t0
+        p.acked_lsn = max(p.acked_lsn, lsn)
+        self.stats["forwarded_batches"] += 1
+        self._notify()
+        return lsn
+
+    async def _call(self, ch, msg) -> None:
+        with trio.fail_after(ACK_TIMEOUT):
+            await ch.send(msg)
+            reply = await ch.receive()
+        if isinstance(reply, wire.Refused):
+            await self._refused(reply)
+        if not isinstance(reply, wire.Ack):
+            raise LinkError(f"backup answered {reply.TAG}")
+        p = self.primary
+        if p is not None and isinstance(reply.durable, int) and reply.durable > p.backup_durable:
+            p.backup_durable = reply.durable
+            if p.unacked:
+                p.unacked = [(l, b) for l, b in p.unacked if l > reply.durable]
+
+    async def _refused(self, r: wire.Refused) -> None:
+        self.stats["refused_forwards"] += 1
+        if r.view > self.view.num:
+            # the backup knows a newer view: we are no longer primary
+            log.warning("backup refused us (%s, it knows view %d)", r.reason, r.view)
+            self.serving = False
+            self._notify()
+        raise LinkError(f"refused: {r.reason}")
+
+    def _all_blocks(self) -> list[int]:
+        sb = self.fs.sb
+        mem = self.fs.bmap.mem
+        log_lo, log_hi = sb.log_start, sb.log_start + sb.log_blocks
+        out = [b for b in range(sb.nblocks) if mem[b] and not log_lo <= b < log_hi]
+        out.extend(amo.replicated_tail(self.array.nblocks))
+        return out
+
+    async def _read_blocks(self, blocks: list[int]) -> list[bytes]:
+        async def fn(txn):
+            return [await txn.read(b) for b in blocks]
+        return await self.fs.mgr.run(fn, name="snapshot")
+
+    # ---------------------------------------------------------------- primary: operations
+    def _check_serving(self) -> None:
+        if self.role != "primary" or not self.serving:
+            raise NotPrimaryError("not primary" if self.role != "primary" else "not ready")
+        if trio.current_time() - self.last_vs_contact > self.lease:
+            raise NotPrimaryError("cut off from the view server")
+
+    async def _wait_acked(self, p: Primary, lsn: int) -> None:
+        while p.acked_lsn < lsn:
+            if self.primary is not p or not self.serving:
+                raise NotPrimaryError("lost the primary role before the backup acknowledged")
+            await self._changed.wait()
+        if self.primary is not p:
+            raise NotPrimaryError("lost the primary role")
+
+    async def execute(self, req: wire.OpRequest):
+        """Run one client operation; returns an OpReply value tuple (value, errno, msg).
+        Raises NotPrimaryError."""
+        self._check_serving()
+        p = self.primary
+        key = (req.client, req.lane)
+        if req.method in TX_METHODS:
+            # idempotent by transaction id; retransmissions wait for the first
+            return await self._once((req.client, req.lane, req.seq),
+                                    lambda: self._execute_tx(req))
+        if req.method in UPDATES:
+            prev = p.table.lookup(key)
+            if prev is not None and req.seq <= prev[0]:
+                self.stats["duplicates"] += 1
+                if req.seq < prev[0]:
+                    return None, 0, "stale request"
+                await self._wait_acked(p, p.committed_lsn)   # it may not be acked yet
+                return wire.unpack_value(prev[1]), 0, ""
+            return await self._once((req.client, req.lane, req.seq),
+                                    lambda: self._execute_update(p, key, req))
+        if req.method == "fsync":
+            await self.fs.fsync()
+            await self._wait_acked(p, p.committed_lsn)
+            marker = trio.Event()
+            p.stream.send_nowait(marker)
+            while not marker.is_set():
+                if self.primary is not p or not self.serving:
+                    raise NotPrimaryError("lost the primary role during fsync")
+                await self._changed.wait()
+            return None, 0, ""
+        if req.method not in READS:
+            raise wire.ProtocolError(f"unknown method {req.method!r}")
+        try:
+            return await getattr(self.fs, req.method)(*req.args, **req.kwargs), 0, ""
+        except ForeignInode as exc:     # the client asks the inode's own group
+            return exc.ino, exc.errno, str(exc)
+        except FsError as exc:
+            return None, exc.errno, str(exc)
+
+    async def _once(self, ikey, run):
+        """Run `run()` once per (client, lane, seq); a retransmission that arrives while
+        it runs waits for its result."""
+        running = self._inflight.get(ikey)
+        if running is not None:     # a retransmission while the first is running
+            self.stats["duplicates"] += 1
+            await running.done.wait()
+            if isinstance(running.result, Exception):
+                raise running.result
+            return running.result
+        running = self._inflight[ikey] = Inflight()
+        try:
+            running.result = await run()
+            return running.result
+        except Exception as exc:
+            running.result = exc
+            raise
+        except BaseException:
+            running.result = NotPrimaryError("interrupted")
+            raise
+        finally:
+            running.done.set()
+            del self._inflight[ikey]
+
+    async def _execute_tx(self, req: wire.OpRequest):
+        """2PC messages between group primaries (replication/twopc.py)."""
+        a = req.args
+        try:
+            if req.method == "tx_prepare":
+                gtid, coord, steps = a
+                if not (isinstance(gtid, str) and isinstance(coord, int) and isinstance(steps, list)
+                        and all(isinstance(st, list) and st and isinstance(st[0], str)
+                                for st in steps)):
+                    raise wire.ProtocolError("malformed tx_prepare")
+                return await self.twopc.prepare(gtid, coord, steps), 0, ""
+            if req.method == "tx_decide":
+                gtid, commit = a
+                return await self.twopc.decide(str(gtid), bool(commit)), 0, ""
+            (gtid,) = a
+            return self.twopc.query(str(gtid)), 0, ""
+        except FsError as exc:
+            return None, exc.errno, str(exc)
+
+    async def _execute_update(self, p: Primary, key, req: wire.OpRequest):
+        if req.method == "mkdir" and len(req.args) >= 2:
+            target = self.cfg.place_dir(req.args[0], req.args[1])
+            if target != self.group:
+                return await self.twopc.execute(p, key, req, group=target)
+        packed = {}
+
+        async def before_commit(txn, result):
+            packed["reply"] = await p.table.record(txn, key, req.seq, result)
+
+        token = Request(payload=lambda result: [req.client, req.lane, req.seq],
+                        before_commit=before_commit)
+        t0 = time.perf_counter()
+        await self.gate.enter()
+        try:
+            self._check_serving()
+            reset = current_request.set(token)
+            try:
+                result = await getattr(self.fs, req.method)(*req.args, **req.kwargs)
+            except ForeignInode as exc:
+                if req.method not in DISTRIBUTED:
+                    return exc.ino, exc.errno, str(exc)
+                result = exc
+            except FsError as exc:
+                return None, exc.errno, str(exc)
+            finally:
+                current_request.reset(reset)
+        finally:
+            await self.gate.leave()
+        if isinstance(result, ForeignInode):        # it spans groups: two-phase commit
+            return await self.twopc.execute(p, key, req)
+        self.stats["ops"] += 1
+        t1 = time.perf_counter()
+        self.stats["execute_seconds"] += t1 - t0
+        if token.commit is not None and token.commit.lsn is not None:
+            p.committed_lsn = max(p.committed_lsn, token.commit.lsn)
+            p.table.remember(key, req.seq, packed["reply"])
+            await self._wait_acked(p, token.commit.lsn)
+            self.confirm(token.commit.txn)
+        self.stats["ack_wait_seconds"] += time.perf_counter() - t1
+        return result, 0, ""
