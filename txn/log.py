@@ -17,7 +17,10 @@ that the block being appended to never shares a physical block with the tail.
 
 Forcing (`force`) is group commit: one task at a time writes every buffered block and
 flushes the device; tasks that want an LSN covered by that flush just wait for it, and
-the next leader takes everything that accumulated meanwhile.
+the next leader takes everything that accumulated meanwhile. `force(sync=False)` is the
+same without the flush: the records are *written* (in the device's files, so they
+survive the crash of this process, not a power loss) -- `written_lsn` -- but not
+*forced* (`durable_lsn`).
 """
 
 from __future__ import annotations
@@ -102,7 +105,8 @@ class Log:
         self.header: LogHeader | None = None
         self.start_lsn = 0      # tail: oldest byte still needed
         self.end_lsn = 0        # next append goes here
-        self.durable_lsn = 0    # everything below is on stable storage
+        self.durable_lsn = 0    # everything below is on stable storage (forced)
+        self.written_lsn = 0    # everything below is in the device's files (written)
         self.reserved = 0       # bytes promised to CLRs/ABORTs/COMMITs not yet appended
         self._buf = bytearray()  # log bytes [_buf_lsn, end_lsn), _buf_lsn block aligned
         self._buf_lsn = 0
@@ -111,6 +115,7 @@ class Log:
         self._flush_lock = trio.Lock()
         self.failed: BaseException | None = None
         self.flushes = 0
+        self.writes = 0          # passes that wrote without flushing (`sync=False`)
         self.bytes_written = 0   # record bytes appended over the manager's lifetime
 
     # ---- format / open ------------------------------------------------------------
@@ -122,7 +127,7 @@ class Log:
         for seq in (1, 2):   # both slots: nothing of an earlier format may outrank them
             self.header = LogHeader(self.bs, self.log_blocks, log_id, 1, 0, 0, seq)
             slots[self.log_start + seq % HEADER_SLOTS] = self.header.pack()
-        self.start_lsn = self.end_lsn = self.durable_lsn = self._buf_lsn = 0
+        self.start_lsn = self.end_lsn = self.durable_lsn = self.written_lsn = self._buf_lsn = 0
         self._buf = bytearray()
         await self.device.write_blocks(slots)
 
@@ -198,7 +203,7 @@ class Log:
             prev_epoch = epoch
             lsn = end
         self.start_lsn = hdr.start_lsn
-        self.end_lsn = self.durable_lsn = lsn
+        self.end_lsn = self.durable_lsn = self.written_lsn = lsn
         self._buf_lsn = lsn - lsn % self.bs
         self._buf = bytearray(await get(self._buf_lsn, lsn - self._buf_lsn))
         return out
@@ -252,10 +257,11 @@ class Log:
         self.bytes_written += len(raw)
         return lsn, self.end_lsn
 
-    async def force(self, lsn: int | None = None) -> None:
-        """Return once every record below `lsn` (default: everything appended) is durable.
+    async def force(self, lsn: int | None = None, *, sync: bool = True) -> None:
+        """Return once every record below `lsn` (default: everything appended) is durable
+        -- or, with `sync=False`, written (in the device's files, not flushed).
 
-        Group commit: concurrent callers share one write + flush. Raises
+        Group commit: concurrent callers share one write (+ flush). Raises
         `TxnManagerFailed` if the device failed (then, and forever after).
         """
         target = self.end_lsn if lsn is None else lsn
@@ -263,9 +269,9 @@ class Log:
             async with self._flush_lock:
                 if self.failed is not None:
                     raise TxnManagerFailed(f"log write failed: {self.failed!r}")
-                await self._flush_once()
+                await self._flush_once(sync)
             return
-        while self.durable_lsn < target:
+        while (self.durable_lsn if sync else self.written_lsn) < target:
             if self.failed is not None:
                 raise TxnManagerFailed(f"log write failed: {self.failed!r}")
             if self._flushing:
@@ -280,16 +286,19 @@ class Log:
                 # one round could still find this leader ahead of them
                 await trio.lowlevel.checkpoint()
                 await trio.lowlevel.checkpoint()
-                await self._flush_once()
+                await self._flush_once(sync)
             finally:
                 self._flushing = False
                 self._flush_done.set()
         if self.failed is not None:
             raise TxnManagerFailed(f"log write failed: {self.failed!r}")
 
-    async def _flush_once(self) -> None:
+    async def _flush_once(self, sync: bool = True) -> None:
         end = self.end_lsn
-        data = bytes(self._buf[:end - self._buf_lsn])
+        if end <= self.written_lsn:
+            data = b""          # written already (by a `sync=False` pass): flush only
+        else:
+            data = bytes(self._buf[:end - self._buf_lsn])
         blocks = {}
         for i in range(0, len(data), self.bs):
             chunk = data[i:i + self.bs]
@@ -299,13 +308,24 @@ class Log:
             if blocks:
                 await self.device.write_blocks(blocks)
             crash_point("txn.log.written")
-            await self.device.flush()
-            crash_point("txn.log.flushed")
+            self.written_lsn = max(self.written_lsn, end)
+            if sync:
+                await self.device.flush()
+                crash_point("txn.log.flushed")
         except Exception as exc:
             self.failed = exc
             raise TxnManagerFailed(f"log write failed: {exc!r}") from exc
+        if not sync:
+            self.writes += 1
+            self._trim(end)
+            return
         self.flushes += 1
         self.durable_lsn = max(self.durable_lsn, end)
+        self._trim(end)
+
+    def _trim(self, end: int) -> None:
+        """Drop the buffered bytes that are in the device now (all but `end`'s block)."""
         keep_from = end - end % self.bs
-        del self._buf[:keep_from - self._buf_lsn]
-        self._buf_lsn = keep_from
+        if keep_from > self._buf_lsn:
+            del self._buf[:keep_from - self._buf_lsn]
+            self._buf_lsn = keep_from

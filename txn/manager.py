@@ -769,6 +769,12 @@ class TxnManager:
         await self.log.force()
         self._publish()
 
+    async def write(self) -> None:
+        """Make every record appended so far *written*: in the device's files, so that it
+        survives the crash of this process (not a power loss: that takes `force`). A lazy
+        commit followed by `write` is what a replicating primary acknowledges."""
+        await self.log.force(sync=False)
+
     async def flush_behind(self, interval: float = 1.0) -> None:
         """Run forever (in the caller's nursery): force the log every `interval` seconds
         when lazy commits are waiting, so none stays volatile for long."""
@@ -859,7 +865,9 @@ class TxnManager:
             log_size=self.log.usable,
             log_bytes_written=self.log.bytes_written,
             log_flushes=self.log.flushes,
+            log_writes=self.log.writes,
             durable_lsn=self.log.durable_lsn,
+            written_lsn=self.log.written_lsn,
             cache_pages=len(c.pages),
             cache_dirty=c.dirty_count(),
             cache_hits=c.hits,

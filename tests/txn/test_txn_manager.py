@@ -504,3 +504,35 @@ async def test_checkpoint_keeps_the_log_of_a_txn_aborting_during_it(autojump_clo
     mgr = await reopen(dev)
     assert await peek(mgr, 110, 0, 5) == bytes(5)
     assert await peek(mgr, 111, 0, 5) == b"other"
+
+
+async def test_written_commit_survives_a_process_crash_not_a_power_loss():
+    """mgr.write() after a lazy commit: the log is in the device (its volatile layer: an
+    image file's page cache) without a flush, so a new manager on the same device --
+    a restarted process -- recovers it; a power loss (`crash()`) still takes it; a lazy
+    commit that was never written is gone even for a process crash."""
+    dev = MemoryDevice(256)
+    await TxnManager.format(dev, log_start=1, log_blocks=64)
+    mgr = await TxnManager.open(dev, log_start=1, log_blocks=64, cache_blocks=64)
+    t = mgr.begin()
+    await t.write(100, 0, b"written")
+    await t.commit(durable=False)
+    flushes = dev.flushes
+    await mgr.write()
+    assert dev.flushes == flushes, "write() must not flush"
+    assert mgr.stats()["written_lsn"] > mgr.stats()["durable_lsn"]
+    t = mgr.begin()
+    await t.write(101, 0, b"appended")
+    await t.commit(durable=False)       # appended only: in this process's memory
+    # the process dies (kill -9): nothing of `mgr` runs again; the device's files stay
+    mgr2 = await TxnManager.open(dev, log_start=1, log_blocks=64, cache_blocks=64)
+    assert await peek(mgr2, 100, 0, 7) == b"written"
+    assert await peek(mgr2, 101, 0, 8) == bytes(8)
+    t = mgr2.begin()
+    await t.write(102, 0, b"power")
+    await t.commit(durable=False)
+    await mgr2.write()
+    dev.crash()                         # power loss: only what was flushed
+    mgr3 = await TxnManager.open(dev, log_start=1, log_blocks=64, cache_blocks=64)
+    assert await peek(mgr3, 102, 0, 5) == bytes(5)
+    await mgr3.close()
