@@ -1,11 +1,11 @@
 """A cluster directory: `cluster.json` (who listens where), `secret` (mode 0600), one
-folder per replica with its array, `run/` (pid files) and `logs/`.
+folder per replica with its array, `faults.json` (the network faults in force, see
+`read_faults`), `run/` (pid files) and `logs/`.
 
-Every connection between two named nodes goes through a *route*: with the fault proxy on
-(the default), node A reaches node B at its own proxy port for the pair (A, B), so that
-`replfs fault partition A B` can cut exactly that pair, and loss can be injected per
-direction. Without the proxy a route is B's own port. The FUSE clients are one node,
-"client"; the command-line tools dial servers directly (never through the proxy).
+Every node is reached at its own port; an address (`addr`) carries the name of the node
+it reaches, so that the dialler's connection layer can inject the network faults between
+the two (wire.NetFaults). The FUSE clients are one node, "client"; the command-line tools
+are no node (no fault touches them).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import json
 import os
 import secrets
 import socket
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from replfs.errors import ReplfsError
 from replfs.fs.layout import ino_group
 
 CONFIG = "cluster.json"
+LEGACY_FIELDS = ("routes", "proxy")     # of the fault proxy, gone: ignored when loading
 SECRET = "secret"
 VIEWSERVER = "vs"
 CLIENT = "client"
@@ -77,23 +78,55 @@ def check_placement(placement: str, groups: int) -> str:
                       f"below {groups}")
 
 
+def parse_faults(generation, partitions, loss) -> tuple[set, dict]:
+    """Network faults as faults.json (and wire.SetFaults) hold them -- `partitions`
+    [[A, B], ...], `loss` {"A>B": {"request": p, "reply": q}} -- as ({frozenset({A, B})},
+    {(src, dst): drop probability}). ValueError if malformed."""
+    if not isinstance(generation, int):
+        raise ValueError("the generation is not an integer")
+    if not (isinstance(partitions, list) and all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p)
+            for p in partitions)):
+        raise ValueError("partitions must be a list of [A, B] node pairs")
+    if not isinstance(loss, dict):
+        raise ValueError("loss must map 'A>B' to {request, reply}")
+    lossmap: dict[tuple[str, str], float] = {}
+    for key, spec in loss.items():
+        a, sep, b = key.partition(">") if isinstance(key, str) else ("", "", "")
+        if not (sep and a and b and isinstance(spec, dict)):
+            raise ValueError(f"loss entry {key!r}: want 'A>B': {{request: p, reply: q}}")
+        for direction, side in (((a, b), "request"), ((b, a), "reply")):
+            p = spec.get(side, 0.0)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise ValueError(f"loss {key} {side}: {p!r} is not a probability")
+            lossmap[direction] = float(p)
+    return {frozenset(p) for p in partitions}, lossmap
+
+
+class Addr(tuple):
+    """(host, port) of a node, with the node's name in `node`."""
+
+    def __new__(cls, host: str, port: int, node: str = ""):
+        self = super().__new__(cls, (host, port))
+        self.node = node
+        return self
+
+
 @dataclass
 class ClusterConfig:
     dir: str
     groups: dict[int, list[str]]
     ports: dict[str, int]                       # node -> its own listening port
-    routes: dict[str, int] = field(default_factory=dict)   # "A>B" -> proxy port
     ping_interval: float = 0.1
     dead_pings: int = 5
     disks: int = 4
     disk_size: int = 128 * 2**20
-    proxy: bool = True
     placement: str = "spread"      # where mkdir puts a new directory: see place_dir
 
     # ---------------------------------------------------------------- creation
     @classmethod
     def create(cls, dirpath: str, *, groups: int = 2, replicas: int = 2, disks: int = 4,
-               disk_size: int = 128 * 2**20, proxy: bool = True,
+               disk_size: int = 128 * 2**20,
                ping_interval: float = 0.1, dead_pings: int = 5,
                placement: str = "spread") -> "ClusterConfig":
         """Servers s0..s{groups*replicas-1}; group g is s{g*replicas}..s{g*replicas+replicas-1}."""
@@ -104,17 +137,8 @@ class ClusterConfig:
         layout = {g: [f"s{g * replicas + i}" for i in range(replicas)] for g in range(groups)}
         servers = [s for ss in layout.values() for s in ss]
         ports = {VIEWSERVER: free_port(), **{s: free_port() for s in servers}}
-        routes = {}
-        if proxy:
-            for s in servers:
-                routes[f"{s}>{VIEWSERVER}"] = free_port()
-                routes[f"{CLIENT}>{s}"] = free_port()
-                for t in servers:
-                    if t != s:
-                        routes[f"{s}>{t}"] = free_port()
-            routes[f"{CLIENT}>{VIEWSERVER}"] = free_port()
-        cfg = cls(os.path.abspath(dirpath), layout, ports, routes, ping_interval,
-                  dead_pings, disks, disk_size, proxy, placement)
+        cfg = cls(os.path.abspath(dirpath), layout, ports, ping_interval, dead_pings, disks,
+                  disk_size, placement)
         os.makedirs(dirpath, exist_ok=True)
         secret_path = os.path.join(dirpath, SECRET)
         fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -126,9 +150,8 @@ class ClusterConfig:
 
     def save(self) -> None:
         d = dict(groups={str(g): s for g, s in self.groups.items()}, ports=self.ports,
-                 routes=self.routes, ping_interval=self.ping_interval,
-                 dead_pings=self.dead_pings, disks=self.disks, disk_size=self.disk_size,
-                 proxy=self.proxy, placement=self.placement)
+                 ping_interval=self.ping_interval, dead_pings=self.dead_pings,
+                 disks=self.disks, disk_size=self.disk_size, placement=self.placement)
         tmp = os.path.join(self.dir, CONFIG + ".tmp")
         with open(tmp, "w") as f:
             json.dump(d, f, indent=2)
@@ -146,6 +169,8 @@ class ClusterConfig:
         except ValueError as exc:
             raise ReplfsError(f"{path} is not valid JSON ({exc}); re-create the cluster "
                               f"with `replfs init`") from None
+        for legacy in LEGACY_FIELDS:
+            d.pop(legacy, None)
         known = {f.name for f in fields(cls)} - {"dir"}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -197,13 +222,14 @@ class ClusterConfig:
                 return g
         raise ReplfsError(f"no server {server!r} in this cluster (servers: {', '.join(self.servers)})")
 
-    def addr(self, src: str, dst: str) -> tuple[str, int]:
-        """Where node `src` dials node `dst`."""
-        port = self.routes.get(f"{src}>{dst}") if self.proxy else None
-        return HOST, port or self.ports[dst]
+    def addr(self, src: str, dst: str) -> Addr:
+        """Where node `src` dials node `dst` (on one machine, the same for every `src`:
+        `direct(dst)`)."""
+        return self.direct(dst)
 
-    def direct(self, dst: str) -> tuple[str, int]:
-        return HOST, self.ports[dst]
+    def direct(self, dst: str) -> Addr:
+        """Node `dst`'s own address."""
+        return Addr(HOST, self.ports[dst], dst)
 
     def server_dir(self, server: str) -> str:
         return os.path.join(self.dir, server)
@@ -230,3 +256,40 @@ class ClusterConfig:
 
     def faults_path(self) -> str:
         return os.path.join(self.dir, "faults.json")
+
+    def read_faults(self) -> dict:
+        """The network faults in force (`replfs fault partition | loss | heal`), which a
+        process reads when it starts: {generation, partitions: [[A, B], ...], loss:
+        {"A>B": {request: p, reply: q}}}; none when the file is absent. ReplfsError if it
+        is damaged."""
+        path = self.faults_path()
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            d = {}
+        except ValueError as exc:
+            raise ReplfsError(f"{path} is not valid JSON ({exc}); delete it and run "
+                              f"`replfs fault heal {self.dir}`") from None
+        if not isinstance(d, dict):
+            raise ReplfsError(f"{path} does not hold an object; delete it and run "
+                              f"`replfs fault heal {self.dir}`")
+        d.setdefault("generation", 0)
+        d.setdefault("partitions", [])
+        d.setdefault("loss", {})
+        try:
+            parse_faults(d["generation"], d["partitions"], d["loss"])
+        except ValueError as exc:
+            raise ReplfsError(f"{path}: {exc}; delete it and run "
+                              f"`replfs fault heal {self.dir}`") from None
+        return d
+
+    def write_faults(self, faults: dict) -> int:
+        """Write `faults` (read_faults's shape) atomically under the next generation;
+        returns it."""
+        faults["generation"] = int(faults.get("generation", 0)) + 1
+        tmp = self.faults_path() + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(faults, f)
+        os.replace(tmp, self.faults_path())
+        return faults["generation"]

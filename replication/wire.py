@@ -12,6 +12,9 @@ Authentication happens before anything else, on every connection: the listener s
 nonce2)`, the listener answers `AuthOk(hmac(secret, "listen"+nonce2))`. So each side
 proves it holds the cluster secret (as DRBD's shared secret does) and a replayed answer
 is useless (fresh nonces).
+
+Network faults (`replfs fault partition | loss | heal`) are injected here, in each
+process's own connections, by `NetFaults`: nothing sits between two processes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import hashlib
 import hmac
 import logging
 import os
+import random
 import struct
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,6 +35,7 @@ import trio
 
 from replfs.errors import ReplfsError
 from replfs.fs.core import Attr
+from replfs.replication.config import CLIENT, parse_faults
 
 log = logging.getLogger("replfs.wire")
 
@@ -46,6 +52,11 @@ class ProtocolError(Exception):
 
 class RemoteError(ReplfsError):
     """A peer could not be reached or answered with an error."""
+
+
+class Partitioned(EOFError):
+    """A connection across a partition ended: its peer gave up, or the partition was
+    lifted (and the connection closed so that the peer reconnects at once)."""
 
 
 # ---------------------------------------------------------------- messages
@@ -121,6 +132,25 @@ class StatusRequest:
 class StatusReply:
     TAG: ClassVar[str] = "status"
     info: dict
+
+
+@message
+class SetFaults:
+    """`replfs fault partition | loss | heal`: the network faults `node` (the listener)
+    enforces from now on, replacing the ones it had (the shape of the cluster's
+    faults.json: `partitions` [[A, B], ...], `loss` {"A>B": {"request": p, "reply": q}}).
+    Answered with FaultsApplied by the connection layer itself (see NetFaults)."""
+    TAG: ClassVar[str] = "set-faults"
+    generation: int
+    partitions: list
+    loss: dict
+    node: str = ""
+
+
+@message
+class FaultsApplied:
+    TAG: ClassVar[str] = "faults-applied"
+    generation: int
 
 
 @message
@@ -295,17 +325,114 @@ def decode(body: bytes):
     return cls(*obj[1:])
 
 
+# ---------------------------------------------------------------- network faults
+
+class NetFaults:
+    """The network faults this process injects into its own connections, between its node
+    (`node`: "vs", "s0", ...) and each peer named at authentication:
+
+    - a *partition* {A, B}: every frame between A and B is dropped, both ways. Open
+      connections stay open and carry nothing; a new one is accepted, but the handshake
+      never completes (the listener keeps reading and dropping, the dialler waits).
+      Lifting the partition closes every connection across it, so that peers reconnect
+      at once.
+    - *loss* A>B, probability p: each whole frame from A to B is dropped with probability
+      p -- never a frame of the authentication handshake.
+
+    Both ends of a pair that listen (the view server, the servers) hold the faults: a
+    partition is enforced by both, harmlessly; loss once per direction, by the
+    receiver -- except towards the client, which cannot be told (a FUSE mount has no
+    listener): its peer drops the frames bound for it before sending them. A process
+    gets its faults from `update` (at start, from the cluster's faults.json) and from
+    `SetFaults` on any authenticated connection to its listener, which the connection
+    layer answers itself with `FaultsApplied` (see `Channel.receive`)."""
+
+    def __init__(self, node: str = "", seed: int | None = None):
+        self.node = node                # this process's node ("" while not known)
+        self.generation = 0
+        self._cut: set[frozenset] = set()
+        self._loss: dict[tuple[str, str], float] = {}     # (src, dst) -> drop probability
+        self._rng = random.Random(seed)
+        self._channels: weakref.WeakSet = weakref.WeakSet()   # authenticated, or held
+        self.stats = dict(dropped_in=0, dropped_out=0, held=0)
+
+    def __repr__(self) -> str:
+        cuts = ", ".join("<->".join(sorted(p)) for p in self._cut) or "none"
+        loss = ", ".join(f"{a}>{b} {p:.0%}" for (a, b), p in self._loss.items() if p) or "none"
+        return f"generation {self.generation}: partitions {cuts}; loss {loss}"
+
+    def cut(self, a: str, b: str) -> bool:
+        return bool(self._cut) and frozenset((a, b)) in self._cut
+
+    def update(self, generation: int, partitions, loss, node: str = "") -> list["Channel"]:
+        """Replace every fault by these (faults.json's shape, see SetFaults); a process
+        that does not know its node yet takes `node`. Returns the open connections across
+        a partition now lifted, for the caller to close. ValueError if malformed."""
+        cut, lossmap = parse_faults(generation, partitions, loss)
+        if node and not self.node:
+            self.node = node
+        lifted = [ch for ch in list(self._channels)
+                  if ch.node and self.cut(ch.local, ch.node)
+                  and frozenset((ch.local, ch.node)) not in cut]
+        self.generation, self._cut, self._loss = generation, cut, lossmap
+        return lifted
+
+    def drop_incoming(self, local: str, peer: str) -> bool:
+        """Whether to drop the frame `local` just received from `peer`."""
+        if self.cut(local, peer):
+            self.stats["dropped_in"] += 1
+            return True
+        p = self._loss.get((peer, local)) if self._loss else None
+        if p and self._rng.random() < p:
+            self.stats["dropped_in"] += 1
+            return True
+        return False
+
+    def drop_outgoing(self, local: str, peer: str) -> bool:
+        """Whether to drop a frame `local` is about to send to `peer` (loss only towards
+        the client: any other peer drops on receipt)."""
+        if self.cut(local, peer):
+            self.stats["dropped_out"] += 1
+            return True
+        p = self._loss.get((local, peer)) if self._loss and peer == CLIENT else None
+        if p and self._rng.random() < p:
+            self.stats["dropped_out"] += 1
+            return True
+        return False
+
+    def track(self, ch: "Channel") -> None:
+        self._channels.add(ch)
+
+
+FAULTS = NetFaults()        # this process's: set up at start (`replfs server`, `viewserver`)
+
+
 # ---------------------------------------------------------------- channel
 
 class Channel:
     """An authenticated, framed connection. `send` may be called from several tasks;
-    `receive` from one."""
+    `receive` from one.
 
-    def __init__(self, stream: trio.abc.Stream, peer: str = "?"):
+    Once authenticated, it knows its two ends' node names (`local`, `node`) and passes
+    every frame through `faults`. A channel a listener accepted (`control`) also takes
+    SetFaults for `faults` itself: `receive` applies and answers it, and goes on
+    waiting, so that no message loop needs to know about faults."""
+
+    def __init__(self, stream: trio.abc.Stream, peer: str = "?", *,
+                 faults: NetFaults | None = None, control: bool = False):
         self.stream = stream
         self.peer = peer
+        self.faults = faults
+        self.control = control
+        self.node = ""              # the peer's node name, once authenticated
+        self._local = ""            # ours ("": the process's, `faults.node`)
+        self._open = False          # handshake done: faults and SetFaults apply
         self._buf = bytearray()
         self._send_lock = trio.Lock()
+
+    @property
+    def local(self) -> str:
+        return self._local or (self.faults.node if self.faults is not None else "")
 
     async def _exactly(self, n: int) -> bytes:
         while len(self._buf) < n:
@@ -318,19 +445,63 @@ class Channel:
         return out
 
     async def receive(self):
-        (n,) = _LEN.unpack(await self._exactly(4))
-        if n > MAX_FRAME:
-            raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
-        return decode(await self._exactly(n))
+        while True:
+            (n,) = _LEN.unpack(await self._exactly(4))
+            if n > MAX_FRAME:
+                raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+            body = await self._exactly(n)
+            if self._open and self.faults.drop_incoming(self.local, self.node):
+                continue
+            msg = decode(body)
+            if self._open and self.control and isinstance(msg, SetFaults):
+                await self._set_faults(msg)
+                continue
+            return msg
 
     async def send(self, msg) -> None:
         data = encode(msg)
+        if self._open and self.faults.drop_outgoing(self.local, self.node):
+            return
         async with self._send_lock:
             await self.stream.send_all(data)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
+
+    async def _set_faults(self, msg: SetFaults) -> None:
+        try:
+            lifted = self.faults.update(msg.generation, msg.partitions, msg.loss,
+                                        msg.node if isinstance(msg.node, str) else "")
+        except ValueError as exc:
+            raise ProtocolError(f"malformed set-faults: {exc}") from None
+        log.warning("network faults from %s: %s%s", self.peer, self.faults,
+                    f"; closing {len(lifted)} connections across lifted partitions"
+                    if lifted else "")
+        for ch in lifted:
+            await ch.aclose()
+        await self.send(FaultsApplied(self.faults.generation))
+
+    async def _bind(self, local: str, node) -> None:
+        """Name the ends (after the peer proved the secret, before the last handshake
+        frame). Across a partition, hold the connection: read and drop whatever comes
+        until the peer gives up or the partition is lifted (then raise Partitioned)."""
+        self._local = local
+        self.node = node if isinstance(node, str) else ""
+        if self.faults is None or not self.node:
+            return
+        self.faults.track(self)
+        if not self.faults.cut(self.local, self.node):
+            return
+        self.faults.stats["held"] += 1
+        try:
+            while await self.stream.receive_some(65536):
+                pass
+            why = "the peer closed it"
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+            why = "the partition was lifted"
+        raise Partitioned(f"connection {self.local}-{self.peer} across a partition "
+                          f"ended: {why}")
 
 
 def _mac(secret: bytes, role: bytes, nonce: bytes) -> bytes:
@@ -345,7 +516,8 @@ async def _expect(ch: Channel, cls):
 
 
 async def accept_auth(ch: Channel, secret: bytes) -> str:
-    """Listener side of the handshake; returns the dialler's name or raises ProtocolError."""
+    """Listener side of the handshake; returns the dialler's name or raises ProtocolError
+    (or Partitioned, for a dialler across a partition, once that connection ends)."""
     nonce = os.urandom(16)
     with trio.fail_after(AUTH_TIMEOUT):
         await ch.send(Challenge(nonce))
@@ -353,12 +525,15 @@ async def accept_auth(ch: Channel, secret: bytes) -> str:
         if not (isinstance(resp.mac, bytes) and isinstance(resp.nonce, bytes)
                 and hmac.compare_digest(resp.mac, _mac(secret, b"dial", nonce))):
             raise ProtocolError("authentication failed (wrong cluster secret?)")
-        await ch.send(AuthOk(_mac(secret, b"listen", resp.nonce)))
     ch.peer = f"{resp.name}@{ch.peer}" if isinstance(resp.name, str) else ch.peer
+    await ch._bind("", resp.name)
+    await ch.send(AuthOk(_mac(secret, b"listen", resp.nonce)))
+    ch._open = ch.faults is not None
     return resp.name
 
 
-async def dial_auth(ch: Channel, secret: bytes, name: str) -> None:
+async def dial_auth(ch: Channel, secret: bytes, name: str, node: str = "") -> None:
+    """Dialler side of the handshake, as `name`, to node `node` ("" when not a node)."""
     nonce = os.urandom(16)
     with trio.fail_after(AUTH_TIMEOUT):
         chal = await _expect(ch, Challenge)
@@ -369,15 +544,23 @@ async def dial_auth(ch: Channel, secret: bytes, name: str) -> None:
         if not (isinstance(ok.mac, bytes)
                 and hmac.compare_digest(ok.mac, _mac(secret, b"listen", nonce))):
             raise ProtocolError("the listener failed to prove the cluster secret")
+        # across a partition the handshake hangs, as through a cut cable
+        await ch._bind(name, node)
+    ch._open = ch.faults is not None
 
 
-async def connect(addr: tuple[str, int], secret: bytes, name: str) -> Channel:
-    """Dial and authenticate. Raises OSError (unreachable), ProtocolError, EOFError or
-    trio.TooSlowError; callers bound it with their own deadline."""
+async def connect(addr: tuple[str, int], secret: bytes, name: str, *,
+                  node: str | None = None, faults: NetFaults | None = None) -> Channel:
+    """Dial and authenticate as `name`. `node` names whom we dial (default: `addr.node`,
+    which ClusterConfig's addresses carry), for the network faults of `faults` (default:
+    this process's). Raises OSError (unreachable), ProtocolError, EOFError (Partitioned
+    among them) or trio.TooSlowError; callers bound it with their own deadline."""
+    node = getattr(addr, "node", "") if node is None else node
     stream = await trio.open_tcp_stream(*addr)
-    ch = Channel(stream, f"{addr[0]}:{addr[1]}")
+    ch = Channel(stream, f"{node + '@' if node else ''}{addr[0]}:{addr[1]}",
+                 faults=FAULTS if faults is None else faults)
     try:
-        await dial_auth(ch, secret, name)
+        await dial_auth(ch, secret, name, node)
     except BaseException:
         await ch.aclose()
         raise
@@ -385,10 +568,14 @@ async def connect(addr: tuple[str, int], secret: bytes, name: str) -> Channel:
 
 
 async def serve(port: int, secret: bytes, on_connection, *, host: str = "127.0.0.1",
+                faults: NetFaults | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Listen on host:port; for each authenticated connection run
-    `await on_connection(channel)`. Any ProtocolError/EOF/OSError ends that connection
-    only (logged); the listener keeps serving."""
+    `await on_connection(channel)`, under the network faults of `faults` (default: this
+    process's), which SetFaults on any connection replaces. Any ProtocolError/EOF/OSError
+    ends that connection only (logged); the listener keeps serving."""
+    faults = FAULTS if faults is None else faults
+
     async def handler(stream):
         peer = "?"
         try:
@@ -396,10 +583,13 @@ async def serve(port: int, secret: bytes, on_connection, *, host: str = "127.0.0
             peer = f"{sockname[0]}:{sockname[1]}"
         except OSError:
             pass
-        ch = Channel(stream, peer)
+        ch = Channel(stream, peer, faults=faults, control=True)
         try:
             try:
                 await accept_auth(ch, secret)
+            except Partitioned as exc:
+                log.debug("%s", exc)
+                return
             except (ProtocolError, EOFError, trio.TooSlowError, OSError,
                     trio.BrokenResourceError) as exc:
                 log.warning("refused connection from %s: %s", ch.peer, exc)

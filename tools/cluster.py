@@ -1,5 +1,5 @@
 """The local cluster launcher: start, watch and stop the processes of a cluster directory
-(view server, fault proxy, replica servers, the FUSE client), each in its own session
+(view server, replica servers, the FUSE client), each in its own session
 (process group) with its pid in `DIR/run/NAME.pid` and its log in `DIR/logs/NAME.log`.
 
 Used by `replfs up/down/status/fault`, by the tests and by the benchmarks.
@@ -26,8 +26,8 @@ REPLFS = [sys.executable, "-m", "replfs.tools.cli"]
 
 
 async def init_cluster(dirpath: str, *, groups: int = 2, replicas: int = 2, disks: int = 4,
-                       disk_size: int = 128 * 2**20, proxy: bool = True,
-                       placement: str = "spread", progress=print) -> ClusterConfig:
+                       disk_size: int = 128 * 2**20, placement: str = "spread",
+                       progress=print) -> ClusterConfig:
     """Write a new cluster in `dirpath`: config, secret, an array and a filesystem per
     replica, each made for the replica's group (its inode numbers carry the group); the
     filesystem leaves the replicated tail of the array outside it."""
@@ -38,7 +38,7 @@ async def init_cluster(dirpath: str, *, groups: int = 2, replicas: int = 2, disk
     if os.path.exists(os.path.join(dirpath, "cluster.json")):
         raise ReplfsError(f"{dirpath} already holds a cluster; remove it first to start over")
     cfg = ClusterConfig.create(dirpath, groups=groups, replicas=replicas, disks=disks,
-                               disk_size=disk_size, proxy=proxy, placement=placement)
+                               disk_size=disk_size, placement=placement)
     for s in cfg.servers:
         group = cfg.group_of(s)
         array = create_array(cfg.server_dir(s), disks, disk_size)
@@ -107,16 +107,11 @@ class Cluster:
     def start_viewserver(self):
         return self.start(VIEWSERVER, ["viewserver", self.dir])
 
-    def start_proxy(self):
-        if self.cfg.proxy:
-            return self.start("proxy", ["proxy", self.dir])
-
     def start_server(self, name: str):
         return self.start(name, ["server", self.dir, "--name", name])
 
     def start_all(self) -> None:
         self.start_viewserver()
-        self.start_proxy()
         for s in self.cfg.servers:
             self.start_server(s)
 
@@ -164,7 +159,7 @@ class Cluster:
                 pass
 
     def stop_all(self) -> None:
-        names = ["mount", *self.cfg.servers, "proxy", VIEWSERVER]
+        names = ["mount", *self.cfg.servers, VIEWSERVER]
         for name in names:
             self.stop(name)
         for name in names:
@@ -186,7 +181,7 @@ class Cluster:
             if pred(st):
                 return st
             for name, proc in self.procs.items():
-                if proc.poll() is not None and name in (VIEWSERVER, "proxy"):
+                if proc.poll() is not None and name == VIEWSERVER:
                     raise ReplfsError(f"{name} exited with {proc.returncode}; see "
                                       f"{self.cfg.log_dir()}/{name}.log")
             if time.monotonic() > deadline:
@@ -238,8 +233,8 @@ async def _ask(addr, secret: bytes, timeout: float) -> dict | None:
 
 
 async def gather_status(cfg: ClusterConfig, timeout: float = 2.0) -> dict:
-    """The view server's and every server's own report, asked directly (not through the
-    proxy); a node that does not answer within `timeout` is None."""
+    """The view server's and every server's own report; a node that does not answer
+    within `timeout` is None."""
     secret = cfg.secret()
     out = {"viewserver": None, "servers": {}}
 
@@ -262,12 +257,13 @@ def start_mounted_cluster(base: str, *, disk_size: int = 64 * 2**20, proxy: bool
     """Init and start a cluster (`groups` groups of two replicas) in `base`/cluster and
     mount it on `base`/mnt
     (for benchmarks: `replfs bench fs` compares it with the local mount). Returns
-    (mountpoint, cluster, stop); `stop()` unmounts and stops every process (idempotent)."""
+    (mountpoint, cluster, stop); `stop()` unmounts and stops every process (idempotent).
+    `proxy` is ignored (the fault proxy is gone; kept until bench_fs stops passing it)."""
     from replfs.tools.mountpoints import unmount, wait_mounted
 
     cdir, mnt = os.path.join(base, "cluster"), os.path.join(base, "mnt")
     os.makedirs(mnt, exist_ok=True)
-    trio.run(lambda: init_cluster(cdir, groups=groups, disk_size=disk_size, proxy=proxy,
+    trio.run(lambda: init_cluster(cdir, groups=groups, disk_size=disk_size,
                                   placement=placement, progress=lambda *a: None))
     cluster = Cluster(cdir)
 

@@ -1,4 +1,4 @@
-"""`replfs init | up | down | status | viewserver | server | proxy`, and `replfs mount DIR
+"""`replfs init | up | down | status | viewserver | server`, and `replfs mount DIR
 MNT` without --local: the replicated cluster, its daemons and its FUSE client."""
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ def register(sub) -> None:
                         "name, the default), parent (its parent's group), or group N")
     p.add_argument("--disks", type=int, default=4, help="disks per array (default 4)")
     p.add_argument("--size", default="128M", help="size of each disk image (default 128M)")
-    p.add_argument("--no-proxy", action="store_true",
-                   help="no fault-injection proxy (partition/loss faults unavailable)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("up", help="start the cluster in DIR (initialising it) and mount it on MNT")
@@ -62,9 +60,6 @@ def register(sub) -> None:
     p.add_argument("--name", required=True, help="which server (s0, s1, ...)")
     p.set_defaults(func=cmd_server)
 
-    p = sub.add_parser("proxy", help="run the fault-injection proxy of the cluster in DIR")
-    p.add_argument("dir")
-    p.set_defaults(func=cmd_proxy)
 
 
 def _logging() -> None:
@@ -78,12 +73,11 @@ def cmd_init(args) -> int:
     from replfs.tools.cluster import init_cluster
     cfg = trio.run(lambda: init_cluster(args.dir, groups=args.groups, replicas=args.replicas,
                                         disks=args.disks, disk_size=parse_size(args.size),
-                                        proxy=not args.no_proxy, placement=args.placement))
+                                        placement=args.placement))
     print(f"replfs: cluster in {cfg.dir}: view server on {cfg.ports[VIEWSERVER]}; "
           + "; ".join(f"group {g}: " + ", ".join(f"{s} on {cfg.ports[s]}" for s in ss)
                       for g, ss in cfg.groups.items())
-          + f"; directories placed by {cfg.placement}"
-          + ("; fault proxy on" if cfg.proxy else "") + " (secret mode 0600)")
+          + f"; directories placed by {cfg.placement} (secret mode 0600)")
     return 0
 
 
@@ -92,6 +86,7 @@ def cmd_viewserver(args) -> int:
     from replfs.replication.viewserver import ViewService, load_views, saver, serve_viewserver
     _logging()
     cfg = ClusterConfig.load(args.dir)
+    _take_faults(cfg, VIEWSERVER)
     path = os.path.join(cfg.dir, "views.json")
     service = ViewService(cfg.ping_interval, cfg.dead_pings, save=saver(path))
     views = load_views(path)
@@ -102,20 +97,13 @@ def cmd_viewserver(args) -> int:
     return 0
 
 
-def cmd_proxy(args) -> int:
-    from replfs.replication.proxy import run_proxy
-    _logging()
-    cfg = ClusterConfig.load(args.dir)
-    trio.run(_until_signal, lambda ts: run_proxy(cfg, task_status=ts))
-    return 0
-
-
 def cmd_server(args) -> int:
     from replfs.raid import open_array
     from replfs.replication.server import ReplicaServer
     _logging()
     cfg = ClusterConfig.load(args.dir)
     cfg.group_of(args.name)
+    _take_faults(cfg, args.name)
     array = open_array(cfg.server_dir(args.name))
     try:
         server = ReplicaServer(cfg, args.name, array)
@@ -123,6 +111,21 @@ def cmd_server(args) -> int:
     finally:
         array.close()
     return 0
+
+
+def _take_faults(cfg: ClusterConfig, node: str) -> None:
+    """This process is `node`: its connections enforce the network faults in force
+    (`replfs fault` tells it of later changes over its listener)."""
+    from replfs.replication import wire
+    f = cfg.read_faults()
+    wire.FAULTS.node = node
+    try:
+        wire.FAULTS.update(f["generation"], f["partitions"], f["loss"])
+    except ValueError as exc:
+        raise ReplfsError(f"{cfg.faults_path()}: {exc}; delete it and run "
+                          f"`replfs fault heal {cfg.dir}`") from None
+    if f["partitions"] or f["loss"]:
+        log.warning("%s: network faults in force: %s", node, wire.FAULTS)
 
 
 async def _until_signal(start) -> None:
@@ -278,7 +281,7 @@ def cmd_down(args) -> int:
             pass
         except psutil.TimeoutExpired:
             raise ReplfsError(f"`replfs up` (pid {pid}) did not stop within 60 s") from None
-    running = [n for n in ["mount", *cluster.cfg.servers, "proxy", VIEWSERVER] if cluster.alive(n)]
+    running = [n for n in ["mount", *cluster.cfg.servers, VIEWSERVER] if cluster.alive(n)]
     cluster.stop_all()
     print(f"replfs: cluster {cluster.dir} stopped"
           + (f" (also stopped {', '.join(running)})" if running else ""))
@@ -292,7 +295,7 @@ def cmd_status(args) -> int:
     from replfs.tools.cluster import Cluster
     cluster = Cluster(args.dir)
     st = cluster.status()
-    for name in ["up", VIEWSERVER, "proxy", "mount", *cluster.cfg.servers]:
+    for name in ["up", VIEWSERVER, "mount", *cluster.cfg.servers]:
         pid = cluster.pid(name)
         info = dict(pid=pid, running=pid is not None)
         if pid is not None:

@@ -2,22 +2,29 @@
 
 - `kill DIR --server S [--signal KILL|STOP|CONT|TERM]`: signal one server (default kill -9);
 - `partition DIR A B`: cut the network between nodes A and B (vs, s0, s1, client) in both
-  directions, through the cluster's fault proxy;
+  directions;
 - `loss DIR A B --request P --reply Q`: drop frames from A to B with probability P and
   from B to A with probability Q;
 - `heal DIR`: remove every partition and loss;
 - `crash-at DIR --server S NAME[:N]`: arm a named crash point in a running server.
+
+Network faults are injected by each process into its own connections (wire.NetFaults):
+the command writes the new state to DIR/faults.json (which a process reads when it
+starts), then sends it (SetFaults) to every running node whose faults change and waits
+until each has applied it. The client (the FUSE mounts) is never told: its peers, which
+listen, enforce the faults for it.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import time
+
+import trio
 
 from replfs.errors import ReplfsError
 
 NODES_HELP = "a node: vs (view server), client (the mounts), or a server name (s0, s1, ...)"
+APPLY_TIMEOUT = 5.0
 
 
 def _cluster(dirpath: str):
@@ -25,39 +32,107 @@ def _cluster(dirpath: str):
     return Cluster(dirpath)
 
 
-def _check_nodes(cfg, *nodes: str) -> None:
+def _check_nodes(cfg, a: str, b: str) -> None:
     from replfs.replication.config import CLIENT, VIEWSERVER
     known = {VIEWSERVER, CLIENT, *cfg.servers}
-    for n in nodes:
+    for n in (a, b):
         if n not in known:
             raise ReplfsError(f"no node {n!r} in {cfg.dir} (nodes: {', '.join(sorted(known))})")
-    if not cfg.proxy:
-        raise ReplfsError(f"the cluster in {cfg.dir} runs without the fault proxy "
-                          f"(made with --no-proxy): network faults are unavailable")
+    if a == b:
+        raise ReplfsError(f"a network fault is between two different nodes, not {a} and {a}")
 
 
-def apply_faults(cfg, change, timeout: float = 5.0) -> None:
-    """Edit the proxy's fault state with `change(faults)` and wait until it applied it."""
-    from replfs.replication.proxy import applied_path, read_faults, write_faults
-    faults = read_faults(cfg)
-    change(faults)
-    gen = write_faults(cfg, faults)
-    pid = _cluster(cfg.dir).pid("proxy")
-    if pid is None:
-        raise ReplfsError(f"the fault proxy of {cfg.dir} is not running (is the cluster up?)")
-    os.kill(pid, signal.SIGHUP)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with open(applied_path(cfg)) as f:
-                if int(f.read().strip() or 0) >= gen:
+def _involving(faults: dict, node: str) -> tuple:
+    """The part of `faults` that `node` enforces."""
+    return (sorted(sorted(p) for p in faults["partitions"] if node in p),
+            sorted((k, sorted(v.items())) for k, v in faults["loss"].items()
+                   if node in k.split(">")))
+
+
+def apply_faults(cluster, change, timeout: float = APPLY_TIMEOUT) -> dict[str, str]:
+    """Edit the cluster's network faults with `change(faults)` (read_faults's shape), write
+    them, and tell every running node whose faults changed; returns {node: "applied" or
+    "down"} once each has applied them (a node down reads them when it starts).
+    ReplfsError if a running node does not answer within `timeout`."""
+    from replfs.replication.config import VIEWSERVER
+    cfg = cluster.cfg
+    try:
+        before, damaged = cfg.read_faults(), False
+    except ReplfsError:             # start from none, and tell every node
+        before, damaged = dict(generation=0, partitions=[], loss={}), True
+    after = dict(generation=before["generation"], partitions=list(before["partitions"]),
+                 loss=dict(before["loss"]))
+    change(after)
+    gen = cfg.write_faults(after)
+    nodes = [n for n in [VIEWSERVER, *cfg.servers]
+             if damaged or _involving(before, n) != _involving(after, n)]
+    return trio.run(_tell, cluster, after, gen, nodes, timeout)
+
+
+async def _tell(cluster, faults: dict, gen: int, nodes: list[str],
+                timeout: float) -> dict[str, str]:
+    from replfs.replication import wire
+    cfg = cluster.cfg
+    secret = cfg.secret()
+    done: dict[str, str] = {}
+    why: dict[str, str] = {}
+
+    async def one(node: str) -> None:
+        while True:
+            try:
+                ch = await wire.connect(cfg.direct(node), secret, "fault")
+                try:
+                    await ch.send(wire.SetFaults(gen, faults["partitions"], faults["loss"],
+                                                 node))
+                    r = await ch.receive()
+                finally:
+                    await ch.aclose()
+            except OSError as exc:      # refused: down, or not listening yet
+                if not cluster.alive(node):
+                    done[node] = "down"
                     return
-        except (FileNotFoundError, ValueError):
-            pass
-        if time.monotonic() > deadline:
-            raise ReplfsError(f"the fault proxy (pid {pid}) did not apply the change within "
-                              f"{timeout:.0f} s; see {cfg.log_dir()}/proxy.log")
-        time.sleep(0.02)
+                why[node] = str(exc)
+            except wire.CONN_ERRORS as exc:
+                why[node] = f"{type(exc).__name__}: {exc}"
+            else:
+                if isinstance(r, wire.FaultsApplied) and r.generation == gen:
+                    done[node] = "applied"
+                    return
+                why[node] = f"answered {r.TAG}"
+            await trio.sleep(0.05)
+
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as nursery:
+            for n in nodes:
+                nursery.start_soon(one, n)
+    late = [n for n in nodes if n not in done]
+    if late:
+        stopped = [n for n in late if _stopped(cluster, n)]
+        raise ReplfsError(
+            f"{', '.join(late)} did not apply the network faults within {timeout:.0f} s"
+            + (f" ({', '.join(stopped)} stopped: SIGCONT it, then repeat the command)"
+               if stopped else
+               f" ({'; '.join(f'{n}: {why[n]}' for n in late if n in why) or 'no answer'}; "
+               f"see {cfg.log_dir()})")
+            + f"; {cfg.faults_path()} holds them for the next start")
+    return done
+
+
+def _stopped(cluster, node: str) -> bool:
+    import psutil
+    pid = cluster.pid(node)
+    try:
+        return pid is not None and psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
+
+
+def _told(done: dict[str, str]) -> str:
+    up = [n for n, s in done.items() if s == "applied"]
+    down = [n for n, s in done.items() if s == "down"]
+    parts = ([f"applied by {', '.join(up)}"] if up else []) + \
+        ([f"{', '.join(down)} down: at its start"] if down else [])
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _run_kill(args) -> int:
@@ -72,40 +147,41 @@ def _run_kill(args) -> int:
 
 
 def _run_partition(args) -> int:
-    cfg = _cluster(args.dir).cfg
-    _check_nodes(cfg, args.a, args.b)
+    cluster = _cluster(args.dir)
+    _check_nodes(cluster.cfg, args.a, args.b)
 
     def change(f):
         if not any({args.a, args.b} == set(p) for p in f["partitions"]):
             f["partitions"].append([args.a, args.b])
-    apply_faults(cfg, change)
-    print(f"replfs: cut {args.a} <-> {args.b}")
+    done = apply_faults(cluster, change)
+    print(f"replfs: cut {args.a} <-> {args.b}{_told(done)}")
     return 0
 
 
 def _run_loss(args) -> int:
-    cfg = _cluster(args.dir).cfg
-    _check_nodes(cfg, args.a, args.b)
+    cluster = _cluster(args.dir)
+    _check_nodes(cluster.cfg, args.a, args.b)
     for p in (args.request, args.reply):
         if not 0 <= p <= 1:
             raise ReplfsError(f"a probability is between 0 and 1, not {p}")
 
     def change(f):
+        f["loss"].pop(f"{args.b}>{args.a}", None)
         f["loss"][f"{args.a}>{args.b}"] = dict(request=args.request, reply=args.reply)
-    apply_faults(cfg, change)
+    done = apply_faults(cluster, change)
     print(f"replfs: dropping {args.request:.0%} of frames {args.a} -> {args.b} and "
-          f"{args.reply:.0%} of {args.b} -> {args.a}")
+          f"{args.reply:.0%} of {args.b} -> {args.a}{_told(done)}")
     return 0
 
 
 def _run_heal(args) -> int:
-    cfg = _cluster(args.dir).cfg
+    cluster = _cluster(args.dir)
 
     def change(f):
         f["partitions"] = []
         f["loss"] = {}
-    apply_faults(cfg, change)
-    print("replfs: network healed")
+    done = apply_faults(cluster, change)
+    print(f"replfs: network healed{_told(done)}")
     return 0
 
 

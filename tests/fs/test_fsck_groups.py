@@ -338,7 +338,7 @@ def make_cluster(tmp_path, damage=None):
     from replfs.tools.cluster import _Shorter
 
     d = str(tmp_path / "cluster")
-    cfg = ClusterConfig.create(d, replicas=4, disks=3, disk_size=2 << 20, proxy=False)
+    cfg = ClusterConfig.create(d, replicas=4, disks=3, disk_size=2 << 20)
     cfg.groups = {0: ["s0", "s1"], 1: ["s2", "s3"]}
     cfg.save()
 

@@ -22,17 +22,16 @@ ROOT0, ROOT1 = make_ino(0, ROOT_SLOT), make_ino(1, ROOT_SLOT)
 
 
 # ---------------------------------------------------------------- configuration
-def test_config_two_groups_routes_and_placement(tmp_path):
+def test_config_two_groups_addresses_and_placement(tmp_path):
     cfg = ClusterConfig.create(tmp_path / "c", groups=2, replicas=2)
     assert cfg.groups == {0: ["s0", "s1"], 1: ["s2", "s3"]} and cfg.group_count == 2
     assert [cfg.group_of(s) for s in cfg.servers] == [0, 0, 1, 1]
-    for s in cfg.servers:
-        assert f"{s}>{VIEWSERVER}" in cfg.routes and f"{CLIENT}>{s}" in cfg.routes
-        for t in cfg.servers:
-            assert (f"{s}>{t}" in cfg.routes) == (s != t)     # s0 reaches s2 for 2PC
-    assert f"{CLIENT}>{VIEWSERVER}" in cfg.routes
-    assert len(set(cfg.routes.values()) | set(cfg.ports.values())) == \
-        len(cfg.routes) + len(cfg.ports)
+    assert set(cfg.ports) == {VIEWSERVER, *cfg.servers}
+    assert len(set(cfg.ports.values())) == len(cfg.ports)
+    for s in [VIEWSERVER, *cfg.servers]:
+        # every node dials another at its own port; the address names it (for the faults)
+        addr = cfg.addr(CLIENT, s)
+        assert addr == ("127.0.0.1", cfg.ports[s]) == cfg.direct(s) and addr.node == s
     assert cfg.placement == "spread" and ClusterConfig.load(cfg.dir).placement == "spread"
 
     three = ClusterConfig.create(tmp_path / "d", groups=3, replicas=3, placement="parent")
@@ -40,6 +39,18 @@ def test_config_two_groups_routes_and_placement(tmp_path):
     assert ClusterConfig.load(three.dir).placement == "parent"
     with pytest.raises(ReplfsError, match="placement"):
         ClusterConfig.create(tmp_path / "e", groups=2, placement="2")
+
+
+def test_config_of_the_fault_proxy_days_still_loads(tmp_path):
+    cfg = ClusterConfig.create(tmp_path / "c", groups=1)
+    path = tmp_path / "c" / "cluster.json"
+    d = json.loads(path.read_text())
+    d.update(proxy=True, routes={f"{CLIENT}>s0": 12345})
+    path.write_text(json.dumps(d))
+    old = ClusterConfig.load(cfg.dir)
+    assert old.ports == cfg.ports and old.addr(CLIENT, "s0") == cfg.direct("s0")
+    old.save()
+    assert "routes" not in json.loads(path.read_text())
 
 
 def test_config_without_placement_loads_as_spread(tmp_path):
@@ -229,7 +240,7 @@ def test_client_follows_each_groups_failover(running):
         f1 = await rfs.create(d1.ino, b"f", 0o644, 0, 0)
         await rfs.write(f1.ino, 0, b"before\n")
         return f1.ino
-    f1 = with_client(cfg, make, name="s0")          # through s0's routes, as 2PC will
+    f1 = with_client(cfg, make, name="s0")          # named s0, as 2PC will
     v0, v1 = running.view(0), running.view(1)
     running.cluster.signal(v1["primary"], signal.SIGKILL)
     running.cluster.wait_primary(group=1, not_=v1["primary"], timeout=30)
