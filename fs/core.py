@@ -77,6 +77,9 @@ class Request:
     leave `commit` None."""
     payload: Callable[[Any], Any]
     commit: Any = None
+    # False: commit lazily (the server makes it written -- `mgr.write()` -- and held by
+    # its backup before answering); True: force the commit
+    durable: bool = True
     # awaited as before_commit(txn, result) inside the transaction, just before it
     # commits (the replication server records its at-most-once reply there)
     before_commit: Callable[[Any, Any], Any] | None = None
@@ -181,7 +184,7 @@ class FileSystem:
             if req is not None and not readonly:
                 if req.before_commit is not None:
                     await req.before_commit(txn, result)
-                req.commit = await txn.commit(req.payload(result))
+                req.commit = await txn.commit(req.payload(result), durable=req.durable)
             elif self.lazy_commits and not readonly:
                 # like a journaling filesystem's write(2): committed (whole or absent
                 # after a crash) but durable only at the next fsync or flush-behind

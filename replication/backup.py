@@ -3,14 +3,16 @@
 A backup rejects client operations, and forwards from anyone but the primary of the view
 it knows: a backup that learnt of a newer view refuses the old primary's forwards.
 
-It acknowledges a forward once it holds it (in memory, in order) and applies it in the
-background, several batches per local transaction, without undo records, lazily (forced
-within FLUSH_BEHIND): an update acknowledged to a client is held by the backup and
-survives the crash of either replica. `Flush` (fsync) waits until the backup has forced
-everything it received. The position it reports as durable (`Ack.durable`,
-`SyncPosition`: the primary's incarnation and the LSN of the last batch) is the forced
-one, stored in its own position block in the same transaction as the batch; a batch cut
-in half by a crash lies beyond it, so the primary sends it again.
+It acknowledges a forward once it has applied it and *written* it (its log records are
+in its image files: they survive `kill -9` of this server, as they survive on the
+primary), several queued batches per local transaction, without undo records; it forces
+them within FLUSH_BEHIND (or before every acknowledgement, when the cluster forces every
+operation: `durability = "forced"`). So an acknowledged update survives the crash of
+either replica or of both. `Flush` (fsync) waits until the backup has forced everything
+it received. The position it reports as durable (`Ack.durable`, `SyncPosition`: the
+primary's incarnation and the LSN of the last batch) is the forced one, stored in its
+own position block in the same transaction as the batch; a batch cut in half by a crash
+lies beyond it, so the primary sends it again.
 
 A participant's 2PC PREPARE reaches the backup in the same stream and becomes a prepared
 transaction of its own (same bytes, same locks), so a promotion or a restart finds it in
@@ -33,8 +35,8 @@ log = logging.getLogger("replfs.server")
 
 APPLY_MAX = 2**20       # bytes of after-images per backup transaction
 QUEUE_MAX = 16 * 2**20  # bytes a backup holds unapplied before it stops reading
-FLUSH_BEHIND = 0.1      # seconds a backup's applied batches may stay off its disk (its
-                        # window if both replicas of a group die at once)
+FLUSH_BEHIND = 1.0      # seconds an applied (written) batch may stay unforced: what a
+                        # power loss of both machines can take (ext4's commit interval)
 
 
 class BackupRole:
@@ -89,8 +91,8 @@ class BackupRole:
             self.position = pos
 
     async def _backup_flusher(self) -> None:
-        """Applies commit lazily (one force per batch would make every operation wait
-        for the backup's disk); this forces them within FLUSH_BEHIND."""
+        """Batches are applied and written, not forced (one force per batch would make
+        every operation wait for the backup's disk); this forces them within FLUSH_BEHIND."""
         while True:
             await self._apply_dirty.wait()
             await trio.sleep(FLUSH_BEHIND)
@@ -99,12 +101,10 @@ class BackupRole:
                 if self.role != "primary":
                     await self._force_applied()
 
-    # The backup acknowledges a forward once it holds it (in memory, in order) and
-    # applies it in the background, several batches per local transaction (one force):
-    # an update acknowledged to a client is durable on the primary and held by the
-    # backup, so it survives the crash of either; `Flush` (fsync) waits until the backup
-    # has forced everything it received. A backup that crashes loses only what the
-    # primary still remembers as not durable there (`Ack.durable`).
+    # Forwards queue here and an applier task applies them in order, several batches per
+    # local transaction; a forward is acknowledged once it is applied and written
+    # (`_hold`). A backup that crashes loses nothing it acknowledged; what the primary
+    # still remembers as not forced there (`Ack.durable`) it sends again on return.
 
     def _enqueue(self, item: tuple, nbytes: int) -> None:
         self._applyq.append((item, nbytes))
@@ -252,7 +252,18 @@ class BackupRole:
         if changes:
             self._enqueue(("fwd", changes, lsn), sum(len(c[2]) for c in changes))
         self.applied_lsn = lsn
+        await self._hold()
         await ch.send(wire.Ack(lsn, self._durable_for(self.sync_incarnation)))
+
+    async def _hold(self) -> None:
+        """Everything received so far is applied and written (in our image files: it
+        survives `kill -9` of this server) -- forced too when every operation is."""
+        await self._wait_applied()
+        if self.forced:
+            async with self.apply_lock:
+                await self._force_applied()
+        else:
+            await self.fs.mgr.write()
 
     async def _on_snapshot(self, ch: wire.Channel, msg: wire.Snapshot) -> None:
         if await self._refuse(ch, msg):
@@ -267,6 +278,7 @@ class BackupRole:
         if await self._refuse(ch, msg):
             return
         self._enqueue(("synced", msg.incarnation, msg.lsn), 0)
+        await self._hold()      # the state is ours before the primary acknowledges the view
         log.info("in sync with primary %s (incarnation %s, lsn %d)", msg.primary,
                  msg.incarnation, msg.lsn)
         await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))

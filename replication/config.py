@@ -67,6 +67,23 @@ def place_by_name(name: bytes, groups: int) -> int:
     return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") % groups
 
 
+DURABILITY = {
+    "written": "an update is answered once it is written (in the image files) on the "
+               "primary and its backup: it survives kill -9 of any or all processes and "
+               "the power loss of one machine; fsync, and a flush-behind within 1 s, "
+               "force it",
+    "forced": "an update is answered once it is forced (fsynced) on the primary and its "
+              "backup: it survives the power loss of both machines too",
+}
+
+
+def check_durability(durability: str) -> str:
+    if durability not in DURABILITY:
+        raise ReplfsError(f"unknown durability {durability!r}: use "
+                          f"{' or '.join(DURABILITY)}")
+    return durability
+
+
 def check_placement(placement: str, groups: int) -> str:
     """"spread", "parent" or a group number (as a string); a clear error otherwise."""
     placement = str(placement)
@@ -122,23 +139,25 @@ class ClusterConfig:
     disks: int = 4
     disk_size: int = 128 * 2**20
     placement: str = "spread"      # where mkdir puts a new directory: see place_dir
+    durability: str = "written"    # when an update is answered: see check_durability
 
     # ---------------------------------------------------------------- creation
     @classmethod
     def create(cls, dirpath: str, *, groups: int = 2, replicas: int = 2, disks: int = 4,
                disk_size: int = 128 * 2**20,
                ping_interval: float = 0.1, dead_pings: int = 5,
-               placement: str = "spread") -> "ClusterConfig":
+               placement: str = "spread", durability: str = "written") -> "ClusterConfig":
         """Servers s0..s{groups*replicas-1}; group g is s{g*replicas}..s{g*replicas+replicas-1}."""
         if groups < 1 or replicas < 1:
             raise ReplfsError(f"a cluster needs at least one group of one replica "
                               f"(asked for {groups} groups of {replicas})")
         placement = check_placement(placement, groups)
+        durability = check_durability(durability)
         layout = {g: [f"s{g * replicas + i}" for i in range(replicas)] for g in range(groups)}
         servers = [s for ss in layout.values() for s in ss]
         ports = {VIEWSERVER: free_port(), **{s: free_port() for s in servers}}
         cfg = cls(os.path.abspath(dirpath), layout, ports, ping_interval, dead_pings, disks,
-                  disk_size, placement)
+                  disk_size, placement, durability)
         os.makedirs(dirpath, exist_ok=True)
         secret_path = os.path.join(dirpath, SECRET)
         fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -151,7 +170,8 @@ class ClusterConfig:
     def save(self) -> None:
         d = dict(groups={str(g): s for g, s in self.groups.items()}, ports=self.ports,
                  ping_interval=self.ping_interval, dead_pings=self.dead_pings,
-                 disks=self.disks, disk_size=self.disk_size, placement=self.placement)
+                 disks=self.disks, disk_size=self.disk_size, placement=self.placement,
+                 durability=self.durability)
         tmp = os.path.join(self.dir, CONFIG + ".tmp")
         with open(tmp, "w") as f:
             json.dump(d, f, indent=2)
@@ -179,6 +199,7 @@ class ClusterConfig:
         d["groups"] = {int(g): s for g, s in d["groups"].items()}
         cfg = cls(os.path.abspath(dirpath), **d)
         cfg.placement = check_placement(str(cfg.placement), cfg.group_count)
+        cfg.durability = check_durability(str(cfg.durability))
         return cfg
 
     # ---------------------------------------------------------------- queries

@@ -378,6 +378,14 @@ class PrimaryRole:
         if self.primary is not p:
             raise NotPrimaryError("lost the primary role")
 
+    async def _written(self, p: Primary, lsn: int) -> None:
+        """Wait until the commit at `lsn` is written on this primary (`mgr.write()`: in
+        its image files; forced already when every commit is) and held -- written, or
+        forced -- by the backup (`_wait_acked`): then it survives `kill -9` of both."""
+        if not self.forced:
+            await self.fs.mgr.write()
+        await self._wait_acked(p, lsn)
+
     async def execute(self, req: wire.OpRequest):
         """Run one client operation; returns an OpReply value tuple (value, errno, msg).
         Raises NotPrimaryError."""
@@ -394,7 +402,7 @@ class PrimaryRole:
                 self.stats["duplicates"] += 1
                 if req.seq < prev[0]:
                     return None, 0, "stale request"
-                await self._wait_acked(p, p.committed_lsn)   # it may not be acked yet
+                await self._written(p, p.committed_lsn)     # it may not be acked yet
                 return wire.unpack_value(prev[1]), 0, ""
             return await self._once((req.client, req.lane, req.seq),
                                     lambda: self._execute_update(p, key, req))
@@ -471,7 +479,7 @@ class PrimaryRole:
             packed["reply"] = await p.table.record(txn, key, req.seq, result)
 
         token = Request(payload=lambda result: [req.client, req.lane, req.seq],
-                        before_commit=before_commit)
+                        before_commit=before_commit, durable=self.forced)
         t0 = time.perf_counter()
         await self.gate.enter()
         try:
@@ -497,7 +505,7 @@ class PrimaryRole:
         if token.commit is not None and token.commit.lsn is not None:
             p.committed_lsn = max(p.committed_lsn, token.commit.lsn)
             p.table.remember(key, req.seq, packed["reply"])
-            await self._wait_acked(p, token.commit.lsn)
+            await self._written(p, token.commit.lsn)
             self.confirm(token.commit.txn)
         self.stats["ack_wait_seconds"] += time.perf_counter() - t1
         return result, 0, ""

@@ -27,7 +27,7 @@ import trio
 
 from replfs.fs.mkfs import open_fs
 from replfs.replication import amo, wire
-from replfs.replication.backup import BackupRole
+from replfs.replication.backup import FLUSH_BEHIND, BackupRole
 from replfs.replication.config import VIEWSERVER, ClusterConfig
 from replfs.replication.primary import (READS, UPDATES, Gate, Inflight, NotPrimaryError,
                                         Primary, PrimaryRole)
@@ -74,6 +74,9 @@ class ReplicaServer(PrimaryRole, BackupRole):
                           refused_forwards=0, execute_seconds=0.0, ack_wait_seconds=0.0,
                           forward_seconds=0.0)
         self.lease = cfg.dead_pings * cfg.ping_interval
+        # "forced": every operation is forced on both replicas before it is answered;
+        # "written" (the default): written on both, forced within FLUSH_BEHIND
+        self.forced = cfg.durability == "forced"
         self.boot = secrets.token_hex(8)
         self.twopc = TwoPhase(self)
         self._unforced_position: tuple[str, int] | None = None
@@ -155,8 +158,11 @@ class ReplicaServer(PrimaryRole, BackupRole):
             await self.fs.close()
             self.fs = await open_fs(self.array, reclaim=(v.num == 1), history=self._recorder())
         # The stream to the backup carries each commit as soon as it is appended, so
-        # the primary's own force and the round trip to the backup overlap.
+        # the primary's own log write and the round trip to the backup overlap.
         self.fs.mgr.publish_at_append = True
+        # commits are written, not forced, unless every operation is: force within
+        # FLUSH_BEHIND (the task ends when this manager closes)
+        self._nursery.start_soon(self.fs.mgr.flush_behind, FLUSH_BEHIND)
         table = amo.AmoTable(self.array.nblocks)
         await table.load(self.fs.mgr)
         send, recv = trio.open_memory_channel(float("inf"))
