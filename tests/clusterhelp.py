@@ -20,9 +20,10 @@ DISK_SIZE = 32 * 2**20
 
 
 def make_cluster(path: Path, disk_size: int = DISK_SIZE, *, groups: int = 2,
-                 placement: str = "spread") -> Cluster:
+                 placement: str = "spread", durability: str = "written") -> Cluster:
     trio.run(lambda: init_cluster(str(path), groups=groups, disk_size=disk_size,
-                                  placement=placement, progress=lambda *a: None))
+                                  placement=placement, durability=durability,
+                                  progress=lambda *a: None))
     return Cluster(str(path))
 
 
@@ -31,8 +32,10 @@ class Running:
     keeps every directory in group 0 (for tests of replication, not of two-phase
     commit)."""
 
-    def __init__(self, path: Path, mnt: Path, *, groups: int = 2, placement: str = "spread"):
-        self.cluster = make_cluster(path, groups=groups, placement=placement)
+    def __init__(self, path: Path, mnt: Path, *, groups: int = 2, placement: str = "spread",
+                 durability: str = "written"):
+        self.cluster = make_cluster(path, groups=groups, placement=placement,
+                                    durability=durability)
         self.cfg: ClusterConfig = self.cluster.cfg
         self.mnt = mnt
 

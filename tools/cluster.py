@@ -27,6 +27,7 @@ REPLFS = [sys.executable, "-m", "replfs.tools.cli"]
 
 async def init_cluster(dirpath: str, *, groups: int = 2, replicas: int = 2, disks: int = 4,
                        disk_size: int = 128 * 2**20, placement: str = "spread",
+                       durability: str = "written",
                        progress=print) -> ClusterConfig:
     """Write a new cluster in `dirpath`: config, secret, an array and a filesystem per
     replica, each made for the replica's group (its inode numbers carry the group); the
@@ -38,7 +39,8 @@ async def init_cluster(dirpath: str, *, groups: int = 2, replicas: int = 2, disk
     if os.path.exists(os.path.join(dirpath, "cluster.json")):
         raise ReplfsError(f"{dirpath} already holds a cluster; remove it first to start over")
     cfg = ClusterConfig.create(dirpath, groups=groups, replicas=replicas, disks=disks,
-                               disk_size=disk_size, placement=placement)
+                               disk_size=disk_size, placement=placement,
+                               durability=durability)
     for s in cfg.servers:
         group = cfg.group_of(s)
         array = create_array(cfg.server_dir(s), disks, disk_size)

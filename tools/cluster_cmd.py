@@ -30,6 +30,10 @@ def register(sub) -> None:
     p.add_argument("--placement", default="spread", metavar="spread|parent|N",
                    help="which group a new directory goes to: spread (by a hash of its "
                         "name, the default), parent (its parent's group), or group N")
+    p.add_argument("--durability", default="written", choices=["written", "forced"],
+                   help="when an update is answered: once written (in the image files) on "
+                        "both replicas, forced within 1 s (the default), or once forced "
+                        "(fsynced) on both (see docs/durability.md)")
     p.add_argument("--disks", type=int, default=4, help="disks per array (default 4)")
     p.add_argument("--size", default="128M", help="size of each disk image (default 128M)")
     p.set_defaults(func=cmd_init)
@@ -73,11 +77,13 @@ def cmd_init(args) -> int:
     from replfs.tools.cluster import init_cluster
     cfg = trio.run(lambda: init_cluster(args.dir, groups=args.groups, replicas=args.replicas,
                                         disks=args.disks, disk_size=parse_size(args.size),
-                                        placement=args.placement))
+                                        placement=args.placement,
+                                        durability=args.durability))
     print(f"replfs: cluster in {cfg.dir}: view server on {cfg.ports[VIEWSERVER]}; "
           + "; ".join(f"group {g}: " + ", ".join(f"{s} on {cfg.ports[s]}" for s in ss)
                       for g, ss in cfg.groups.items())
-          + f"; directories placed by {cfg.placement} (secret mode 0600)")
+          + f"; directories placed by {cfg.placement}; updates answered once "
+          + f"{cfg.durability} on both replicas (secret mode 0600)")
     return 0
 
 

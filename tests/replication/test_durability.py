@@ -101,3 +101,25 @@ def test_kill_both_replicas_right_after_a_burst_loses_nothing(running):
     cluster.stop_all()
     diff, compared = compare_replicas(cfg)
     assert compared > 0 and not any(diff.values()), diff
+
+
+def test_forced_durability_forces_every_operation(tmp_path):
+    """`replfs init --durability forced`: no update is answered before both replicas
+    forced it -- neither log ever holds a written but unforced commit once the burst
+    returned, and the primary wrote nothing without forcing it."""
+    from clusterhelp import Running
+    running = Running(tmp_path / "cluster", tmp_path / "mnt", placement="parent",
+                      durability="forced")
+    try:
+        running.start()
+        assert running.cfg.durability == "forced"
+        for i in range(30):
+            (running.mnt / f"f{i}").write_bytes(b"forced %d\n" % i)
+        st = running.cluster.status()["servers"]
+        for s in running.cfg.group_servers(0):
+            txn = st[s]["txn"]
+            assert txn["durable_lsn"] == txn["written_lsn"], (s, txn)
+        primary = st[running.primary()]["txn"]
+        assert primary["log_writes"] == 0 and primary["lazy_commits"] == 0, primary
+    finally:
+        running.stop()
