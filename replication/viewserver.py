@@ -8,10 +8,30 @@ interval. The rules (6.033 L19 / the classic primary-backup view service):
 - a server that missed `dead_pings` pings is dead; a dead primary is replaced by the
   backup, and an idle server becomes the new backup (none: the primary serves alone and
   the group is *unprotected*);
-- a server that pings with view 0 while it is primary or backup has restarted (lost its
-  volatile state) and is treated as dead at once;
+- a view is given to one *incarnation* (process, the `boot` id of its pings) of each of
+  its servers; a member that pings from another incarnation (or, without boot ids, pings
+  view 0) has *restarted*: it lost its volatile state but not its disk, which holds
+  everything it committed (primary) or acknowledged (backup). Its acknowledgement of
+  the current view never counts;
+- a restarted backup is removed from the view; a restarted primary hands over to its
+  backup if that one is alive, in its own incarnation and in sync (view acknowledged),
+  and otherwise is primary of the next view itself (given to its new incarnation): the
+  primary holds the newest state, which is safe even in a view not yet acknowledged;
+- the backup takes over (from a dead or restarted primary), and a dead or restarted
+  backup is dropped by a primary that stays, only if the one that stays pinged within
+  the last two ping intervals: else the two may have died together (the second is not
+  yet dead when the first is), and the view server waits until it pings again, restarts
+  or is dead;
+- when both died (dead or restarted), the primary comes back as primary; the backup of
+  an acknowledged view, restarted, only if the primary stays away for a grace period
+  after the backup's return (it holds every acknowledged update, not the primary's
+  newest);
+- until then a restarted member is not told that view (it stays idle), unless it is
+  the backup of a view not yet acknowledged;
+- a restarted server that is not (or no longer) in the view is an ordinary idle server,
+  and may be recruited as backup (it then gets a state transfer);
 - the view does not change until the primary has acknowledged the current view (pinged
-  with its number), even if that means waiting;
+  with its number), even if that means waiting -- unless the primary restarted;
 - only the primary or backup of view N can be primary of view N+1.
 """
 
@@ -40,8 +60,9 @@ class GroupState:
     acked: bool = False
     recovered_at: float | None = None   # the view came from the state file, not from pings
     last_ping: dict[str, float] = field(default_factory=dict)   # server -> time (insertion order = first seen)
-    restarted: set[str] = field(default_factory=set)
-    boots: dict[str, str] = field(default_factory=dict)    # server -> its process's boot id
+    boots: dict[str, str] = field(default_factory=dict)    # server -> its latest process's boot id
+    given: dict[str, str] = field(default_factory=dict)    # member -> boot id the view was given to
+    restarted: dict[str, float] = field(default_factory=dict)   # member -> when seen restarted
 
 
 class ViewService:
@@ -54,6 +75,11 @@ class ViewService:
         self.groups: dict[int, GroupState] = {}
         self.save = save
 
+    @property
+    def grace(self) -> float:
+        """How long a group waits for its primary before a second choice takes over."""
+        return 4 * self.dead_pings * self.ping_interval
+
     def restore(self, views: dict[int, View], now: float) -> None:
         """Start from the views a previous view server had (its servers keep their state
         on disk, so the last primary's state is the group's state)."""
@@ -61,58 +87,65 @@ class ViewService:
             if v.num:
                 self.groups[group] = GroupState(view=v, acked=False, recovered_at=now)
 
-    def _changed(self) -> None:
-        if self.save is not None:
-            self.save({g: st.view for g, st in self.groups.items()})
-
     def _group(self, group: int) -> GroupState:
         return self.groups.setdefault(group, GroupState())
 
     def _dead(self, g: GroupState, server: str, now: float) -> bool:
-        if server in g.restarted:
-            return True
         t = g.last_ping.get(server)
         return t is None or now - t > self.dead_pings * self.ping_interval
 
+    def _fresh(self, g: GroupState, server: str, now: float) -> bool:
+        """Pinged within the last two intervals: surely not killed with its partner."""
+        t = g.last_ping.get(server)
+        return t is not None and now - t <= 2 * self.ping_interval
+
+    def _stale(self, g: GroupState, server: str, viewnum: int, boot: str) -> bool:
+        """A ping from a member of the view comes from another incarnation than the one
+        the view was given to."""
+        given = g.given.get(server) or g.boots.get(server)
+        if boot and given:
+            return boot != given
+        # without boot ids a restart shows as a ping 0; but the primary of a view not
+        # yet acknowledged pings 0 (or an older view) until it acknowledges
+        return viewnum == 0 and not (server == g.view.primary and not g.acked)
+
     def ping(self, group: int, server: str, viewnum: int, now: float, boot: str = "") -> View:
-        """`server` of `group` pings, acknowledging `viewnum`; returns the current view.
-        With `boot` (the server process's id), a ping 0 counts as a restart only from a
-        new process."""
+        """`server` of `group` pings, acknowledging `viewnum`; returns the current view
+        -- or View() to a restarted member while a view given to its previous
+        incarnation stands (see `_hidden`). `boot` is the server process's id (optional:
+        without it a ping 0 from a member is a restart)."""
         g = self._group(group)
         g.last_ping[server] = now
-        seen = g.boots.get(server)
+        v = g.view
+        if server in (v.primary, v.backup) and self._stale(g, server, viewnum, boot):
+            if server not in g.restarted:
+                log.info("group %d: %s restarted", group, server)
+                g.restarted[server] = now
         if boot:
             g.boots[server] = boot
-        restart = viewnum == 0 and not (boot and seen in (None, boot))
-        v = g.view
         if v.num == 0:
-            g.view = View(1, server, "")
-            g.acked = False
-            log.info("group %d: view 1: primary %s (no backup)", group, server)
-            self._changed()
+            self._new_view(group, g, server, "", "first server")
             return g.view
         if g.recovered_at is not None:
             # after a view-server restart: the last primary resumes (its state is on
             # disk); its backup only if the primary stays away, and no one else ever
-            grace = 4 * self.dead_pings * self.ping_interval
-            if server == v.primary or (server == v.backup and now - g.recovered_at > grace):
-                g.view = View(v.num + 1, server, "")
-                g.acked = False
+            if server == v.primary or (server == v.backup and now - g.recovered_at > self.grace):
                 g.recovered_at = None
-                g.restarted.clear()
-                log.info("group %d: view %d: primary %s resumes after a view-server restart",
-                         group, g.view.num, server)
-                self._changed()
+                self._new_view(group, g, server, "", "resumes after a view-server restart")
             return g.view
-        if server == v.primary:
-            if viewnum == v.num:
-                g.acked = True
-            elif restart:
-                g.restarted.add(server)
-        elif server == v.backup and restart:
-            g.restarted.add(server)
+        if server == v.primary and viewnum == v.num and server not in g.restarted:
+            g.acked = True
         self._advance(group, g, now)
-        return g.view
+        return View() if self._hidden(g, server) else g.view
+
+    @staticmethod
+    def _hidden(g: GroupState, server: str) -> bool:
+        """A restarted member must not act on the view given to its previous incarnation
+        while the view server waits to decide: as primary it would stream its state into
+        a backup that may then be promoted half-overwritten, as backup of an acknowledged
+        view take such a stream. Only the backup of a view not yet acknowledged is told
+        (its primary must bring it up to date to acknowledge; it cannot be promoted)."""
+        return server in g.restarted and (g.acked or server == g.view.primary)
 
     def stalled(self, seconds: float) -> None:
         """The view server itself did not run for `seconds` (overloaded machine): pings
@@ -120,10 +153,13 @@ class ViewService:
         for g in self.groups.values():
             for s in g.last_ping:
                 g.last_ping[s] += seconds
+            for s in g.restarted:
+                g.restarted[s] += seconds
 
     def tick(self, now: float) -> None:
         for group, g in self.groups.items():
-            self._advance(group, g, now)
+            if g.recovered_at is None and g.view.num:
+                self._advance(group, g, now)
 
     def get(self, group: int) -> View:
         return self._group(group).view
@@ -134,30 +170,58 @@ class ViewService:
                 return s
         return ""
 
-    def _advance(self, group: int, g: GroupState, now: float) -> None:
+    def _next_primary(self, g: GroupState, now: float) -> str:
+        """Who is primary of the next view ("": wait, nobody may change the view now)."""
+        p, b = g.view.primary, g.view.backup
+        p_alive, b_alive = not self._dead(g, p, now), bool(b) and not self._dead(g, b, now)
+        p_back = p_alive and p in g.restarted           # alive in a new incarnation
+        b_ok = b_alive and b not in g.restarted         # alive in its own incarnation
         if not g.acked:
-            return
+            # the backup may not hold the state yet; the primary, restarted, has its own
+            return p if p_back else ""
+        if p_alive and not p_back:
+            if b and not b_ok and not self._fresh(g, p, now):
+                return ""       # the backup died or restarted: did p die with it?
+            return p
+        if b_ok:
+            # the backup is in sync: it takes over from a dead or restarted primary, if
+            # it did not die with it (killed together, it is not dead yet when p is)
+            return b if self._fresh(g, b, now) else ""
+        if p_back:
+            return p
+        if b_alive and now - g.restarted[b] > self.grace:
+            return b            # restarted, holds every acknowledged update; p stays away
+        return ""               # nobody who holds the state is alive: wait
+
+    def _advance(self, group: int, g: GroupState, now: float) -> None:
         v = g.view
-        p, b = v.primary, v.backup
-        removed: set[str] = set()
-        if self._dead(g, p, now):
-            if not b or self._dead(g, b, now):
-                return          # nobody who holds the state is alive: wait
-            removed.add(p)
-            p, b = b, ""
-        if b and self._dead(g, b, now):
-            removed.add(b)
-            b = ""
-        if not b:
-            b = self._idle(g, now, exclude=removed | {p})
-        if (p, b) == (v.primary, v.backup):
+        p = self._next_primary(g, now)
+        if not p:
             return
-        g.view = View(v.num + 1, p, b)
+        removed = {s for s in (v.primary, v.backup) if s and s != p}
+        b = ""
+        if p == v.primary and v.backup and v.backup not in g.restarted \
+                and not self._dead(g, v.backup, now):
+            b = v.backup
+        if not b:
+            # a removed server (dead, restarted, or the old primary) is not taken back
+            # in the same step: it is recruited, as an idle server, in a later view
+            b = self._idle(g, now, exclude=removed | {p})
+        if (p, b) == (v.primary, v.backup) and p not in g.restarted:
+            return
+        self._new_view(group, g, p, b, "")
+
+    def _new_view(self, group: int, g: GroupState, p: str, b: str, why: str) -> None:
+        """Make view num+1 with primary `p` and backup `b`, given to their current
+        incarnations."""
+        g.view = View(g.view.num + 1, p, b)
         g.acked = False
-        g.restarted -= removed
-        self._changed()
-        log.info("group %d: view %d: primary %s, backup %s%s", group, g.view.num, p,
-                 b or "(none)", "" if b else " -- unprotected")
+        g.given = {s: g.boots.get(s, "") for s in (p, b) if s}
+        g.restarted.clear()
+        if self.save is not None:
+            self.save({n: st.view for n, st in self.groups.items()})
+        log.info("group %d: view %d: primary %s, backup %s%s%s", group, g.view.num, p,
+                 b or "(none)", "" if b else " -- unprotected", f" ({why})" if why else "")
 
     def status(self, now: float) -> dict:
         out = {}
@@ -166,7 +230,8 @@ class ViewService:
             out[str(group)] = dict(
                 view=v.num, primary=v.primary, backup=v.backup, acked=g.acked,
                 unprotected=bool(v.primary) and not v.backup,
-                servers={s: dict(last_ping_ago=round(now - t, 3), dead=self._dead(g, s, now))
+                servers={s: dict(last_ping_ago=round(now - t, 3), dead=self._dead(g, s, now),
+                                 restarted=s in g.restarted)
                          for s, t in g.last_ping.items()})
         return out
 

@@ -200,3 +200,185 @@ def test_a_stalled_view_server_does_not_count_its_own_stall_as_missed_pings():
     vs.stalled(2.0)                 # nothing ran for 2 s
     vs.tick(2.05)
     assert vs.get(0) == View(2, "a", "b")
+
+
+# ---- restarts: a view is given to one incarnation (boot id) of each server ----------
+
+def protected_pair(t=0.0):
+    """View 2: primary a (process A1), backup b (process B1), acknowledged."""
+    vs = make()
+    vs.ping(0, "a", 0, t, boot="A1")
+    vs.ping(0, "a", 1, t, boot="A1")
+    vs.ping(0, "b", 0, t, boot="B1")
+    vs.ping(0, "a", 2, t, boot="A1")
+    vs.ping(0, "b", 2, t, boot="B1")
+    assert vs.get(0) == View(2, "a", "b") and vs.status(t)["0"]["acked"]
+    return vs
+
+
+def run(vs, t, until, **boots):
+    """The servers named (with their boot ids) ping every PI from t to `until`, each
+    acknowledging the view it was last told; the others are silent. Returns the time."""
+    told = {s: 0 for s in boots}
+    while t < until - 1e-9:
+        t += PI
+        for s, boot in boots.items():
+            told[s] = vs.ping(0, s, told[s], t, boot=boot).num
+        vs.tick(t)
+    return t
+
+
+def test_restarted_server_out_of_the_view_counts_again_and_is_recruited_as_backup():
+    vs = protected_pair()
+    assert vs.ping(0, "b", 0, 0.1, boot="B2") == View(3, "a", "")    # restarted: removed
+    t = run(vs, 0.1, 1.0, a="A1", b="B2")
+    assert vs.get(0) == View(4, "a", "b")                             # and back as backup
+    t = run(vs, t, t + 1.0, b="B2")                                   # a dies alone
+    assert vs.get(0) == View(5, "b", "")                              # failover to b
+
+
+def test_both_restarted_the_primary_comes_back_as_primary_the_backup_as_backup():
+    vs = protected_pair()
+    t = run(vs, 0.0, 1.0)                           # both killed: silent, then dead
+    assert vs.get(0) == View(2, "a", "b")
+    assert vs.ping(0, "b", 0, t, boot="B2") == View()      # wait for the primary (and
+    assert vs.get(0) == View(2, "a", "b")                  # do not tell b a view of B1)
+    assert vs.ping(0, "a", 0, t + 0.01, boot="A2") == View(3, "a", "")
+    t = run(vs, t, t + 1.0, a="A2", b="B2")
+    assert vs.get(0) == View(4, "a", "b") and vs.status(t)["0"]["acked"]
+    t = run(vs, t, t + 1.0, b="B2")                 # later the primary is killed alone
+    assert vs.get(0) == View(5, "b", "")
+
+
+def test_backup_killed_with_the_primary_does_not_take_over_when_the_primary_is_dead():
+    vs = protected_pair()
+    vs.ping(0, "b", 2, 0.05, boot="B1")            # both killed just after b's last ping
+    vs.tick(0.52)                                   # a is dead; b, 0.47 s silent, not yet
+    assert vs.status(0.52)["0"]["servers"]["b"]["dead"] is False
+    assert vs.get(0) == View(2, "a", "b")          # but it may have died with a: wait
+    t = run(vs, 0.52, 1.5)
+    assert vs.ping(0, "a", 0, t, boot="A2") == View(3, "a", "")
+    # whereas a backup that pinged just now takes over at once
+    vs = protected_pair()
+    vs.ping(0, "b", 2, 0.5, boot="B1")
+    vs.tick(0.51)
+    assert vs.get(0) == View(3, "b", "")
+
+
+def test_primary_killed_with_the_backup_does_not_drop_it_alone():
+    vs = protected_pair()
+    vs.ping(0, "a", 2, 0.05, boot="A1")            # both killed just after a's last ping
+    vs.tick(0.52)                                   # b is dead; a, 0.47 s silent, not yet
+    assert vs.get(0) == View(2, "a", "b")          # a view for a alone could stall the
+    t = run(vs, 0.52, 1.5)                          # group for good, should a never return
+    back = t + PI
+    t = run(vs, t, back + vs.grace + 0.2, b="B2")   # only b returns; a stays away
+    assert vs.get(0) == View(3, "b", "")
+
+
+def test_both_restarted_within_the_dead_window_the_primary_stays_primary():
+    vs = protected_pair()
+    # a's new process pings 0.3 s after both were killed: b's last ping is not dead yet,
+    # but too old to trust that b survived; the view server waits instead of handing
+    # the group to b
+    assert vs.ping(0, "a", 0, 0.3, boot="A2") == View()
+    assert vs.get(0) == View(2, "a", "b")
+    assert vs.ping(0, "b", 0, 0.35, boot="B2") == View(3, "a", "")
+    run(vs, 0.35, 1.5, a="A2", b="B2")
+    assert vs.get(0) == View(4, "a", "b")
+
+
+def test_both_restarted_backup_first_within_the_dead_window():
+    vs = protected_pair()
+    assert vs.ping(0, "b", 0, 0.3, boot="B2") == View()    # a may be dead too: wait
+    assert vs.get(0) == View(2, "a", "b")
+    assert vs.ping(0, "a", 0, 0.35, boot="A2") == View(3, "a", "")
+    run(vs, 0.35, 1.5, a="A2", b="B2")
+    assert vs.get(0) == View(4, "a", "b")
+
+
+def test_restarted_primary_whose_backup_died_is_primary_of_the_next_view():
+    vs = protected_pair()
+    t = run(vs, 0.0, 1.0, a="A1")                   # b dies: a alone in view 3
+    assert vs.get(0) == View(3, "a", "")
+    t = run(vs, t, t + 2.0)                         # then a dies too
+    assert vs.ping(0, "a", 0, t, boot="A2") == View(4, "a", "")
+
+
+def test_restarted_primary_hands_over_only_to_a_backup_that_pinged_recently():
+    vs = protected_pair()
+    assert vs.ping(0, "a", 0, 0.3, boot="A2") == View()    # b silent for 0.3 s: wait
+    assert vs.get(0) == View(2, "a", "b")
+    assert vs.ping(0, "b", 2, 0.32, boot="B1") == View(3, "b", "")  # b alive, in sync
+
+
+def test_restarted_primary_of_an_unacknowledged_view_is_primary_again():
+    vs = make()
+    vs.ping(0, "a", 0, 0.0, boot="A1")
+    vs.ping(0, "a", 1, 0.0, boot="A1")
+    vs.ping(0, "b", 0, 0.0, boot="B1")
+    assert vs.get(0) == View(2, "a", "b")          # a transfers its state to b...
+    # ...and restarts before acknowledging: b may lack the state, a has it on disk
+    assert vs.ping(0, "a", 0, 0.2, boot="A2") == View(3, "a", "b")
+    assert not vs.status(0.2)["0"]["acked"]
+
+
+def test_a_view_given_to_a_previous_incarnation_is_never_acknowledged():
+    vs = make()
+    vs.ping(0, "a", 0, 0.0, boot="A1")
+    vs.ping(0, "a", 1, 0.0, boot="A1")
+    vs.ping(0, "b", 0, 0.0, boot="B1")
+    assert vs.get(0) == View(2, "a", "b")
+    # a new process of a claims view 2, which was given to A1
+    assert vs.ping(0, "a", 2, 0.2, boot="A2") == View(3, "a", "b")
+    assert not vs.status(0.2)["0"]["acked"]
+    vs.ping(0, "a", 3, 0.3, boot="A2")
+    assert vs.status(0.3)["0"]["acked"]
+    # the old process, still around somewhere, cannot acknowledge a later view
+    vs2 = make()
+    vs2.ping(0, "a", 0, 0.0, boot="A1")
+    vs2.ping(0, "a", 0, 0.1, boot="A2")            # view 1 given to A1: now A2's
+    assert vs2.get(0) == View(2, "a", "")
+    vs2.ping(0, "a", 2, 0.2, boot="A1")
+    assert not vs2.status(0.2)["0"]["acked"]
+
+
+def test_restarted_backup_of_an_acknowledged_view_takes_over_if_the_primary_stays_away():
+    vs = protected_pair()
+    t = run(vs, 0.0, 1.0)                           # both die
+    back = t + PI
+    t = run(vs, t, back + vs.grace - 0.2, b="B2")   # only b comes back: wait for a
+    assert vs.get(0) == View(2, "a", "b")
+    t = run(vs, t, back + vs.grace + 0.2, b="B2")   # a away for the grace period
+    assert vs.get(0) == View(3, "b", "")
+
+
+def test_restarted_backup_of_an_unacknowledged_view_never_becomes_primary():
+    vs = make()
+    vs.ping(0, "a", 0, 0.0, boot="A1")
+    vs.ping(0, "a", 1, 0.0, boot="A1")
+    vs.ping(0, "b", 0, 0.0, boot="B1")
+    assert vs.get(0) == View(2, "a", "b")          # not acknowledged: b may lack the state
+    run(vs, 0.0, 10.0, b="B2", c="C1")
+    assert vs.get(0) == View(2, "a", "b")
+    assert vs.ping(0, "a", 0, 10.1, boot="A2") == View(3, "a", "c")
+
+
+def test_a_restarted_member_is_not_told_the_view_of_its_previous_incarnation():
+    vs = protected_pair()
+    # a's new process while the view server waits for b (silent 0.3 s): told nothing, so
+    # it does not act as primary of view 2 (and stream its state into b)
+    assert vs.ping(0, "a", 0, 0.3, boot="A2") == View()
+    assert vs.ping(0, "a", 0, 0.4, boot="A2") == View()
+    assert vs.ping(0, "b", 2, 0.45, boot="B1") == View(3, "b", "")
+    assert vs.ping(0, "a", 0, 0.5, boot="A2") == View(3, "b", "")  # idle now: told
+    # the backup of a view not yet acknowledged is told: its primary must sync it
+    vs = make()
+    vs.ping(0, "a", 0, 0.0, boot="A1")
+    vs.ping(0, "a", 1, 0.0, boot="A1")
+    vs.ping(0, "b", 0, 0.0, boot="B1")
+    assert vs.ping(0, "b", 0, 0.1, boot="B2") == View(2, "a", "b")
+    vs.ping(0, "a", 2, 0.2, boot="A1")              # a synced B2 and acknowledges
+    assert vs.get(0) == View(3, "a", "")            # B2 may not be in sync: dropped
+    run(vs, 0.2, 1.0, a="A1", b="B2")
+    assert vs.get(0) == View(4, "a", "b")
