@@ -147,7 +147,18 @@ class Operations(pyfuse3.Operations):
 
     @translate
     async def getattr(self, inode, ctx=None):
-        return entry(await self.fs.getattr(inode))
+        # A filesystem that keeps the attributes its updates' replies carried
+        # (replication/client.py `getattr_cached`) answers from them, once, and says
+        # how old they are: the kernel keeps them only for what is left of
+        # ATTR_TIMEOUT, as if it had had them from the reply itself.
+        cached = getattr(self.fs, "getattr_cached", None)
+        if cached is None:
+            return entry(await self.fs.getattr(inode))
+        attr, age = await cached(inode)
+        e = entry(attr)
+        e.attr_timeout = max(0.0, ATTR_TIMEOUT - age)
+        return e
+
 
     @translate
     async def setattr(self, inode, attr, fields, fh, ctx):

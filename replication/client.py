@@ -24,6 +24,14 @@ replicated and survives failover) and answers with the recorded reply instead of
 executing it again. A reply is matched to its request by (lane, seq), whichever
 transmission it answers. Lanes are shared by all groups: a lane's seq increases across
 the whole client, so each group sees it increase with gaps, which its table allows.
+
+Fewer round trips: the reply to an update carries the post-operation attributes of the
+inodes it changed (replication/postop.py); the FUSE adapter's getattr takes them, once
+and within `cache_ttl` seconds, through `getattr_cached` (the kernel asks for a
+directory's attributes after every change in it), while `getattr` always asks the
+server (open's close-to-open check). Inodes known to have no extended attributes (just
+created, or so answered) answer getxattr and listxattr without a round trip for
+`cache_ttl` seconds. `forget` runs in the background: nothing waits for its answer.
 """
 
 from __future__ import annotations
@@ -36,9 +44,11 @@ from collections import Counter
 
 import trio
 
+from replfs.fs.core import Attr
 from replfs.fs.errors import FsError, ForeignInode
 from replfs.fs.layout import ino_group
 from replfs.replication import wire
+from replfs.replication.postop import NoXattrs, PostOpAttrs, changed_inodes
 from replfs.replication.config import CLIENT, VIEWSERVER, ClusterConfig
 from replfs.replication.viewserver import View
 
@@ -47,6 +57,12 @@ log = logging.getLogger("replfs.client")
 REQUEST_TIMEOUT = 0.4       # largest wait for one transmission; a retry is always safe
 MIN_RTO = 0.05
 CONNECT_TIMEOUT = 0.4
+# How long what a reply told is answered from memory: no longer than the kernel's own
+# attribute timeout (fs/fuse_ops.py ATTR_TIMEOUT), so that caching here lets a change
+# by another mount go unseen no longer than the kernel's cache already does.
+CACHE_TTL = 5.0
+FORGET_LANES = 2            # lanes that background forgets may hold at once
+FORGET_DRAIN = 10.0         # seconds aclose waits for forgets still going out
 
 
 class Unavailable(FsError):
@@ -96,7 +112,7 @@ class RemoteFS:
 
     def __init__(self, cfg: ClusterConfig, *, lanes: int = 16,
                  request_timeout: float = REQUEST_TIMEOUT, deadline: float = 60.0,
-                 name: str = CLIENT):
+                 name: str = CLIENT, cache_ttl: float = CACHE_TTL):
         self.cfg = cfg
         self.secret = cfg.secret()
         self.name = name
@@ -117,13 +133,22 @@ class RemoteFS:
         self.methods: Counter[str] = Counter()     # requests per method (logged at unmount)
         self._vs: wire.Channel | None = None
         self._srtt = 0.01
+        self.post_op = PostOpAttrs(cache_ttl)
+        self.no_xattrs = NoXattrs(cache_ttl)
+        self._forget_lanes = trio.CapacityLimiter(FORGET_LANES)
+        self._forgets = 0                           # background forgets not yet answered
+        self._forgets_done = trio.Event()
+        self._forgets_done.set()
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve connection readers until cancelled; start with `nursery.start`."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
     # ---------------------------------------------------------------- plumbing
     def _deliver(self, msg) -> None:
@@ -212,19 +237,25 @@ class RemoteFS:
         w = _Waiter()
         self.stats["requests"] += 1
         self.methods[method] += 1
+        marks = self.post_op.begin(changed_inodes(method, args))
+        attrs = []
         try:
             with trio.fail_after(self.deadline):
-                return await self._call(w, group, lane, seq, method, list(args), kwargs)
+                reply = await self._call(w, group, lane, seq, method, list(args), kwargs)
+            attrs = reply.attrs
+            return reply.value
         except trio.TooSlowError:
             raise Unavailable(f"{method}: no primary of group {group} answered for "
                               f"{self.deadline:.0f} s") from None
         finally:
+            self.post_op.settle(marks, attrs, trio.current_time())
             for rid in w.rids:
                 self._by_rid.pop(rid, None)
             self._lanes.append(lane)
             self._lane_free.release()
 
-    async def _call(self, w: "_Waiter", group, lane, seq, method, args, kwargs):
+    async def _call(self, w: "_Waiter", group, lane, seq, method, args, kwargs) -> wire.OpReply:
+        """The primary's successful OpReply; raises FsError (ForeignInode) for an error."""
         view = self.views[group]
         if not view.primary:
             view = await self._fetch_view(group, view)
@@ -265,7 +296,7 @@ class RemoteFS:
                     raise ForeignInode(reply.value)
                 if reply.errno:
                     raise FsError(reply.errno, reply.message)
-                return reply.value
+                return reply
             if isinstance(reply, wire.NotPrimary) or w.conn.broken:
                 view = await self._refetch(group, view)
             else:               # no answer in time: lost, slow, or a hung primary
@@ -279,6 +310,15 @@ class RemoteFS:
         return new
 
     async def aclose(self) -> None:
+        """Close every connection, once the background forgets still going out were
+        answered (for at most FORGET_DRAIN seconds: an inode whose forget is lost stays
+        an orphan, harmless, until the next cluster start reclaims it)."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(FORGET_DRAIN):
+                await self._forgets_done.wait()
+        if self._forgets:
+            log.warning("closing with %d forgets unanswered: those inodes, if unlinked, "
+                        "stay orphans until the cluster's next start", self._forgets)
         if self._vs is not None:
             await self._vs.aclose()
         for conn in list(self._conns.values()):
@@ -307,10 +347,30 @@ class RemoteFS:
         try:
             return await self.call("lookup", parent, name)
         except ForeignInode as exc:     # the entry (or "..") is an inode of another group
-            return await self.getattr(exc.ino)
+            return await self.call("getattr", exc.ino)
 
     async def getattr(self, ino):
-        return await self.call("getattr", ino)
+        """The server's attributes of `ino`, always asked (open's close-to-open check).
+
+        An inode that no longer exists is ESTALE, not ENOENT: the kernel holds it through
+        a name that another mount removed or replaced, and on ESTALE the VFS looks the
+        path up again (LOOKUP_REVAL) -- finding the new file -- instead of failing."""
+        self.post_op.drop(ino)      # older than what is asked now: never answer them
+        try:
+            return await self.call("getattr", ino)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                raise FsError(errno.ESTALE, f"inode {ino:#x} no longer exists") from None
+            raise
+
+    async def getattr_cached(self, ino):
+        """(attributes, their age in seconds): those a reply to one of this client's
+        updates carried less than `cache_ttl` seconds ago (each answered once), else the
+        server's (age 0), as `getattr`."""
+        held = self.post_op.take(ino, trio.current_time())
+        if held is not None:
+            return held
+        return await self.getattr(ino), 0.0
 
     async def setattr(self, ino, *, mode=None, uid=None, gid=None, size=None, atime_ns=None,
                       mtime_ns=None):
@@ -318,16 +378,16 @@ class RemoteFS:
         return await self.call("setattr", ino, **{k: v for k, v in kw.items() if v is not None})
 
     async def mknod(self, parent, name, mode, rdev, uid, gid):
-        return await self.call("mknod", parent, name, mode, rdev, uid, gid)
+        return self._created(await self.call("mknod", parent, name, mode, rdev, uid, gid))
 
     async def create(self, parent, name, mode, uid, gid):
-        return await self.call("create", parent, name, mode, uid, gid)
+        return self._created(await self.call("create", parent, name, mode, uid, gid))
 
     async def mkdir(self, parent, name, mode, uid, gid):
-        return await self.call("mkdir", parent, name, mode, uid, gid)
+        return self._created(await self.call("mkdir", parent, name, mode, uid, gid))
 
     async def symlink(self, parent, name, target, uid, gid):
-        return await self.call("symlink", parent, name, target, uid, gid)
+        return self._created(await self.call("symlink", parent, name, target, uid, gid))
 
     async def readlink(self, ino):
         return await self.call("readlink", ino)
@@ -342,7 +402,30 @@ class RemoteFS:
         return await self.call("rmdir", parent, name)
 
     async def forget(self, ino):
-        return await self.call("forget", ino)
+        """Free `ino` on its group if it has no links left, in the background: the
+        caller does not wait (a failure is logged; `aclose` lets the last ones out)."""
+        if self._nursery is None:
+            return await self.call("forget", ino)
+        if not self._forgets:
+            self._forgets_done = trio.Event()
+        self._forgets += 1
+        self._nursery.start_soon(self._forget, ino)
+
+    async def _forget(self, ino) -> None:
+        try:
+            async with self._forget_lanes:
+                await self.call("forget", ino)
+        except FsError as exc:
+            log.warning("forget of inode %#x failed: %s", ino, exc)
+        except trio.Cancelled:
+            log.warning("forget of inode %#x not sent: the client is closing", ino)
+            raise
+        except Exception:
+            log.exception("forget of inode %#x failed unexpectedly", ino)
+        finally:
+            self._forgets -= 1
+            if not self._forgets:
+                self._forgets_done.set()
 
     async def rename(self, p_old, n_old, p_new, n_new, flags=0):
         return await self.call("rename", p_old, n_old, p_new, n_new, flags)
@@ -372,7 +455,7 @@ class RemoteFS:
 
             async def attr_of(fino):
                 try:
-                    return await self.getattr(fino)
+                    return await self.call("getattr", fino)
                 except FsError as exc:
                     if exc.errno == errno.ENOENT:
                         return None
@@ -394,15 +477,38 @@ class RemoteFS:
                 out[k] = out.get(k, 0) + st.get(k, 0)
         return out
 
+    def _created(self, attr):
+        """A new inode has no extended attributes (so the kernel's `security.capability`
+        probe before its first write costs nothing)."""
+        if isinstance(attr, Attr):
+            self.no_xattrs.learn(attr.ino, trio.current_time())
+        return attr
+
     async def getxattr(self, ino, name):
-        return await self.call("getxattr", ino, name)
+        if self.no_xattrs.absent(ino, trio.current_time(), name):
+            raise FsError(errno.ENODATA, name.decode(errors="replace"))
+        since = self.no_xattrs.changes
+        try:
+            return await self.call("getxattr", ino, name)
+        except FsError as exc:
+            if exc.errno == errno.ENODATA:
+                self.no_xattrs.learn(ino, trio.current_time(), name, since=since)
+            raise
 
     async def listxattr(self, ino):
-        return await self.call("listxattr", ino)
+        if self.no_xattrs.absent(ino, trio.current_time()):
+            return []
+        since = self.no_xattrs.changes
+        names = await self.call("listxattr", ino)
+        if not names:
+            self.no_xattrs.learn(ino, trio.current_time(), since=since)
+        return names
 
     async def setxattr(self, ino, name, value, flags=0):
-        return await self.call("setxattr", ino, name, value, flags)
+        with self.no_xattrs.changing(ino):
+            return await self.call("setxattr", ino, name, value, flags)
 
     async def removexattr(self, ino, name):
-        return await self.call("removexattr", ino, name)
+        with self.no_xattrs.changing(ino):
+            return await self.call("removexattr", ino, name)
 

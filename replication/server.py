@@ -26,7 +26,7 @@ import secrets
 import trio
 
 from replfs.fs.mkfs import open_fs
-from replfs.replication import amo, wire
+from replfs.replication import amo, postop, wire
 from replfs.replication.backup import FLUSH_BEHIND, BackupRole
 from replfs.replication.config import VIEWSERVER, ClusterConfig
 from replfs.replication.primary import (READS, UPDATES, Gate, Inflight, NotPrimaryError,
@@ -264,9 +264,15 @@ class ReplicaServer(PrimaryRole, BackupRole):
                     raise wire.ProtocolError(f"a server does not take {msg.TAG}")
 
     async def _serve_op(self, ch: wire.Channel, msg: wire.OpRequest) -> None:
+        """Execute `msg` and answer it; the answer to an update that succeeded carries
+        the attributes of the inodes it changed here, read once it committed and the
+        backup held it (replication/postop.py)."""
         try:
             value, err, text = await self.execute(msg)
-            reply = wire.OpReply(msg.rid, value, err, text)
+            attrs = []
+            if not err and msg.method in UPDATES and self.role == "primary":
+                attrs = await postop.attrs_after(self.fs, self.group, msg.method, msg.args)
+            reply = wire.OpReply(msg.rid, value, err, text, attrs)
         except NotPrimaryError as exc:
             reply = wire.NotPrimary(msg.rid, self.view.num, str(exc))
         except (TypeError, ValueError, wire.ProtocolError) as exc:

@@ -184,6 +184,9 @@ class OpReply:
     value: Any = None
     errno: int = 0          # nonzero: FsError(errno, message)
     message: str = ""
+    # an update's post-operation attributes: [Attr] of the inodes it changed in the
+    # answering group (replication/postop.py)
+    attrs: list = dataclasses.field(default_factory=list)
 
 
 @message
