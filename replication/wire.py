@@ -501,8 +501,10 @@ class Channel:
             while await self.stream.receive_some(65536):
                 pass
             why = "the peer closed it"
-        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+        except trio.ClosedResourceError:        # we closed it: see NetFaults.update
             why = "the partition was lifted"
+        except (trio.BrokenResourceError, OSError) as exc:
+            why = f"the peer broke it ({exc})"
         raise Partitioned(f"connection {self.local}-{self.peer} across a partition "
                           f"ended: {why}")
 
