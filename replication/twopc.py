@@ -65,7 +65,8 @@ DECIDE_WAIT = 2.0             # the coordinator answers its client after this at
 RESOLVE_AFTER = 1.0           # a prepared participant asks its coordinator after this
 RESOLVE_EVERY = 0.2
 MAX_ATTEMPTS = 200
-PEER_DEADLINE = 5.0
+PEER_DEADLINE = 20.0          # a group unreachable this long fails the operation (EIO);
+                              # less than the client's own deadline, which then retries
 DISTRIBUTED = frozenset({"rename", "link", "unlink", "rmdir", "mkdir"})
 TX_METHODS = frozenset({"tx_prepare", "tx_decide", "tx_query"})
 
