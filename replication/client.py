@@ -107,8 +107,8 @@ class _Waiter:
 
 class RemoteFS:
     """The cluster's filesystem, for the FUSE client (`name` "client") or for a server
-    that talks to other groups' primaries (`name` = the server's own name, so that its
-    connections take its own routes through the fault proxy)."""
+    that talks to other groups' primaries (`name` = the server's own name, so that the
+    network faults between it and them apply: wire.NetFaults)."""
 
     def __init__(self, cfg: ClusterConfig, *, lanes: int = 16,
                  request_timeout: float = REQUEST_TIMEOUT, deadline: float = 60.0,
