@@ -11,6 +11,16 @@ successful lookup, create, mknod, mkdir, symlink, link, and each readdir entry f
 `readdir_reply` returned True; `forget` subtracts. An inode whose lookup count and open
 handles both reach zero is handed to `fs.forget`, which frees it if it has no links
 (an unlinked file that is still open lives until then).
+
+The kernel's page cache is kept across opens with close-to-open consistency, as NFS
+does: every open asks the filesystem for the file's attributes (in a cluster, the
+primary: a real request), and lets the kernel keep the pages it holds only if the file's
+stamp (generation, mtime, ctime, size) is the one this mount saw at its previous open of
+it -- that is, nothing changed it since, here or on another mount. Otherwise the kernel
+drops its pages and its cached attributes (the size, which bounds a read, may have
+changed). Writes through this mount change the stamp too, so the open after them drops
+the pages they left: the kernel (auto_inval_data) drops those anyway once it sees the
+new mtime.
 """
 
 from __future__ import annotations
@@ -96,6 +106,9 @@ class Operations(pyfuse3.Operations):
         self.opens: Counter[int] = Counter()
         self._handles: dict[int, int] = {}
         self._next_fh = 1
+        # ino -> the stamp its latest open found: the kernel's pages of it are of that
+        # version (or a later one, which the next open's stamp then tells apart)
+        self._stamps: dict[int, tuple] = {}
 
     # ------------------------------------------------------------ references
     def _looked_up(self, attr):
@@ -106,6 +119,7 @@ class Operations(pyfuse3.Operations):
         if self.lookups[ino] <= 0 and self.opens[ino] <= 0:
             self.lookups.pop(ino, None)
             self.opens.pop(ino, None)
+            self._stamps.pop(ino, None)     # the kernel's inode, and its pages, are gone
             await self.fs.forget(ino)
 
     def _new_fh(self, ino: int) -> int:
@@ -159,7 +173,6 @@ class Operations(pyfuse3.Operations):
         e.attr_timeout = max(0.0, ATTR_TIMEOUT - age)
         return e
 
-
     @translate
     async def setattr(self, inode, attr, fields, fh, ctx):
         kw = {name: getattr(attr, src) for flag, name, src in SETATTR_FIELDS
@@ -201,15 +214,36 @@ class Operations(pyfuse3.Operations):
         return self._looked_up(await self.fs.link(inode, new_parent_inode, new_name))
 
     # ------------------------------------------------------------ files
+    def _keep_cache(self, attr) -> bool:
+        """May the kernel keep its cached pages of `attr.ino` at this open, `attr` being
+        the file's attributes just asked of the filesystem? Yes if its stamp is the one
+        the previous open saw. If not, this open's stamp is remembered and the kernel's
+        cached attributes are dropped too (the caller drops the pages)."""
+        stamp = (attr.generation, attr.mtime_ns, attr.ctime_ns, attr.size)
+        if self._stamps.get(attr.ino) == stamp:
+            return True
+        self._stamps[attr.ino] = stamp
+        self._invalidate_attrs(attr.ino)
+        return False
+
+    def _invalidate_attrs(self, ino: int) -> None:
+        """Make the kernel ask for `ino`'s attributes again before it trusts its size.
+        (Attributes only: with no writeback cache this never waits for the kernel.)"""
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError as exc:
+            log.warning("cannot invalidate the kernel's attributes of inode %#x: %s", ino, exc)
+
     @translate
     async def open(self, inode, flags, ctx):
-        attr = await self.fs.getattr(inode)
+        attr = await self.fs.getattr(inode)     # always asked: close-to-open
         if attr.mode & 0o170000 == 0o040000:
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_TRUNC:
             # libfuse enables atomic O_TRUNC: the kernel leaves the truncation to us
-            await self.fs.setattr(inode, size=0)
-        return pyfuse3.FileInfo(fh=self._new_fh(inode))
+            attr = await self.fs.setattr(inode, size=0)
+        keep = self._keep_cache(attr)
+        return pyfuse3.FileInfo(fh=self._new_fh(inode), keep_cache=keep)
 
     @translate
     async def create(self, parent_inode, name, mode, flags, ctx):

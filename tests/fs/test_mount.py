@@ -182,6 +182,88 @@ def test_unlinked_open_file_lives_until_close(d, mount):
     assert os.statvfs(mount.mnt).f_bfree >= free0 - 8
 
 
+
+# ---------------------------------------------------------------- the page cache across opens
+PAGE = 4096
+PROT_READ, MAP_SHARED = 1, 1
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+
+
+def cached_pages(fd: int, size: int) -> int:
+    """How many of the first `size` bytes' pages of open file `fd` the kernel's page cache
+    holds (mincore of a mapping, which reads nothing)."""
+    addr = libc.mmap(None, size, PROT_READ, MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    try:
+        vec = ctypes.create_string_buffer((size + PAGE - 1) // PAGE)
+        if libc.mincore(addr, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return sum(b & 1 for b in vec.raw)
+    finally:
+        libc.munmap(addr, size)
+
+
+def cached_after_open(path, size: int) -> int:
+    """Open `path` (the open decides whether the kernel keeps its pages) and count them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return cached_pages(fd, size)
+    finally:
+        os.close(fd)
+
+
+def test_page_cache_kept_across_opens_only_while_unchanged(d):
+    f, size = d / "f", 16 * PAGE
+    f.write_bytes(b"a" * size)
+    assert f.read_bytes() == b"a" * size            # the kernel now holds every page
+    assert cached_after_open(f, size) == 16          # unchanged: an open keeps them
+    assert cached_after_open(f, size) == 16
+    os.chmod(f, 0o600)                               # ctime: a new version, as far as
+    assert cached_after_open(f, size) == 0           # an open can tell: pages dropped
+    assert f.read_bytes() == b"a" * size
+    with open(f, "r+b") as fh:                       # a write through the mount
+        fh.write(b"b")
+    assert cached_after_open(f, size) == 0
+    assert f.read_bytes() == b"b" + b"a" * (size - 1)
+    assert cached_after_open(f, size) == 16
+
+
+def test_reopen_reads_every_change_made_through_the_mount(d):
+    f, size = d / "f", 10_000
+    data = bytearray(os.urandom(size))
+    f.write_bytes(data)
+    with open(f, "rb") as reader:                    # a handle open throughout
+        assert reader.read() == data
+        for _ in range(2):                           # pages kept: still the content
+            assert f.read_bytes() == data
+        with open(f, "r+b") as fh:                   # overwritten in place, same size
+            fh.seek(5000)
+            fh.write(b"X" * 100)
+        data[5000:5100] = b"X" * 100
+        assert f.read_bytes() == data
+        with open(f, "ab") as fh:                    # appended
+            fh.write(b"tail")
+        data += b"tail"
+        assert f.read_bytes() == data
+        os.truncate(f, 3000)                         # shortened by name, no handle
+        del data[3000:]
+        assert f.read_bytes() == data
+        os.truncate(f, 6000)                         # lengthened: zeros, not old bytes
+        data += bytes(3000)
+        assert f.read_bytes() == data
+        reader.seek(0)
+        assert reader.read() == data
+    f.write_bytes(b"new")                            # O_TRUNC
+    assert f.read_bytes() == b"new"
+    (d / "g").write_bytes(b"replaced by a rename")   # another inode under the name
+    os.rename(d / "g", f)
+    assert f.read_bytes() == b"replaced by a rename"
+
 def test_permissions_as_non_root(d):
     os.chmod(d, 0o755)
     (d / "mine").write_text("root's")
