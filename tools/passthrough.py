@@ -1,10 +1,10 @@
 """A minimal pyfuse3 passthrough filesystem: the floor any Python FUSE filesystem pays.
 
 `python -m replfs.tools.passthrough SRC MNT` mirrors directory SRC at MNT, with the same
-mount options and kernel cache timeouts as replfs, so that `replfs bench fs` can measure
-replfs against it on the same disk in the same run. Only what the benchmark uses is
-implemented (lookup, getattr, setattr, create, mkdir, unlink, rmdir, rename, open, read,
-write, fsync, opendir, readdir, statfs, forget).
+mount options, read-ahead window and kernel cache timeouts as replfs, so that
+`replfs bench fs` can measure replfs against it on the same disk in the same run. Only
+what the benchmark uses is implemented (lookup, getattr, setattr, create, mkdir, unlink,
+rmdir, rename, open, read, write, fsync, opendir, readdir, statfs, forget).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from replfs.fs.fuse_ops import ATTR_TIMEOUT, ENTRY_TIMEOUT
+from replfs.tools.mount_cmd import set_readahead
 
 
 def _entry(st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -185,8 +186,14 @@ def main(argv=None) -> None:
     src, mnt = (argv or sys.argv[1:])[:2]
     ops = Passthrough(os.path.realpath(src))
     pyfuse3.init(ops, mnt, set(pyfuse3.default_options) | {"fsname=passthrough"})
+
+    async def serve():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(set_readahead, mnt)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
     try:
-        trio.run(pyfuse3.main)
+        trio.run(serve)
     finally:
         pyfuse3.close(unmount=True)
 
