@@ -50,6 +50,7 @@ import os
 import stat
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
 
@@ -69,6 +70,7 @@ from .layout import BITS_PER_BITMAP_BLOCK, BLOCK_SIZE, CRC_ENTRIES_PER_BLOCK, Ge
 BITMAP_LOOKAHEAD = 3  # regions set ahead of a sequential writer
 REBUILD_PERSIST_SECS = 2.0  # how often a rebuild records its progress in the superblocks
 REBUILD_BATCH = 8 << 20  # bytes per member per rebuild/scrub step (one lock hold)
+SMALL_WRITE = 64  # a write of at most this many blocks maps its rows without numpy
 
 _crc = crc32c.crc32c
 
@@ -639,19 +641,33 @@ class Array:
             return
         g = self.geo
         dpr = g.data_per_row
-        keys = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
-        rows_of = keys // dpr
-        uniq, counts = np.unique(rows_of, return_counts=True)
-        full = uniq[counts == dpr].tolist()
-        partial: dict[int, dict[tuple[int, int], bytes]] = {
-            r: {} for r in uniq[counts != dpr].tolist()}
-        if partial:
-            for lb in keys[np.isin(rows_of, list(partial))].tolist():
-                row, role, off = g.locate(lb)
-                partial[row][(role, off)] = blocks[lb]
+        if len(blocks) <= SMALL_WRITE:
+            # a few blocks (a log write, one operation's pages): plain Python, as numpy's
+            # per-call cost is larger than the work here
+            per_row = Counter(lb // dpr for lb in blocks)
+            rows = sorted(per_row)
+            full = [r for r in rows if per_row[r] == dpr]
+            partial: dict[int, dict[tuple[int, int], bytes]] = {
+                r: {} for r in rows if per_row[r] != dpr}
+            if partial:
+                for lb, data in blocks.items():
+                    if lb // dpr in partial:
+                        row, role, off = g.locate(lb)
+                        partial[row][(role, off)] = data
+        else:
+            keys = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
+            rows_of = keys // dpr
+            uniq, counts = np.unique(rows_of, return_counts=True)
+            rows = uniq.tolist()
+            full = uniq[counts == dpr].tolist()
+            partial = {r: {} for r in uniq[counts != dpr].tolist()}
+            if partial:
+                for lb in keys[np.isin(rows_of, list(partial))].tolist():
+                    row, role, off = g.locate(lb)
+                    partial[row][(role, off)] = blocks[lb]
         with self._lock:
             self._check_writable()
-            self._ensure_bits(uniq.tolist())
+            self._ensure_bits(rows)
             # runs of consecutive whole rows are full-stripe writes
             i = 0
             while i < len(full):
@@ -947,9 +963,12 @@ class Array:
     async def write_blocks(self, blocks: Mapping[int, bytes]) -> None:
         await trio.lowlevel.checkpoint()
         check_write(self, blocks)
-        g = self.geo
-        rows = np.unique(np.fromiter(blocks, dtype=np.int64, count=len(blocks))
-                         // g.data_per_row).tolist()
+        dpr = self.geo.data_per_row
+        if len(blocks) <= SMALL_WRITE:
+            rows = sorted({lb // dpr for lb in blocks})
+        else:
+            rows = np.unique(np.fromiter(blocks, dtype=np.int64, count=len(blocks))
+                             // dpr).tolist()
         if self._needs_bits(rows):
             # setting a write-intent bit costs an fsync: do it off the trio thread
             def setbits():
