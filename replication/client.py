@@ -48,8 +48,8 @@ from replfs.fs.core import Attr
 from replfs.fs.errors import FsError, ForeignInode
 from replfs.fs.layout import ino_group
 from replfs.replication import wire
-from replfs.replication.postop import NoXattrs, PostOpAttrs, changed_inodes
 from replfs.replication.config import CLIENT, VIEWSERVER, ClusterConfig
+from replfs.replication.postop import NoXattrs, PostOpAttrs, changed_inodes
 from replfs.replication.viewserver import View
 
 log = logging.getLogger("replfs.client")
@@ -129,7 +129,9 @@ class RemoteFS:
         self._rid = 0
         self._nursery: trio.Nursery | None = None
         self._view_lock = trio.Lock()
-        self.stats = dict(requests=0, retries=0, view_fetches=0, failovers=0)
+        # attrs_from_replies, xattrs_known_absent: requests saved (module docstring)
+        self.stats = dict(requests=0, retries=0, view_fetches=0, failovers=0,
+                          attrs_from_replies=0, xattrs_known_absent=0)
         self.methods: Counter[str] = Counter()     # requests per method (logged at unmount)
         self._vs: wire.Channel | None = None
         self._srtt = 0.01
@@ -369,6 +371,7 @@ class RemoteFS:
         server's (age 0), as `getattr`."""
         held = self.post_op.take(ino, trio.current_time())
         if held is not None:
+            self.stats["attrs_from_replies"] += 1
             return held
         return await self.getattr(ino), 0.0
 
@@ -486,6 +489,7 @@ class RemoteFS:
 
     async def getxattr(self, ino, name):
         if self.no_xattrs.absent(ino, trio.current_time(), name):
+            self.stats["xattrs_known_absent"] += 1
             raise FsError(errno.ENODATA, name.decode(errors="replace"))
         since = self.no_xattrs.changes
         try:
@@ -497,6 +501,7 @@ class RemoteFS:
 
     async def listxattr(self, ino):
         if self.no_xattrs.absent(ino, trio.current_time()):
+            self.stats["xattrs_known_absent"] += 1
             return []
         since = self.no_xattrs.changes
         names = await self.call("listxattr", ino)

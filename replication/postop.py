@@ -83,9 +83,8 @@ class PostOpAttrs:
         self.ttl = ttl
         self.cap = cap
         self._attrs: dict[int, tuple[Attr, float]] = {}
-        # ino -> [updates in flight, updates started while any was in flight]
+        # ino -> [updates in flight, updates started since none was in flight]
         self._inflight: dict[int, list[int]] = {}
-        self.hits = 0
 
     def begin(self, inos: list[int]) -> dict[int, int | None]:
         """An update changing `inos` is about to be sent: what is held for them is
@@ -124,7 +123,6 @@ class PostOpAttrs:
         held = self._attrs.pop(ino, None)
         if held is None or now - held[1] >= self.ttl:
             return None
-        self.hits += 1
         return held[0], now - held[1]
 
     def drop(self, ino: int) -> None:
@@ -140,7 +138,6 @@ class NoXattrs:
         self.cap = cap
         self._known: dict[int, dict[bytes | None, float]] = {}   # name None: none at all
         self.changes = 0        # counts the starts and ends of this client's changes
-        self.hits = 0
 
     @contextmanager
     def changing(self, ino: int):
@@ -174,7 +171,6 @@ class NoXattrs:
         for key in (None, name) if name is not None else (None,):
             t = known.get(key)
             if t is not None and now - t < self.ttl:
-                self.hits += 1
                 return True
         return False
 
