@@ -387,7 +387,7 @@ def summarise(medians: dict, per_round: dict | None = None) -> dict:
 def print_table(console, summary: dict, title: str, caption: str) -> None:
     from rich.table import Table
 
-    table = Table(title=title, caption=caption)
+    table = Table(title=title, caption=caption, caption_justify="left")
     table.add_column("workload")
     table.add_column(PT, justify="right")
     table.add_column(LOCAL, justify="right")
@@ -536,14 +536,17 @@ def cmd_bench_fs(args) -> int:
     title = (f"replfs bench fs: {size // MiB} MiB sequential (median of {args.seq_rounds}), "
              f"small files {args.files} (replicated {args.replicated_files}, median of "
              f"{args.rounds})")
-    caption = ("ratios: the median of each round's, > 1 is faster (for latency: lower); goals "
-               "(issue 10): the replicated mount against the passthrough, `MISS got of goal` "
-               "when missed;\nreplicated = 2 groups x (primary + backup), directories spread "
-               "by name; seq read: the file just written and fsync'd, read through a new "
-               "open (as `cat` after `cp`),\nno cache dropped on any mount; seq re-read: the "
-               "same file once more, through another open (the page cache kept across "
-               "opens);\nrename across/same group: same-group and cross-group renames "
-               "alternate in batches of %d" % BATCH)
+    caption = "\n".join([
+        "ratios: the median of each round's, > 1 is faster (for latency: lower); goals (issue "
+        "10): the replicated mount against the passthrough,",
+        "`MISS got of goal` when missed; replicated = 2 groups x (primary + backup), "
+        "directories spread by name;",
+        "seq read: the file just written and fsync'd, read through a new open (as `cat` after "
+        "`cp`), no cache dropped on any mount;",
+        "seq re-read: the same file once more, through another open (the page cache kept "
+        "across opens);",
+        f"rename across/same group: same-group and cross-group renames alternate in batches "
+        f"of {BATCH}"])
     if errors:
         caption += "\nreplicated: " + "; ".join(errors.values())
     print_table(out, summary, title, caption)
