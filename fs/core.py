@@ -415,7 +415,13 @@ class FileSystem:
         return await self._run("link", fn)
 
     # ---------------------------------------------------------------- removal
-    async def unlink(self, parent: int, name: bytes) -> None:
+    async def unlink(self, parent: int, name: bytes, keep=None) -> int | None:
+        """Remove `name`. When it was the inode's last name it becomes an orphan, freed
+        at `forget` -- unless the caller says which inodes it still holds open (`keep`)
+        and this one is not among them: then it is freed in the same transaction and
+        its number returned (the caller's later `forget` of it is not needed)."""
+        keep = None if keep is None else set(keep)
+
         async def fn(op):
             pnode, ino, node = await self._named_child(op, parent, name)
             if node.is_dir:
@@ -424,8 +430,12 @@ class FileSystem:
             crash_point("fs.unlink.removed")
             pnode.mtime_ns = pnode.ctime_ns = _now()
             await op.put(parent, pnode)
+            if node.nlink == 1 and keep is not None and ino not in keep:
+                await self._free(op, ino, node)
+                return ino
             await self._drop_link(op, ino, node)
-        await self._run("unlink", fn)
+            return None
+        return await self._run("unlink", fn)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         if name == b".":

@@ -109,10 +109,14 @@ class Operations(pyfuse3.Operations):
         # ino -> the stamp its latest open found: the kernel's pages of it are of that
         # version (or a later one, which the next open's stamp then tells apart)
         self._stamps: dict[int, tuple] = {}
+        # inodes an unlink freed at once (nobody here held them open): the kernel's
+        # forget of them needs no request
+        self._freed: set[int] = set()
 
     # ------------------------------------------------------------ references
     def _looked_up(self, attr):
         self.lookups[attr.ino] += 1
+        self._freed.discard(attr.ino)       # the number names a new inode now
         return entry(attr)
 
     async def _maybe_forget(self, ino: int) -> None:
@@ -120,7 +124,10 @@ class Operations(pyfuse3.Operations):
             self.lookups.pop(ino, None)
             self.opens.pop(ino, None)
             self._stamps.pop(ino, None)     # the kernel's inode, and its pages, are gone
-            await self.fs.forget(ino)
+            if ino in self._freed:
+                self._freed.discard(ino)
+            else:
+                await self.fs.forget(ino)
 
     def _new_fh(self, ino: int) -> int:
         fh = self._next_fh
@@ -195,7 +202,12 @@ class Operations(pyfuse3.Operations):
 
     @translate
     async def unlink(self, parent_inode, name, ctx):
-        await self.fs.unlink(parent_inode, name)
+        # an inode that no handle of this mount holds is freed with its last name,
+        # without an orphan and a second transaction at forget
+        freed = await self.fs.unlink(parent_inode, name,
+                                     keep=[i for i, n in self.opens.items() if n > 0])
+        if type(freed) is int:
+            self._freed.add(freed)
 
     @translate
     async def rmdir(self, parent_inode, name, ctx):
@@ -304,6 +316,7 @@ class Operations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, entry(attr), nxt + 2):
                     return
                 self.lookups[attr.ino] += 1
+                self._freed.discard(attr.ino)
                 start = nxt
 
     @translate

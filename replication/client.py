@@ -398,8 +398,13 @@ class RemoteFS:
     async def link(self, ino, parent, name):
         return await self.call("link", ino, parent, name)
 
-    async def unlink(self, parent, name):
-        return await self.call("unlink", parent, name)
+    async def unlink(self, parent, name, keep=None):
+        """The inode's number when its last name went and it was freed at once (`keep`:
+        the inodes this mount holds open), else None (FileSystem.unlink)."""
+        if keep is None:
+            return await self.call("unlink", parent, name)
+        freed = await self.call("unlink", parent, name, keep=list(keep))
+        return freed if type(freed) is int else None
 
     async def rmdir(self, parent, name):
         return await self.call("rmdir", parent, name)

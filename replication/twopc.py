@@ -257,7 +257,9 @@ class TwoPhase:
             if len(chain) > 100000:
                 raise FsError(errno.EIO, "directory parent chain is broken (run fsck)")
 
-    async def _plan_unlink(self, parent, name):
+    async def _plan_unlink(self, parent, name, keep=None):
+        # `keep` (the client's open inodes) does not matter here: the inode lives in
+        # another group, which frees it at the client's `forget`
         ent = await self._entry(parent, name)
         if ent is None:
             raise FsError(errno.ENOENT, name.decode(errors="replace"))

@@ -390,3 +390,28 @@ async def test_failsafe_when_the_log_cannot_be_written():
     assert fs.failsafe
     assert await fs.read(f.ino, 0, 100) == b"committed"
     assert (await fs.lookup(ROOT, b"kept")).ino == f.ino
+
+
+async def test_unlink_frees_at_once_what_nobody_holds_open(fs):
+    """`keep` lists what the caller holds open: a last name of anything else frees the
+    inode in the unlink's own transaction (no orphan, no second transaction at forget);
+    an inode in `keep`, or one with another name, is left as before."""
+    free_inodes = (await fs.statfs())["ffree"]
+    f = await fs.create(ROOT, b"f", 0o644, 0, 0)
+    await fs.write(f.ino, 0, b"x" * 10000)
+    assert await fs.unlink(ROOT, b"f", keep=[12345]) == f.ino
+    with err(errno.ENOENT):
+        await fs.getattr(f.ino)
+    assert (await fs.statfs())["ffree"] == free_inodes
+    assert not await fs.forget(f.ino)           # nothing left to free
+    g = await fs.create(ROOT, b"g", 0o644, 0, 0)
+    await fs.write(g.ino, 0, b"open")
+    assert await fs.unlink(ROOT, b"g", keep=[g.ino]) is None
+    assert await fs.read(g.ino, 0, 4) == b"open"        # an orphan, still readable
+    h = await fs.create(ROOT, b"h", 0o644, 0, 0)
+    await fs.link(h.ino, ROOT, b"h2")
+    assert await fs.unlink(ROOT, b"h", keep=[]) is None  # one name left
+    assert (await fs.getattr(h.ino)).nlink == 1
+    assert (await fsck(fs)).clean
+    assert await fs.forget(g.ino)
+    assert (await fsck(fs)).clean

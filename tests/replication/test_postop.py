@@ -267,5 +267,7 @@ def test_creating_files_costs_no_getattr_or_getxattr_each(running):
     # getxattr (security.capability) before every first write
     assert counts.get("getxattr", 0) == 0, counts
     assert counts.get("getattr", 0) <= 10, counts
-    assert counts["forget"] >= n, counts            # sent in the background, all of them
+    # nothing held them open: each unlink freed its inode at once, so the kernel's
+    # forgets cost no request (fs/fuse_ops.py `_freed`)
+    assert counts.get("forget", 0) == 0, counts
     assert stats["attrs_from_replies"] >= n and stats["xattrs_known_absent"] >= n, stats
