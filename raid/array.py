@@ -229,7 +229,8 @@ class Array:
             raise _DiskGone from None
 
     def _fsync_disks(self, disks: list[Disk] | None = None) -> None:
-        """fsync members in parallel. Each fd is dup'ed first (under the lock) so that a
+        """fdatasync members in parallel (an image's size never changes; its mtime need not
+        reach the disk). Each fd is dup'ed first (under the lock) so that a
         concurrent close of a member (failure, rebuild) cannot make us fsync a wrong fd."""
         with self._lock:
             jobs = [(d, os.dup(d.fd)) for d in (disks or self.disks) if d.fd is not None]
@@ -237,7 +238,7 @@ class Array:
         def one(job):
             d, fd = job
             try:
-                os.fsync(fd)
+                os.fdatasync(fd)
             except OSError as exc:
                 return d, exc
             finally:

@@ -407,10 +407,12 @@ class PrimaryRole:
             return await self._once((req.client, req.lane, req.seq),
                                     lambda: self._execute_update(p, key, req))
         if req.method == "fsync":
-            await self.fs.fsync()
-            await self._wait_acked(p, p.committed_lsn)
+            # the marker goes into the stream first, after every commit published so far,
+            # so that the backup forces (`Flush`) while this primary forces its own log
             marker = trio.Event()
             p.stream.send_nowait(marker)
+            await self.fs.fsync()
+            await self._wait_acked(p, p.committed_lsn)
             while not marker.is_set():
                 if self.primary is not p or not self.serving:
                     raise NotPrimaryError("lost the primary role during fsync")
