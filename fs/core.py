@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgpack
+import trio
 
 from replfs.crash import crash_point
 from replfs.fs import blockmap, directory
@@ -96,8 +97,11 @@ class Part:
         self.results = results
 
     async def commit(self):
-        """Commit the prepared transaction (forced); returns its CommitRecord."""
-        rec = await self.txn.commit()
+        """Commit the prepared transaction (forced); returns its CommitRecord. Shielded:
+        a caller cancelled meanwhile (its connection broke) still leaves it committed
+        and its allocations settled."""
+        with trio.CancelScope(shield=True):
+            rec = await self.txn.commit()
         if self.op is not None:
             self.op.committed()
         else:           # recovered in doubt: which inodes it wrote is not known here

@@ -97,6 +97,9 @@ class _Prepared:
     recovered: bool = False
     deciding: bool = False
     done: trio.Event = field(default_factory=trio.Event)
+    committed: Any = None       # its CommitRecord once committed (a repeated COMMIT only
+                                # waits for the backup: e.g. the first was cancelled when
+                                # its coordinator's connection broke, after the commit)
 
 
 def _type(mode: int) -> int:
@@ -552,8 +555,10 @@ class TwoPhase:
         try:
             if commit:
                 # on our disk and held by the backup before the coordinator may forget
-                rec = await st.part.commit()
-                crash_point("2pc.part.committed")
+                rec = st.committed
+                if rec is None:
+                    rec = st.committed = await st.part.commit()
+                    crash_point("2pc.part.committed")
                 if s.primary is p:
                     p.committed_lsn = max(p.committed_lsn, rec.lsn)
                 await s._wait_acked(p, rec.lsn)     # NotPrimaryError: no "done" from us

@@ -128,3 +128,23 @@ async def test_foreign_inode_is_never_touched(groups):
         await g0.getattr(foreign)
     with pytest.raises(ForeignInode):
         await g0.rename(ROOT, b"x", foreign, b"y")
+
+
+async def test_a_commit_cancelled_by_its_caller_still_commits_whole(groups):
+    """The participant's COMMIT handler can be cancelled (its coordinator's connection
+    broke) while it commits: the part is committed all the same, with its allocations
+    settled, and fsck is clean -- the coordinator's successor re-delivers the decision
+    and finds it committed (replication/twopc.py `_Prepared.committed`)."""
+    import trio
+    _, (g0, g1) = groups
+    p1 = await prepare(g1, [["new_dir", ROOT, 0o755, 0, 0]])
+    ino = p1.results[0].ino
+    await commit_now(g0, [["link_entry", ROOT, b"b", ino, DIR_T, 0, 1]])
+    rec = None
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        rec = await p1.commit()         # runs to its end: the record is the caller's
+    assert rec is not None and rec.txn == p1.txn.id
+    assert p1.txn.state == "committed"
+    assert (await g1.getattr(ino)).nlink == 2
+    assert (await fsck(g1)).clean
