@@ -660,15 +660,22 @@ class FileSystem:
         """Up to `limit` (name, Attr, next_offset) from offset `start` (0 = beginning).
 
         For an entry whose inode lives in another replica group the Attr is replaced by
-        that inode's number (an int): the caller asks the inode's own group."""
+        that inode's number (an int): the caller asks the inode's own group. Each
+        entry's attributes are a read of that inode's committed state, as `getattr`'s
+        (a hint for the kernel's cache, not locked together with the listing)."""
+        committed = self._committed_inodes
+
         async def fn(op):
             node = await self._dir(op, ino, "S")
             out = []
             for name, cino, typ, nxt in await directory.list_from(op, node, start, limit):
                 if ino_group(cino) != self.sb.group:
                     out.append((name, cino, nxt))   # the caller asks the inode's group
-                else:
-                    out.append((name, Attr.of(cino, await op.inode(cino, "S")), nxt))
+                    continue
+                cnode = committed.get(cino)
+                if cnode is None:
+                    cnode = await op.inode(cino, "S")
+                out.append((name, Attr.of(cino, cnode), nxt))
             return out
         return await self._run("readdir", fn, readonly=True)
 

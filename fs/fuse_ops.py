@@ -95,6 +95,26 @@ def translate(fn):
     return wrapper
 
 
+class _Listing:
+    """An open directory: its attributes (for ".") and the entries of the last batch
+    that the kernel had no room for, with the offset they start at."""
+
+    def __init__(self, attr):
+        self.attr = attr
+        self._start: int | None = None
+        self._rest: list = []
+
+    def keep(self, start: int, rest: list) -> None:
+        self._start, self._rest = start, rest
+
+    def take(self, start: int) -> list | None:
+        """The kept entries if they start at `start` (a sequential listing), else None."""
+        if self._start != start:
+            return None
+        rest, self._start, self._rest = self._rest, None, []
+        return rest
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -112,6 +132,7 @@ class Operations(pyfuse3.Operations):
         # inodes an unlink freed at once (nobody here held them open): the kernel's
         # forget of them needs no request
         self._freed: set[int] = set()
+        self._listings: dict[int, _Listing] = {}     # directory handle -> its listing
 
     # ------------------------------------------------------------ references
     def _looked_up(self, attr):
@@ -292,15 +313,19 @@ class Operations(pyfuse3.Operations):
         attr = await self.fs.getattr(inode)
         if attr.mode & 0o170000 != 0o040000:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return self._new_fh(inode)
+        fh = self._new_fh(inode)
+        self._listings[fh] = _Listing(attr)
+        return fh
 
     @translate
     async def readdir(self, fh, start_id, token):
         # offsets: 1 after ".", 2 after "..", then the core's offsets + 2. "." and ".."
         # do not count as lookups (pyfuse3's contract).
         ino = self._ino(fh)
+        listing = self._listings.get(fh)
         if start_id == 0:
-            if not pyfuse3.readdir_reply(token, b".", entry(await self.fs.getattr(ino)), 1):
+            attr = listing.attr if listing is not None else await self.fs.getattr(ino)
+            if not pyfuse3.readdir_reply(token, b".", entry(attr), 1):
                 return
             start_id = 1
         if start_id == 1:
@@ -308,19 +333,27 @@ class Operations(pyfuse3.Operations):
                 return
             start_id = 2
         start = start_id - 2
+        # the kernel's buffer (a page) takes a few dozen entries: what the last batch had
+        # beyond them waits here for the next call instead of being asked for again
+        batch = listing.take(start) if listing is not None else None
         while True:
-            batch = await self.fs.readdir(ino, start)
+            if batch is None:
+                batch = await self.fs.readdir(ino, start)
             if not batch:
                 return
-            for name, attr, nxt in batch:
+            for i, (name, attr, nxt) in enumerate(batch):
                 if not pyfuse3.readdir_reply(token, name, entry(attr), nxt + 2):
+                    if listing is not None:
+                        listing.keep(start, batch[i:])
                     return
                 self.lookups[attr.ino] += 1
                 self._freed.discard(attr.ino)
                 start = nxt
+            batch = None
 
     @translate
     async def releasedir(self, fh):
+        self._listings.pop(fh, None)
         await self.release(fh)
 
     @translate

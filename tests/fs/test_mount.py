@@ -347,3 +347,24 @@ def test_sqlite(d):
     assert db.execute("select count(*) from t").fetchone() == (1000,)
     assert db.execute("pragma integrity_check").fetchone() == ("ok",)
     db.close()
+
+
+def test_listing_larger_than_the_kernels_buffer(d):
+    """Long names fill the kernel's readdir buffer after a few entries: what a batch had
+    beyond them is handed over at the next call (fs/fuse_ops.py `_Listing`), and the
+    listing has every name once, also after the directory changed in between."""
+    names = {f"{i:04d}-" + "n" * 200 for i in range(300)}
+    for n in names:
+        (d / n).touch()
+    for _ in range(2):
+        got = os.listdir(d)
+        assert len(got) == len(names) and set(got) == names
+    with os.scandir(d) as it:
+        first = [next(it).name for _ in range(10)]
+        (d / ("new-" + "m" * 200)).touch()
+        (d / sorted(names - set(first))[0]).unlink()
+        rest = [e.name for e in it]
+    seen = first + rest
+    assert len(seen) == len(set(seen))              # no entry twice
+    assert set(first) <= names
+    assert set(os.listdir(d)) == (names - {sorted(names - set(first))[0]}) | {"new-" + "m" * 200}
