@@ -254,13 +254,12 @@ async def gather_status(cfg: ClusterConfig, timeout: float = 2.0) -> dict:
     return out
 
 
-def start_mounted_cluster(base: str, *, disk_size: int = 64 * 2**20, proxy: bool = False,
+def start_mounted_cluster(base: str, *, disk_size: int = 64 * 2**20,
                           groups: int = 2, placement: str = "spread"):
     """Init and start a cluster (`groups` groups of two replicas) in `base`/cluster and
-    mount it on `base`/mnt
-    (for benchmarks: `replfs bench fs` compares it with the local mount). Returns
-    (mountpoint, cluster, stop); `stop()` unmounts and stops every process (idempotent).
-    `proxy` is ignored (the fault proxy is gone; kept until bench_fs stops passing it)."""
+    mount it on `base`/mnt, as `replfs up` would (for benchmarks: `replfs bench fs`
+    compares it with the local mount). Returns (mountpoint, cluster, stop); `stop()`
+    unmounts and stops every process (idempotent)."""
     from replfs.tools.mountpoints import unmount, wait_mounted
 
     cdir, mnt = os.path.join(base, "cluster"), os.path.join(base, "mnt")
