@@ -168,7 +168,7 @@ class Inode:
     inline: bytes = b""
 
     def pack(self) -> bytes:
-        vals = [getattr(self, f.name) for f in fields(self)][:-1]
+        vals = [getattr(self, name) for name in _INODE_FIELDS]
         return (_INODE.pack(*vals) + self.inline).ljust(INODE_SIZE, b"\0")
 
     @classmethod
@@ -190,5 +190,7 @@ class Inode:
     def is_lnk(self) -> bool:
         return self.mode & S_IFMT == S_IFLNK
 
+
+_INODE_FIELDS = [f.name for f in fields(Inode)][:-1]     # all but `inline`, in order
 
 assert _INODE.size + 100 <= INODE_SIZE, _INODE.size

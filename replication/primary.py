@@ -64,42 +64,44 @@ class LinkError(Exception):
 
 
 class Gate:
-    """Update operations pass the gate concurrently (`passing`); a state-transfer chunk
-    closes it (`closed`) once every operation inside has left. Waiting closers go first."""
+    """Update operations pass the gate concurrently (`enter`/`leave`); a state-transfer
+    chunk closes it (`close`) once every operation inside has left. Waiting closers go
+    first. Passing costs no scheduling round: one event wakes every waiter, who looks
+    again (trio runs one task at a time, so a check and its update are one step)."""
 
     def __init__(self):
-        self._cond = trio.Condition()
         self.inside = 0
         self.closing = 0
         self.shut = False
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     async def enter(self) -> None:
-        async with self._cond:
-            while self.shut or self.closing:
-                await self._cond.wait()
-            self.inside += 1
+        while self.shut or self.closing:
+            await self._changed.wait()
+        self.inside += 1
 
     async def leave(self) -> None:
-        with trio.CancelScope(shield=True):
-            async with self._cond:
-                self.inside -= 1
-                self._cond.notify_all()
+        self.inside -= 1
+        if self.closing and not self.inside:
+            self._notify()
 
     async def close(self) -> None:
-        async with self._cond:
-            self.closing += 1
-            try:
-                while self.inside or self.shut:
-                    await self._cond.wait()
-            finally:
-                self.closing -= 1
-            self.shut = True
+        self.closing += 1
+        try:
+            while self.inside or self.shut:
+                await self._changed.wait()
+        finally:
+            self.closing -= 1
+            self._notify()      # enterers held back by this closer look again
+        self.shut = True
 
     async def open(self) -> None:
-        with trio.CancelScope(shield=True):
-            async with self._cond:
-                self.shut = False
-                self._cond.notify_all()
+        self.shut = False
+        self._notify()
 
 
 @dataclass

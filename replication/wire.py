@@ -69,6 +69,8 @@ def message(cls):
     assert cls.TAG not in MESSAGES, cls.TAG
     MESSAGES[cls.TAG] = cls
     cls._fields = [f.name for f in dataclasses.fields(cls)]
+    cls._required = sum(1 for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                        and f.default_factory is dataclasses.MISSING)
     return cls
 
 
@@ -320,9 +322,7 @@ def decode(body: bytes):
     cls = MESSAGES.get(obj[0])
     if cls is None:
         raise ProtocolError(f"unknown message tag {obj[0]!r}")
-    nreq = sum(1 for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-    if not nreq <= len(obj) - 1 <= len(cls._fields):
+    if not cls._required <= len(obj) - 1 <= len(cls._fields):
         raise ProtocolError(f"{obj[0]}: {len(obj) - 1} fields")
     return cls(*obj[1:])
 
