@@ -227,7 +227,7 @@ class Operations(pyfuse3.Operations):
         # without an orphan and a second transaction at forget
         freed = await self.fs.unlink(parent_inode, name,
                                      keep=[i for i, n in self.opens.items() if n > 0])
-        if type(freed) is int:
+        if freed is not None:
             self._freed.add(freed)
 
     @translate

@@ -50,13 +50,16 @@ class Running:
             self.mount()
         return self
 
-    def mount(self) -> None:
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        proc = self.cluster.start("mount", ["mount", self.cfg.dir, str(self.mnt)])
+    def mount(self, mnt: Path | None = None, name: str = "mount") -> None:
+        """Start a `replfs mount` of the cluster (process `name`) on `mnt` (default: the
+        cluster's own mount point) and wait until it is mounted."""
+        mnt = self.mnt if mnt is None else mnt
+        mnt.mkdir(parents=True, exist_ok=True)
+        proc = self.cluster.start(name, ["mount", self.cfg.dir, str(mnt)])
         deadline = time.monotonic() + 30
-        while not is_mounted(self.mnt):
-            assert proc.poll() is None, f"mount exited: {self.log('mount')}"
-            assert time.monotonic() < deadline, "not mounted after 30 s"
+        while not is_mounted(mnt):
+            assert proc.poll() is None, f"{name} exited: {self.log(name)}"
+            assert time.monotonic() < deadline, f"{mnt} not mounted after 30 s"
             time.sleep(0.05)
 
     def unmount(self) -> None:

@@ -223,7 +223,8 @@ async def test_client_forget_does_not_wait_and_is_drained_at_close(rfs, caplog):
     assert rfs.sent == ["forget"] and rfs._forgets == 1
 
     async def release_soon():
-        await trio.sleep(0.1)
+        await trio.testing.wait_all_tasks_blocked()     # aclose is waiting by then
+        assert rfs._forgets == 1
         rfs.hold["forget"].set()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(release_soon)

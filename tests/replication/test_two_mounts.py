@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mounthelp import force_unmount, is_mounted
+from mounthelp import force_unmount
 from replfs.fs.fuse_ops import ENTRY_TIMEOUT
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -25,14 +25,7 @@ class Second:
         self.name = "mount-b"
 
     def start(self) -> "Second":
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        proc = self.running.cluster.start(self.name, ["mount", self.running.cfg.dir,
-                                                      str(self.mnt)])
-        deadline = time.monotonic() + 30
-        while not is_mounted(self.mnt):
-            assert proc.poll() is None, f"mount B exited: {self.running.log(self.name)}"
-            assert time.monotonic() < deadline, "mount B not mounted after 30 s"
-            time.sleep(0.05)
+        self.running.mount(self.mnt, self.name)
         return self
 
     def stop(self) -> None:
