@@ -31,7 +31,8 @@ from replfs.fs.alloc import ByteMap
 from replfs.fs.errors import FsError, Stale
 from replfs.fs.layout import (BLOCK_SIZE, INLINE_MAX, MAX_FILE_SIZE, NAME_MAX, ORPHAN_SLOT,
                               ROOT_SLOT, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, SYMLINK_MAX,
-                              XATTR_NAME_MAX, Inode, Superblock, ino_group, make_ino)
+                              XATTR_NAME_MAX, Inode, Superblock, ino_group, ino_slot,
+                              make_ino)
 from replfs.fs.op import Op
 from replfs.txn import TxnAborted, TxnManagerFailed
 
@@ -155,6 +156,19 @@ class FileSystem:
         # frequent request) needs no transaction. Reading one object's committed value
         # is serializable on its own (it orders the read before any live writer).
         self._committed_inodes: dict[int, Inode] = {}
+        # inodes freed while a kernel may still know them by number (an unlink that
+        # freed at once): their numbers are not reused before `release_number`, as the
+        # FUSE protocol asks (a reply naming the old inode could still be on its way)
+        self._held_numbers: set[int] = set()
+
+    def numbers_held(self, inos) -> None:
+        self._held_numbers.update(inos)
+
+    async def release_number(self, ino: int) -> None:
+        """The kernel forgot `ino`, freed earlier with its number held: reuse it."""
+        if ino in self._held_numbers:
+            self._held_numbers.discard(ino)
+            self.imap.commit_freed([ino_slot(ino)])
 
     def inodes_committed(self, nodes: dict[int, Inode]) -> None:
         """Called after a transaction committed, with the inodes it wrote."""
@@ -260,11 +274,11 @@ class FileSystem:
             await op.put(self.orphan_ino, onode)
         await op.put(ino, node)
 
-    async def _free(self, op: Op, ino: int, node: Inode) -> None:
+    async def _free(self, op: Op, ino: int, node: Inode, hold: bool = False) -> None:
         await blockmap.truncate(op, node, 0)
         if node.xattr_block:
             await op.free_block(node.xattr_block)
-        await op.free_inode(ino)
+        await op.free_inode(ino, hold=hold)
 
     # ---------------------------------------------------------------- lookups
     async def lookup(self, parent: int, name: bytes) -> Attr:
@@ -423,7 +437,8 @@ class FileSystem:
         """Remove `name`. When it was the inode's last name it becomes an orphan, freed
         at `forget` -- unless the caller says which inodes it still holds open (`keep`)
         and this one is not among them: then it is freed in the same transaction and
-        its number returned (the caller's later `forget` of it is not needed)."""
+        its number returned. The number is held until the caller's `release_number`
+        (instead of `forget`), when its kernel has forgotten the inode."""
         keep = None if keep is None else set(keep)
 
         async def fn(op):
@@ -435,7 +450,7 @@ class FileSystem:
             pnode.mtime_ns = pnode.ctime_ns = _now()
             await op.put(parent, pnode)
             if node.nlink == 1 and keep is not None and ino not in keep:
-                await self._free(op, ino, node)
+                await self._free(op, ino, node, hold=True)
                 return ino
             await self._drop_link(op, ino, node)
             return None

@@ -12,6 +12,14 @@ successful lookup, create, mknod, mkdir, symlink, link, and each readdir entry f
 handles both reach zero is handed to `fs.forget`, which frees it if it has no links
 (an unlinked file that is still open lives until then).
 
+An inode number must not be reused while a reply naming the old inode may still reach
+the kernel: it would find its new inode under that number with another generation and
+mark it bad (EIO for whoever has it open). So a request that names existing inodes
+(lookup, link, readdir) is a "namer" from its call into the filesystem until its
+entries are counted; a forget decided while namers run waits for them to finish, and
+then frees only what they did not name again. Readdir entries that the kernel had no
+room for stay counted (pinned) in the listing until they are sent or dropped.
+
 The kernel's page cache is kept across opens with close-to-open consistency, as NFS
 does: every open asks the filesystem for the file's attributes (in a cluster, the
 primary: a real request), and lets the kernel keep the pages it holds only if the file's
@@ -97,20 +105,27 @@ def translate(fn):
 
 class _Listing:
     """An open directory: its attributes (for ".") and the entries of the last batch
-    that the kernel had no room for, with the offset they start at."""
+    that the kernel had no room for, with the offset they start at (their inodes are
+    counted as looked up while kept here)."""
 
     def __init__(self, attr):
         self.attr = attr
         self._start: int | None = None
         self._rest: list = []
 
-    def keep(self, start: int, rest: list) -> None:
-        self._start, self._rest = start, rest
+    def keep(self, start: int, rest: list) -> list:
+        """Keep `rest`; returns what was kept before (to be uncounted)."""
+        old, self._start, self._rest = self._rest, start, rest
+        return old
 
-    def take(self, start: int) -> list | None:
-        """The kept entries if they start at `start` (a sequential listing), else None."""
-        if self._start != start:
-            return None
+    def take(self, start: int) -> tuple[list | None, list]:
+        """(the kept entries if they start at `start` -- a sequential listing -- else
+        None; the kept entries dropped instead, to be uncounted)."""
+        kept_at, rest = self._start, self._rest
+        self._start, self._rest = None, []
+        return (rest, []) if kept_at == start else (None, rest)
+
+    def drop(self) -> list:
         rest, self._start, self._rest = self._rest, None, []
         return rest
 
@@ -129,26 +144,58 @@ class Operations(pyfuse3.Operations):
         # ino -> the stamp its latest open found: the kernel's pages of it are of that
         # version (or a later one, which the next open's stamp then tells apart)
         self._stamps: dict[int, tuple] = {}
-        # inodes an unlink freed at once (nobody here held them open): the kernel's
-        # forget of them needs no request
+        # inodes an unlink freed at once (nobody here held them open): their numbers
+        # stay held (not reused) until the kernel forgets them, then are released
         self._freed: set[int] = set()
         self._listings: dict[int, _Listing] = {}     # directory handle -> its listing
+        self._namer_seq = 0
+        self._namers: set[int] = set()      # namers running (see the module doc)
+        self._deferred: list[tuple[int, int]] = []  # (newest namer then running, ino)
 
     # ------------------------------------------------------------ references
     def _looked_up(self, attr):
         self.lookups[attr.ino] += 1
-        self._freed.discard(attr.ino)       # the number names a new inode now
         return entry(attr)
+
+    def _naming(self) -> int:
+        self._namer_seq += 1
+        self._namers.add(self._namer_seq)
+        return self._namer_seq
+
+    async def _named(self, nid: int) -> None:
+        """Namer `nid` has counted its entries: forgets that waited for it may go."""
+        self._namers.discard(nid)
+        if not self._deferred:
+            return
+        oldest = min(self._namers, default=self._namer_seq + 1)
+        ready = [ino for newest, ino in self._deferred if newest < oldest]
+        self._deferred = [(n, ino) for n, ino in self._deferred if n >= oldest]
+        for ino in ready:
+            if self.lookups[ino] <= 0 and self.opens[ino] <= 0:     # not named again
+                await self._forget_now(ino)
 
     async def _maybe_forget(self, ino: int) -> None:
         if self.lookups[ino] <= 0 and self.opens[ino] <= 0:
-            self.lookups.pop(ino, None)
-            self.opens.pop(ino, None)
-            self._stamps.pop(ino, None)     # the kernel's inode, and its pages, are gone
-            if ino in self._freed:
-                self._freed.discard(ino)
+            if self._namers:
+                self._deferred.append((max(self._namers), ino))
             else:
-                await self.fs.forget(ino)
+                await self._forget_now(ino)
+
+    async def _forget_now(self, ino: int) -> None:
+        self.lookups.pop(ino, None)
+        self.opens.pop(ino, None)
+        self._stamps.pop(ino, None)     # the kernel's inode, and its pages, are gone
+        if ino in self._freed:          # freed at unlink, its number held till now
+            self._freed.discard(ino)
+            await self.fs.release_number(ino)
+        else:
+            await self.fs.forget(ino)
+
+    async def _uncount(self, entries) -> None:
+        """Readdir entries counted but never sent to the kernel."""
+        for _, attr, _ in entries:
+            self.lookups[attr.ino] -= 1
+            await self._maybe_forget(attr.ino)
 
     def _new_fh(self, ino: int) -> int:
         fh = self._next_fh
@@ -163,18 +210,26 @@ class Operations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
-    @translate
     async def forget(self, inode_list):
+        # forget has no reply: an error here may not leave (pyfuse3 would end the
+        # mount), so each inode's is logged and the others still go
         for ino, n in inode_list:
             self.lookups[ino] -= n
-            if ino != pyfuse3.ROOT_INODE:
+            if ino == pyfuse3.ROOT_INODE:
+                continue
+            try:
                 await self._maybe_forget(ino)
+            except Exception:
+                log.exception("forget of inode %#x failed; if it was unlinked it stays "
+                              "an orphan until the next mount", ino)
 
     # ------------------------------------------------------------ names
     @translate
     async def lookup(self, parent_inode, name, ctx=None):
+        nid = self._naming()
         try:
             attr = await self.fs.lookup(parent_inode, name)
+            return self._looked_up(attr)
         except FsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -185,7 +240,8 @@ class Operations(pyfuse3.Operations):
             e.st_ino = 0
             e.entry_timeout = ENTRY_TIMEOUT
             return e
-        return self._looked_up(attr)
+        finally:
+            await self._named(nid)
 
     @translate
     async def getattr(self, inode, ctx=None):
@@ -229,6 +285,8 @@ class Operations(pyfuse3.Operations):
                                      keep=[i for i, n in self.opens.items() if n > 0])
         if freed is not None:
             self._freed.add(freed)
+            if self.lookups[freed] <= 0 and self.opens[freed] <= 0:
+                await self._maybe_forget(freed)     # the kernel forgot it meanwhile
 
     @translate
     async def rmdir(self, parent_inode, name, ctx):
@@ -244,7 +302,11 @@ class Operations(pyfuse3.Operations):
 
     @translate
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._looked_up(await self.fs.link(inode, new_parent_inode, new_name))
+        nid = self._naming()
+        try:
+            return self._looked_up(await self.fs.link(inode, new_parent_inode, new_name))
+        finally:
+            await self._named(nid)
 
     # ------------------------------------------------------------ files
     def _keep_cache(self, attr) -> bool:
@@ -333,27 +395,36 @@ class Operations(pyfuse3.Operations):
                 return
             start_id = 2
         start = start_id - 2
-        # the kernel's buffer (a page) takes a few dozen entries: what the last batch had
-        # beyond them waits here for the next call instead of being asked for again
-        batch = listing.take(start) if listing is not None else None
+        # the kernel's buffer takes some dozens of entries: what a batch had beyond them
+        # waits (counted) in the listing for the next call instead of being asked again
+        batch, dropped = listing.take(start) if listing is not None else (None, [])
+        await self._uncount(dropped)
         while True:
             if batch is None:
-                batch = await self.fs.readdir(ino, start)
+                nid = self._naming()
+                try:
+                    batch = await self.fs.readdir(ino, start)
+                    for _, attr, _ in batch:
+                        self.lookups[attr.ino] += 1
+                finally:
+                    await self._named(nid)
             if not batch:
                 return
             for i, (name, attr, nxt) in enumerate(batch):
                 if not pyfuse3.readdir_reply(token, name, entry(attr), nxt + 2):
                     if listing is not None:
-                        listing.keep(start, batch[i:])
+                        await self._uncount(listing.keep(start, batch[i:]))
+                    else:
+                        await self._uncount(batch[i:])
                     return
-                self.lookups[attr.ino] += 1
-                self._freed.discard(attr.ino)
                 start = nxt
             batch = None
 
     @translate
     async def releasedir(self, fh):
-        self._listings.pop(fh, None)
+        listing = self._listings.pop(fh, None)
+        if listing is not None:
+            await self._uncount(listing.drop())
         await self.release(fh)
 
     @translate

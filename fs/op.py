@@ -23,6 +23,7 @@ class Op:
         self.fs = fs
         self.txn = txn
         self.sb = fs.sb
+        txn.on_commit.append(self._cache_committed)
         self._inodes: dict[int, Inode] = {}
         self._modes: dict[int, str] = {}
         self._written: set[int] = set()
@@ -30,6 +31,7 @@ class Op:
         self.freed_blocks: list[int] = []
         self.alloc_inodes: list[int] = []
         self.freed_inodes: list[int] = []
+        self.held_inodes: list[int] = []    # freed, but their numbers not reused yet
         self.lock_timeout: float | None = None     # None: the lock table's default
 
     # ------------------------------------------------------------ inodes
@@ -81,10 +83,12 @@ class Op:
         await self.put(ino, node)
         return ino
 
-    async def free_inode(self, ino: int) -> None:
+    async def free_inode(self, ino: int, hold: bool = False) -> None:
+        """Free `ino`. With `hold` its number is not handed out again until
+        `FileSystem.release_number(ino)` (the kernel may still know it by that number)."""
         slot = self._slot(ino)
         await self.fs.imap.free(self.txn, slot)
-        self.freed_inodes.append(slot)
+        (self.held_inodes if hold else self.freed_inodes).append(slot)
         await self.put(ino, Inode())
 
     # ------------------------------------------------------------ blocks
@@ -117,7 +121,11 @@ class Op:
         self.fs.bmap.rollback_allocated(self.alloc_blocks)
         self.fs.imap.rollback_allocated(self.alloc_inodes)
 
+    def _cache_committed(self) -> None:
+        # under the transaction's locks still: caches follow the commit order
+        self.fs.inodes_committed({ino: self._inodes[ino] for ino in self._written})
+        self.fs.numbers_held(make_ino(self.sb.group, slot) for slot in self.held_inodes)
+
     def committed(self) -> None:
         self.fs.bmap.commit_freed(self.freed_blocks)
         self.fs.imap.commit_freed(self.freed_inodes)
-        self.fs.inodes_committed({ino: self._inodes[ino] for ino in self._written})

@@ -412,24 +412,32 @@ class RemoteFS:
     async def forget(self, ino):
         """Free `ino` on its group if it has no links left, in the background: the
         caller does not wait (a failure is logged; `aclose` lets the last ones out)."""
+        await self._in_background("forget", ino)
+
+    async def release_number(self, ino):
+        """Let `ino`'s group reuse the number of an inode that an unlink freed at once
+        (this mount's kernel has forgotten it), in the background as `forget`."""
+        await self._in_background("release_number", ino)
+
+    async def _in_background(self, method, ino) -> None:
         if self._nursery is None:
-            return await self.call("forget", ino)
+            return await self.call(method, ino)
         if not self._forgets:
             self._forgets_done = trio.Event()
         self._forgets += 1
-        self._nursery.start_soon(self._forget, ino)
+        self._nursery.start_soon(self._forget, method, ino)
 
-    async def _forget(self, ino) -> None:
+    async def _forget(self, method, ino) -> None:
         try:
             async with self._forget_lanes:
-                await self.call("forget", ino)
+                await self.call(method, ino)
         except FsError as exc:
-            log.warning("forget of inode %#x failed: %s", ino, exc)
+            log.warning("%s of inode %#x failed: %s", method, ino, exc)
         except trio.Cancelled:
-            log.warning("forget of inode %#x not sent: the client is closing", ino)
+            log.warning("%s of inode %#x not sent: the client is closing", method, ino)
             raise
         except Exception:
-            log.exception("forget of inode %#x failed unexpectedly", ino)
+            log.exception("%s of inode %#x failed unexpectedly", method, ino)
         finally:
             self._forgets -= 1
             if not self._forgets:

@@ -50,7 +50,7 @@ log = logging.getLogger("replfs.server")
 UPDATES = frozenset({"setattr", "mknod", "create", "mkdir", "symlink", "link", "unlink",
                      "rmdir", "forget", "rename", "write", "setxattr", "removexattr"})
 READS = frozenset({"lookup", "getattr", "readlink", "read", "readdir", "statfs",
-                   "getxattr", "listxattr", "entry", "dir_info"})
+                   "getxattr", "listxattr", "entry", "dir_info", "release_number"})
 CHUNK = 64                  # blocks per state-transfer message
 ACK_TIMEOUT = 5.0
 FORWARD_MAX = 2**20     # bytes of after-images per forward batch

@@ -124,6 +124,9 @@ class Txn:
         self.log_bytes = 0         # log bytes this txn has used and promised so far
         self.payload: Any = None   # PREPARE payload
         self.commit_record: CommitRecord | None = None
+        # called (synchronously) once committed, before its locks are released: what a
+        # layer above caches of the committed state is then updated in commit order
+        self.on_commit: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"<Txn {self.id} {self.name or ''} {self.state}>"
@@ -726,7 +729,12 @@ class TxnManager:
         if self.history is not None:
             (self.history.commit if state == "committed" else self.history.abort)(txn.id)
         self._stats["commits" if state == "committed" else "aborts"] += 1
-        await self.locks.release_all(txn)
+        try:
+            if state == "committed":
+                for fn in txn.on_commit:
+                    fn()
+        finally:
+            await self.locks.release_all(txn)
 
     def _queue_publish(self, end: int, rec: CommitRecord) -> None:
         """Subscribers get `rec` once the log is durable up to `end` -- or at once, in

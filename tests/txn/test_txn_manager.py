@@ -536,3 +536,35 @@ async def test_written_commit_survives_a_process_crash_not_a_power_loss():
     mgr3 = await TxnManager.open(dev, log_start=1, log_blocks=64, cache_blocks=64)
     assert await peek(mgr3, 102, 0, 5) == bytes(5)
     await mgr3.close()
+
+
+async def test_on_commit_hooks_run_in_commit_order_before_the_locks_go():
+    """A layer above caches committed state through `on_commit`: the hook of a commit
+    runs before its locks are released, so a later writer of the same object (waiting
+    for the lock) always reports after it -- lazy or forced, never out of order."""
+    from replfs.raid.blockdev import MemoryDevice
+    from replfs.txn import TxnManager
+
+    dev = MemoryDevice(256)
+    await TxnManager.format(dev, log_start=1, log_blocks=64)
+    mgr = await TxnManager.open(dev, log_start=1, log_blocks=64, cache_blocks=64)
+    seen = []
+
+    async def writer(tag, durable):
+        async def fn(t):
+            await t.lock("obj", "X")
+            await t.write(100, 0, tag)
+            t.on_commit.append(lambda: seen.append(tag))
+            await trio.sleep(0)
+            await t.commit(durable=durable)
+        await mgr.run(fn)
+
+    async with trio.open_nursery() as n:
+        for i in range(6):
+            n.start_soon(writer, b"w%d" % i, i % 2 == 0)
+    assert len(seen) == 6
+    t = mgr.begin()
+    await t.lock("obj", "S")
+    assert await t.read(100, 0, 2) == seen[-1]      # the last hook is the last value
+    await t.abort()
+    await mgr.close()
