@@ -129,6 +129,23 @@ class Addr(tuple):
         return self
 
 
+SECRET_BYTES = 32
+
+
+def write_secret(dirpath: str) -> str:
+    """Write a new random cluster secret in `dirpath` (mode 0600, atomically); its path."""
+    path = os.path.join(dirpath, SECRET)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(SECRET_BYTES) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
 @dataclass
 class ClusterConfig:
     dir: str
@@ -159,11 +176,7 @@ class ClusterConfig:
         cfg = cls(os.path.abspath(dirpath), layout, ports, ping_interval, dead_pings, disks,
                   disk_size, placement, durability)
         os.makedirs(dirpath, exist_ok=True)
-        secret_path = os.path.join(dirpath, SECRET)
-        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
-        os.chmod(secret_path, 0o600)
+        write_secret(dirpath)
         cfg.save()
         return cfg
 
@@ -204,13 +217,32 @@ class ClusterConfig:
 
     # ---------------------------------------------------------------- queries
     def secret(self) -> bytes:
+        """The cluster secret: DIR/secret, SECRET_BYTES bytes as hex, mode 0600.
+        ReplfsError saying what to do if it is missing, open to others, or damaged."""
         path = os.path.join(self.dir, SECRET)
-        st = os.stat(path)
-        if st.st_mode & 0o077:
-            raise ReplfsError(f"{path} is readable by others (mode {st.st_mode & 0o777:o}); "
-                              f"run `chmod 600 {path}`")
-        with open(path) as f:
-            return bytes.fromhex(f.read().strip())
+        fix = (f"stop the cluster (`replfs down {self.dir}`) and write a new one with "
+               f"`replfs init --new-secret {self.dir}`")
+        try:
+            st = os.stat(path)
+            if st.st_mode & 0o077:
+                raise ReplfsError(f"{path} is readable by others (mode "
+                                  f"{st.st_mode & 0o777:o}); run `chmod 600 {path}`")
+            with open(path, "rb") as f:
+                text = f.read(4 * SECRET_BYTES).strip()
+        except FileNotFoundError:
+            raise ReplfsError(f"the cluster secret {path} is missing; {fix}") from None
+        except OSError as exc:
+            raise ReplfsError(f"cannot read the cluster secret {path}: {exc.strerror}") from None
+        if not text:
+            raise ReplfsError(f"the cluster secret {path} is empty; {fix}")
+        try:
+            key = bytes.fromhex(text.decode("ascii"))
+        except ValueError:
+            key = None
+        if key is None or len(key) != SECRET_BYTES:
+            raise ReplfsError(f"the cluster secret {path} is damaged (want {2 * SECRET_BYTES} "
+                              f"hex digits); {fix}")
+        return key
 
     @property
     def servers(self) -> list[str]:

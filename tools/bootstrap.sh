@@ -30,3 +30,19 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[test]' >&2
     touch "$stamp"
 fi
+
+# `mount -t fuse.replfs DIR MNT` (and an /etc/fstab line) run `replfs DIR MNT -o OPTS`
+# through mount.fuse3, whose PATH is /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:...
+# (not the venv): link the command there. Needs root (or sudo without a password).
+link=/usr/local/bin/replfs
+target="$PWD/.venv/bin/replfs"
+if [ "$(readlink "$link" 2>/dev/null)" != "$target" ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+    if $SUDO ln -sfn "$target" "$link" 2>/dev/null; then
+        echo "bootstrap: linked $link -> $target (for mount -t fuse.replfs)" >&2
+    else
+        echo "bootstrap: could not link $link -> $target; as root, run" \
+             "\`ln -sfn $target $link\` for mount -t fuse.replfs" >&2
+    fi
+fi

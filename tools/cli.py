@@ -3,12 +3,17 @@
 A module registers its parser and sets `func=run` (a callable taking the parsed args and
 returning an exit code or None). User errors (`ReplfsError`) print their message and
 exit with its code; they never show a traceback.
+
+`replfs SOURCE MOUNTPOINT -o OPTIONS` (a first argument that is no subcommand) is the
+form in which mount(8), through mount.fuse3, runs the program a `fuse.replfs` type names:
+see `replfs.tools.mount_helper`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from replfs.errors import ReplfsError
@@ -29,14 +34,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="A FUSE-mounted, replicated, transactional filesystem on RAID-5 image files.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"replfs {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     register_modules(sub, COMMAND_MODULES)
+    parser.subcommands = set(sub.choices)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's, for `pip install -e .`)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("replfs")
+    except PackageNotFoundError:
+        return "unknown (not installed: run tools/bootstrap.sh)"
 
 
 def main(args: list[str] | None = None) -> int:
     parser = build_parser()
+    if args is None:
+        args = sys.argv[1:]
+    if args and args[0] not in parser.subcommands and os.path.isdir(args[0]):
+        from replfs.tools.mount_helper import helper_argv
+        try:
+            args = helper_argv(args)
+        except ReplfsError as exc:
+            print(f"replfs: {exc}", file=sys.stderr)
+            return exc.exit_code
     ns = parser.parse_args(args)
     try:
         rc = ns.func(ns)

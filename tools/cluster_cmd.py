@@ -36,6 +36,8 @@ def register(sub) -> None:
                         "(fsynced) on both (see docs/durability.md)")
     p.add_argument("--disks", type=int, default=4, help="disks per array (default 4)")
     p.add_argument("--size", default="128M", help="size of each disk image (default 128M)")
+    p.add_argument("--new-secret", action="store_true",
+                   help="only write a new secret in the existing (stopped) cluster DIR")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("up", help="start the cluster in DIR (initialising it) and mount it on MNT")
@@ -43,6 +45,8 @@ def register(sub) -> None:
     p.add_argument("mountpoint")
     p.add_argument("--daemon", action="store_true", help="return once mounted (stop with `replfs down DIR`)")
     p.add_argument("--no-restart", action="store_true", help="do not restart servers that die")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users in (FUSE allow_other)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_up)
 
@@ -75,15 +79,44 @@ def _logging() -> None:
 # ---------------------------------------------------------------- init
 def cmd_init(args) -> int:
     from replfs.tools.cluster import init_cluster
-    cfg = trio.run(lambda: init_cluster(args.dir, groups=args.groups, replicas=args.replicas,
-                                        disks=args.disks, disk_size=parse_size(args.size),
-                                        placement=args.placement,
-                                        durability=args.durability))
+    from replfs.tools.mount_cmd import _holds_files, remove_new_files
+    if args.new_secret:
+        return _new_secret(args.dir)
+    if os.path.exists(os.path.join(args.dir, CONFIG)):
+        raise ReplfsError(f"{args.dir} already holds a cluster; remove it first to start over")
+    if os.path.exists(os.path.join(args.dir, "array.json")):
+        raise ReplfsError(f"{args.dir} holds a replfs array (`replfs mkfs`); give init an "
+                          f"empty or new directory")
+    if _holds_files(args.dir):
+        raise ReplfsError(f"{args.dir} is not empty; give init an empty or new directory")
+    disk_size = parse_size(args.size)
+    before = set(os.listdir(args.dir)) if os.path.isdir(args.dir) else None
+    try:
+        cfg = trio.run(lambda: init_cluster(args.dir, groups=args.groups,
+                                            replicas=args.replicas, disks=args.disks,
+                                            disk_size=disk_size, placement=args.placement,
+                                            durability=args.durability))
+    except BaseException:
+        remove_new_files(args.dir, before)     # no half-made cluster left behind
+        raise
     print(f"replfs: cluster in {cfg.dir}: view server on {cfg.ports[VIEWSERVER]}; "
           + "; ".join(f"group {g}: " + ", ".join(f"{s} on {cfg.ports[s]}" for s in ss)
                       for g, ss in cfg.groups.items())
           + f"; directories placed by {cfg.placement}; updates answered once "
           + f"{cfg.durability} on both replicas (secret mode 0600)")
+    return 0
+
+
+def _new_secret(dirpath: str) -> int:
+    from replfs.replication.config import write_secret
+    from replfs.tools.cluster import Cluster
+    cluster = Cluster(dirpath)
+    running = [n for n in [VIEWSERVER, "mount", *cluster.cfg.servers] if cluster.alive(n)]
+    if running:
+        raise ReplfsError(f"the cluster in {cluster.dir} is running ({', '.join(running)}); "
+                          f"stop it with `replfs down {dirpath}` first")
+    path = write_secret(cluster.dir)
+    print(f"replfs: wrote a new secret in {path} (mode 0600)")
     return 0
 
 
@@ -148,13 +181,18 @@ async def _until_signal(start) -> None:
 # ---------------------------------------------------------------- mount
 def cmd_mount(args) -> int:
     from replfs.tools.mount_cmd import _check_mountpoint
+    from replfs.tools.mount_cmd import mount_argv, parse_mount_options
     _check_mountpoint(args.mountpoint)
     cfg = ClusterConfig.load(args.dir)
+    cfg.secret()                      # a damaged secret: say so here, not in a log
     if args.daemon:
-        return _spawn_and_wait(["mount", cfg.dir, args.mountpoint], cfg, "mount",
+        return _spawn_and_wait(["mount", cfg.dir, os.path.abspath(args.mountpoint),
+                                *mount_argv(args)], cfg, "mount",
                                f"mounted {cfg.dir} on {args.mountpoint}")
     _logging()
-    trio.run(serve_remote, cfg.dir, args.mountpoint, args.allow_other, args.ready_fd)
+    _, options = parse_mount_options(args.options)
+    trio.run(lambda: serve_remote(cfg.dir, args.mountpoint, args.allow_other, args.ready_fd,
+                                  options=options))
     return 0
 
 
@@ -166,7 +204,7 @@ def _spawn_and_wait(argv: list[str], cfg: ClusterConfig, name: str, what: str) -
 
 
 async def serve_remote(dirpath: str, mnt: str, allow_other: bool = False,
-                       ready_fd: int | None = None) -> None:
+                       ready_fd: int | None = None, options=frozenset()) -> None:
     """Mount the cluster in `dirpath` on `mnt` (a RemoteFS behind the FUSE adapter) and
     serve until unmounted or signalled."""
     from replfs.fs.fuse_ops import Operations
@@ -186,7 +224,7 @@ async def serve_remote(dirpath: str, mnt: str, allow_other: bool = False,
                  f"(`replfs status {dirpath}`)")
         try:
             await serve_fuse(Operations(rfs), mnt, allow_other=allow_other, ready_fd=ready_fd,
-                             fail=fail)
+                             fail=fail, options=options)
         finally:
             await rfs.aclose()
             log.info("unmounted %s (client stats %s; requests %s)", mnt, rfs.stats,
@@ -205,10 +243,13 @@ def cmd_up(args) -> int:
                               f"directory")
         trio.run(lambda: init_cluster(args.dir))
     cfg = ClusterConfig.load(args.dir)
+    cfg.secret()                      # a damaged secret: say so before starting anything
     if args.daemon:
         argv = ["up", cfg.dir, os.path.abspath(args.mountpoint)]
         if args.no_restart:
             argv.append("--no-restart")
+        if args.allow_other:
+            argv.append("--allow-other")
         return _spawn_and_wait(argv, cfg, "up", f"cluster {cfg.dir} up, mounted on "
                                f"{args.mountpoint}; stop it with `replfs down {args.dir}`")
     _logging()
@@ -229,7 +270,8 @@ def cmd_up(args) -> int:
     try:
         cluster.start_all()
         cluster.wait_protected(timeout=120)
-        cluster.start("mount", ["mount", cfg.dir, os.path.abspath(args.mountpoint)])
+        cluster.start("mount", ["mount", cfg.dir, os.path.abspath(args.mountpoint)]
+                      + (["--allow-other"] if args.allow_other else []))
         _wait_mounted(cluster, args.mountpoint)
         mounted[0] = True
         print(f"replfs: {cfg.dir} mounted on {args.mountpoint}; Ctrl-C unmounts and stops",

@@ -14,6 +14,7 @@ import trio
 
 from replfs.errors import ReplfsError
 from replfs.raid import parse_size
+from replfs.tools.mount_helper import parse_mount_options
 from replfs.tools.mountpoints import is_mounted, ready_failer, spawn_ready
 
 log = logging.getLogger("replfs.mount")
@@ -47,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("mountpoint")
     p.add_argument("--daemon", action="store_true", help="return once mounted")
     p.add_argument("--allow-other", action="store_true", help="let other users in (FUSE allow_other)")
+    p.add_argument("-o", dest="options", metavar="OPTIONS", default=None,
+                   help="mount options, comma-separated as for mount(8): allow_other, ro, "
+                        "noatime, nodev, nosuid, noexec, ...")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
@@ -59,15 +63,25 @@ def cmd_mkfs(args) -> int:
     from replfs.fs.mkfs import mkfs
     from replfs.raid import create_array, open_array
 
-    if os.path.exists(os.path.join(args.dir, "array.json")) and not args.force:
+    from replfs.replication.config import CONFIG as CLUSTER_CONFIG
+
+    has_array = os.path.exists(os.path.join(args.dir, "array.json"))
+    if os.path.exists(os.path.join(args.dir, CLUSTER_CONFIG)):
+        raise ReplfsError(f"{args.dir} is a replfs cluster, whose servers' arrays `replfs "
+                          f"init` made; give mkfs an empty or new directory")
+    if has_array and not args.force:
         raise ReplfsError(f"{args.dir} already holds an array; add --force to destroy it "
                           "and make a new filesystem")
+    if not has_array and _holds_files(args.dir):
+        raise ReplfsError(f"{args.dir} is not empty; give mkfs an empty or new directory")
+    disk_size, chunk = parse_size(args.size), parse_size(args.chunk)
+    before = set(os.listdir(args.dir)) if os.path.isdir(args.dir) else None
 
     async def go():
-        if os.path.exists(os.path.join(args.dir, "array.json")):
+        if has_array:
             array = open_array(args.dir)
         else:
-            array = create_array(args.dir, args.disks, parse_size(args.size), parse_size(args.chunk))
+            array = create_array(args.dir, args.disks, disk_size, chunk)
         try:
             sb = await mkfs(array)
         finally:
@@ -75,18 +89,58 @@ def cmd_mkfs(args) -> int:
         print(f"replfs: made a filesystem on {args.dir}: {sb.nblocks} blocks of 4 KiB "
               f"({sb.nblocks * 4096 // 2**20} MiB), {sb.ninodes} inodes, "
               f"{sb.log_blocks * 4 // 1024} MiB of log")
-    trio.run(go)
+    try:
+        trio.run(go)
+    except BaseException:
+        if not has_array:
+            remove_new_files(args.dir, before)
+        raise
     return 0
 
 
+def _holds_files(dirpath: str) -> bool:
+    """Whether `dirpath` exists and holds anything (a filesystem's own lost+found aside)."""
+    try:
+        return bool(set(os.listdir(dirpath)) - {"lost+found"})
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        raise ReplfsError(f"{dirpath} is a file, not a directory; give a new or empty "
+                          f"directory") from None
+
+
+def remove_new_files(dirpath: str, before: set[str] | None) -> None:
+    """Undo a command that failed after it began writing in `dirpath`: remove what it
+    made there -- everything but the names in `before`, or `dirpath` itself if `before`
+    is None (it did not exist)."""
+    import shutil
+    if before is None:
+        shutil.rmtree(dirpath, ignore_errors=True)
+        return
+    for name in set(os.listdir(dirpath)) - before:
+        p = os.path.join(dirpath, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
 def _check_mountpoint(mnt: str) -> None:
+    """ReplfsError unless `mnt` is an existing directory on which nothing is mounted."""
+    if not os.path.lexists(mnt):
+        raise ReplfsError(f"mount point {mnt} does not exist; create it with `mkdir -p {mnt}`")
     if not os.path.isdir(mnt):
-        raise ReplfsError(f"mount point {mnt} is not a directory; create it with mkdir")
+        raise ReplfsError(f"mount point {mnt} is not a directory; give a directory")
     if is_mounted(mnt):
         raise ReplfsError(f"{mnt} is already mounted; unmount it first (replfs umount {mnt})")
 
 
 def cmd_mount(args) -> int:
+    allow_other, options = parse_mount_options(args.options)
+    args.allow_other = args.allow_other or allow_other
     if not args.local:
         from replfs.tools.cluster_cmd import cmd_mount as cmd_mount_cluster
         return cmd_mount_cluster(args)
@@ -96,14 +150,20 @@ def cmd_mount(args) -> int:
     if args.daemon:
         return _daemonize(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    trio.run(serve_local, args.dir, args.mountpoint, args.allow_other, args.ready_fd)
+    trio.run(partial(serve_local, args.dir, args.mountpoint, args.allow_other, args.ready_fd,
+                     options=options))
     return 0
 
 
+def mount_argv(args) -> list[str]:
+    """The flags of `replfs mount` that a detached child of `args` must get again."""
+    return ((["--allow-other"] if args.allow_other else [])
+            + (["-o", args.options] if args.options else []))
+
+
 def _daemonize(args) -> int:
-    argv = ["mount", "--local", args.dir, args.mountpoint]
-    if args.allow_other:
-        argv.append("--allow-other")
+    argv = ["mount", "--local", os.path.abspath(args.dir), os.path.abspath(args.mountpoint),
+            *mount_argv(args)]
     logpath = os.path.join(args.dir, "mount.log")
     pid = spawn_ready(argv, logpath)
     print(f"replfs: mounted {args.dir} on {args.mountpoint} (pid {pid}, log {logpath})")
@@ -111,7 +171,7 @@ def _daemonize(args) -> int:
 
 
 async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
-                      ready_fd: int | None = None) -> None:
+                      ready_fd: int | None = None, options=frozenset()) -> None:
     """Open the array in `dirpath`, mount its filesystem on `mnt`, serve until
     unmounted or signalled; always closes the filesystem and the array."""
     from replfs.fs.fuse_ops import Operations
@@ -139,7 +199,7 @@ async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
                  f"`replfs fsck --repair`")
         try:
             await serve_fuse(Operations(fs), mnt, allow_other=allow_other, ready_fd=ready_fd,
-                             fail=fail, background=[partial(fs.mgr.flush_behind, FLUSH_BEHIND)])
+                             fail=fail, options=options, background=[partial(fs.mgr.flush_behind, FLUSH_BEHIND)])
         finally:
             await fs.close()
             if history is not None:
@@ -150,14 +210,15 @@ async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
 
 
 async def serve_fuse(ops, mnt: str, *, allow_other: bool, ready_fd: int | None, fail,
-                     background=()) -> None:
-    """Mount `ops` (a pyfuse3 Operations) on `mnt` with the replfs options, write "ready"
+                     background=(), options=frozenset()) -> None:
+    """Mount `ops` (a pyfuse3 Operations) on `mnt` with the replfs options (and
+    `options`, libfuse's generic mount flags: see mount_helper.FUSE_OPTIONS), write "ready"
     to `ready_fd`, and serve until unmounted or signalled (SIGINT, SIGTERM, SIGHUP),
     running each of `background` beside it; always unmounts. `fail(msg)` reports a mount
     that cannot be made (it raises)."""
     import pyfuse3
 
-    options = set(pyfuse3.default_options) | {"fsname=replfs", "subtype=replfs"}
+    options = set(pyfuse3.default_options) | {"fsname=replfs", "subtype=replfs"} | set(options)
     if allow_other:
         options.add("allow_other")
     try:
