@@ -701,6 +701,18 @@ class FileSystem:
                     ffree=self.imap.nfree, favail=self.imap.nfree, namemax=NAME_MAX)
 
     # ---------------------------------------------------------------- xattrs
+    # replfs has no POSIX ACLs: like a filesystem mounted without them, it refuses their
+    # xattr names with EOPNOTSUPP, so cp -a, mv, rsync -A and tar --acls fall back to
+    # chmod and the mode is the only permission (docs/architecture.md, "ACLs"). Stored
+    # as plain xattrs they would change nothing and leave the mode where cp's creat put it.
+    ACL_XATTRS = frozenset({b"system.posix_acl_access", b"system.posix_acl_default"})
+
+    @classmethod
+    def refuse_acl(cls, name: bytes) -> None:
+        """Raise FsError(EOPNOTSUPP) if `name` is a POSIX ACL's xattr name."""
+        if name in cls.ACL_XATTRS:
+            raise FsError(errno.EOPNOTSUPP, f"{name.decode()}: replfs has no POSIX ACLs")
+
     async def _xattrs(self, op: Op, node: Inode) -> dict:
         if not node.xattr_block:
             return {}
@@ -709,6 +721,8 @@ class FileSystem:
         return msgpack.unpackb(data[4:4 + n]) if n else {}
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
+        self.refuse_acl(name)
+
         async def fn(op):
             node = await op.inode(ino, "S")
             val = (await self._xattrs(op, node)).get(name)
@@ -719,7 +733,9 @@ class FileSystem:
 
     async def listxattr(self, ino: int) -> list[bytes]:
         async def fn(op):
-            return list(await self._xattrs(op, await op.inode(ino, "S")))
+            # an ACL stored by a replfs older than the refusal stays hidden
+            xs = await self._xattrs(op, await op.inode(ino, "S"))
+            return [n for n in xs if n not in self.ACL_XATTRS]
         return await self._run("listxattr", fn, readonly=True)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
@@ -727,6 +743,7 @@ class FileSystem:
             raise FsError(errno.ERANGE, "xattr name length")
         if len(value) > XATTR_VALUE_MAX:
             raise FsError(errno.E2BIG, f"xattr value of {len(value)} bytes (at most {XATTR_VALUE_MAX})")
+        self.refuse_acl(name)
 
         async def fn(op):
             node = await op.inode(ino, "X")
@@ -740,6 +757,8 @@ class FileSystem:
         await self._run("setxattr", fn)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
+        self.refuse_acl(name)
+
         async def fn(op):
             node = await op.inode(ino, "X")
             xs = await self._xattrs(op, node)

@@ -40,6 +40,7 @@ from collections import Counter
 
 import pyfuse3
 
+from replfs.fs.core import FileSystem
 from replfs.fs.errors import FsError
 from replfs.raid.blockdev import BlockIOError
 
@@ -452,12 +453,16 @@ class Operations(pyfuse3.Operations):
         return True
 
     # ------------------------------------------------------------ xattrs
+    # POSIX ACL names are refused here too (FileSystem.refuse_acl), before any cache of
+    # a cluster client could answer ENODATA for them: the answer is always EOPNOTSUPP.
     @translate
     async def setxattr(self, inode, name, value, ctx):
+        FileSystem.refuse_acl(name)
         await self.fs.setxattr(inode, name, value)
 
     @translate
     async def getxattr(self, inode, name, ctx):
+        FileSystem.refuse_acl(name)
         return await self.fs.getxattr(inode, name)
 
     @translate
@@ -466,4 +471,5 @@ class Operations(pyfuse3.Operations):
 
     @translate
     async def removexattr(self, inode, name, ctx):
+        FileSystem.refuse_acl(name)
         await self.fs.removexattr(inode, name)

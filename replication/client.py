@@ -5,7 +5,7 @@ replicated cluster. The FUSE adapter (fs/fuse_ops.py) takes it in place of a loc
 Groups: the namespace is spread over the replica groups, and an inode number carries its
 group (`ino >> 48`). Each operation goes to the primary of the group of its first inode
 argument (the parent directory for lookup, create, mkdir, unlink, rename...; the new
-parent for link); statfs asks every group and sums; fsync without an inode flushes every
+parent for link); statfs asks every group (sums, but the smallest available); fsync without an inode flushes every
 group. A group answers EXDEV with an inode number when the operation needs an inode of
 another group (`ForeignInode`): lookup then reads that inode's attributes from its own
 group, and readdir does so for each entry that lives elsewhere. Operations that change
@@ -485,12 +485,18 @@ class RemoteFS:
             start = batch[-1][2]        # every entry vanished: an empty list would end it
 
     async def statfs(self):
-        """The sums over every group (block size and name length from group 0)."""
+        """Size and free space (`blocks`, `bfree`, `files`, `ffree`): the sums over every
+        group, what the cluster holds. Available (`bavail`, `favail`): the smallest
+        group's, since a file lives in its directory's group and gets that group's space
+        only; the smallest is what a file is sure to get wherever it is (a sum would
+        promise space that no one file can have). Block size and name length from
+        group 0."""
         per = await self._each([lambda g=g: self.call_group(g, "statfs") for g in sorted(self.views)])
         out = dict(per[0])
-        for st in per[1:]:
-            for k in ("blocks", "bfree", "bavail", "files", "ffree", "favail"):
-                out[k] = out.get(k, 0) + st.get(k, 0)
+        for k in ("blocks", "bfree", "files", "ffree"):
+            out[k] = sum(st.get(k, 0) for st in per)
+        for k in ("bavail", "favail"):
+            out[k] = min(st.get(k, 0) for st in per)
         return out
 
     def _created(self, attr):
