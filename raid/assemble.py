@@ -4,7 +4,7 @@ Assembly reads every configured member's superblocks and checks its identity (ar
 index, event counter against the freshest superblock's member table). A member that is
 missing, damaged, foreign, misplaced or stale is excluded and named; with more than one
 excluded the array does not start. After an unclean stop the write-intent bitmap's rows
-are resynchronised before the array is handed out (see array.py).
+are resynchronised before the array is handed out (see array.py and bitmap.py).
 """
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ import os
 import stat
 import uuid as uuidlib
 
+import crc32c
 import numpy as np
 
 from . import superblock as sbmod
-from .array import Array, Disk, _crc, _disk_size, _DiskGone
+from .array import Array
+from .checksums import ChecksumStore
 from .dirfiles import CONFIG_NAME, load_config, lock_dir, read_state, resolve, write_json
 from .errors import RaidError
 from .layout import BLOCK_SIZE, make_geometry
+from .member import Disk, DiskGone, disk_size
 
 
 def create_array(dirpath: str | os.PathLike, ndisks: int, disk_size: int,
@@ -61,7 +64,7 @@ def create_array(dirpath: str | os.PathLike, ndisks: int, disk_size: int,
                 os.ftruncate(d.fd, 0)
                 os.ftruncate(d.fd, geo.disk_blocks * BLOCK_SIZE)
             else:
-                size = _disk_size(d.fd)
+                size = disk_size(d.fd)
                 if size < geo.disk_blocks * BLOCK_SIZE:
                     raise RaidError(f"{full} has {size} bytes, less than --size "
                                     f"{geo.disk_blocks * BLOCK_SIZE}")
@@ -73,11 +76,10 @@ def create_array(dirpath: str | os.PathLike, ndisks: int, disk_size: int,
             d.state = "active"
             members.append(d)
         arr = Array(dirpath, cfg, geo, members, events=0, lockfd=lockfd)
-        zero_crc = _crc(bytes(BLOCK_SIZE))
+        zero_crc = crc32c.crc32c(bytes(BLOCK_SIZE))
         for d in members:
-            d.crcs = np.full(geo.entries, zero_crc, dtype=np.uint32)
-            d.crc_ok = np.ones(geo.entries, dtype=bool)
-            d.dirty_cs = set(range(geo.cs_blocks))
+            d.cs = ChecksumStore(d.index, geo.entries, geo.cs_blocks)
+            d.cs.fill(zero_crc)
         arr._write_checksums()
         arr._write_bitmap(sync=False)
         arr._write_superblocks(state="dirty", sync=True)
@@ -132,7 +134,7 @@ def _examine(dirpath: str, cfg: dict, writable: bool) -> tuple[list[_Member], di
             m.problem = (f"is disk {sb.get('index')} of this array but is listed as disk {i} "
                          f"in {CONFIG_NAME}: disks are in the wrong order")
             continue
-        size = _disk_size(m.fd)
+        size = disk_size(m.fd)
         if size < sb["disk_blocks"] * BLOCK_SIZE:
             m.problem = (f"image is {size} bytes, a member needs {sb['disk_blocks'] * BLOCK_SIZE}"
                          f" (truncated?); rebuild it")
@@ -219,7 +221,7 @@ def open_array(dirpath: str | os.PathLike, *, force: bool = False) -> Array:
             d.close()
         arr._pool.shutdown(wait=False)
         os.close(arr._lockfd)
-        os.close(arr._bmfd)
+        arr._bitmap.close()
         raise
     return arr
 
@@ -238,7 +240,7 @@ def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool) -> N
                         f"rebuilt and another disk is unusable", exit_code=3)
     dirty = fresh.get("state") != "clean"
     # the bitmap file is the durable copy; the members' copies may add bits (harmless)
-    bits = arr._read_bitmap_file() if dirty else np.zeros(g.nregions, dtype=bool)
+    bits = arr._bitmap.read_file() if dirty else np.zeros(g.nregions, dtype=bool)
     for d in arr.disks:
         if d.fd is None:
             continue
@@ -246,7 +248,7 @@ def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool) -> N
             if dirty and d.state == "active":
                 bits |= arr._read_bitmap(d)
             damaged = arr._load_checksums(d)
-        except _DiskGone:
+        except DiskGone:
             continue
         if damaged:
             arr.notices.append(f"disk {d.index}: {damaged} checksum blocks were damaged; "
@@ -265,29 +267,71 @@ def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool) -> N
                 f"open with force (`--force`) to serve everything else and report those "
                 f"blocks as unreadable.", exit_code=3)
         arr._untrusted_rows = set(rows)
-        arr._bits = bits
+        arr._bitmap.bits = bits
         # checksums of the present disks must match whatever data landed
         for row in rows:
             for d in arr.disks:
                 if d.state == "active":
                     e0 = row * g.cb
                     buf = arr._pread(d, g.data_start + e0, g.cb)
-                    arr._set_crcs(d, e0, buf, g.cb)
+                    d.cs.set_from(e0, buf, g.cb)
         arr.notices.append(f"unclean stop while degraded: {len(rows)} rows untrusted")
     with arr._lock:
         arr._write_superblocks(state="dirty", sync=True)
         if rows and not degraded:
-            arr.stats["resynced_rows"] = arr._resync(rows)
+            arr.stats["resynced_rows"] = _resync(arr, rows)
             arr.notices.append(f"unclean stop: resynchronised {len(rows)} chunk rows "
                                f"named by the write-intent bitmap")
-        arr._repair_unknown_checksums()
+        _repair_unknown_checksums(arr)
         arr._write_checksums()
         arr._fsync_disks()
         if not arr._untrusted_rows:
-            arr._bits[:] = False
+            arr._bitmap.bits[:] = False
             arr._write_bitmap(sync=True)
         else:
             arr._write_bitmap(sync=True)
+
+
+def _resync(arr: Array, rows: list[int]) -> int:
+    """Make the given rows consistent after an unclean stop: checksums from the data
+    found, parity from the data. Needs every member."""
+    g = arr.geo
+    for row in rows:
+        e0 = row * g.cb
+        pd = g.parity_disk(row)
+        acc = np.zeros(g.chunk, dtype=np.uint8)
+        for d in range(g.ndisks):
+            disk = arr.disks[d]
+            buf = arr._pread(disk, g.data_start + e0, g.cb)
+            if d != pd:
+                acc ^= np.frombuffer(buf, dtype=np.uint8)
+                disk.cs.set_from(e0, buf, g.cb)
+        arr._write_seg(pd, e0, acc.data)
+    return len(rows)
+
+
+def _repair_unknown_checksums(arr: Array) -> int:
+    """Entries whose checksum block was damaged: check the block against the stripe,
+    repair it if needed, and recompute the checksum."""
+    g = arr.geo
+    fixed = 0
+    for disk in arr.disks:
+        if disk.cs is None or disk.state != "active":
+            continue
+        unknown = disk.cs.unknown()
+        if not len(unknown):
+            continue
+        # by runs of whole chunks
+        for row in sorted(set((unknown // g.cb).tolist())):
+            e0 = row * g.cb
+            cache: dict = {}
+            _, lost = arr._get(cache, disk.index, e0, e0 + g.cb)
+            fixed += 1
+            if lost:
+                arr.notices.append(
+                    f"disk {disk.index}: checksums of row {row} were damaged and "
+                    f"{len(lost)} blocks cannot be verified (degraded stripe)")
+    return fixed
 
 
 def inspect_array(dirpath: str | os.PathLike) -> dict:

@@ -2,7 +2,7 @@
 
 - `array.json`: the config: array uuid, disk count, chunk, and the member paths (image
   files in DIR, or any path such as /dev/loop3), in member order.
-- `bitmap`: the durable copy of the write-intent bitmap (see array.py).
+- `bitmap`: the durable copy of the write-intent bitmap (see bitmap.py).
 - `state.json`: scrub progress and last result, for `status` in other processes.
 - `array.lock`: flock'ed by the process that has the array open (holds its pid).
 """

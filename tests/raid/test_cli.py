@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.timeout(120)
+
 REPLFS = os.path.join(os.path.dirname(sys.executable), "replfs")
 
 

@@ -4,6 +4,8 @@ import pytest
 
 from replfs.raid.layout import make_geometry
 
+pytestmark = pytest.mark.timeout(120)
+
 
 def test_left_symmetric_matches_md():
     g = make_geometry(4, 4096, 1000)  # chunk = one block, so logical block == chunk

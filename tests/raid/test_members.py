@@ -15,6 +15,8 @@ from replfs.raid import superblock as sbmod
 
 from .conftest import DISK_SIZE, NDISKS, assert_same, disk_path, random_writes
 
+pytestmark = pytest.mark.timeout(120)
+
 
 def _flip(path, offset):
     with open(path, "r+b") as f:

@@ -14,6 +14,8 @@ from replfs.raid import BlockDevice, BlockIOError, create_array, open_array
 
 from .conftest import DISK_SIZE, NDISKS, assert_same, disk_path
 
+pytestmark = pytest.mark.timeout(120)
+
 
 async def test_implements_blockdevice(array_dir):
     arr = create_array(array_dir, NDISKS, DISK_SIZE)
@@ -171,7 +173,7 @@ def test_interrupted_rebuild_resumes(array_dir):
     random_writes(arr, ref, random.Random(11), 80)
     arr.fail_disk(2)
     arr.close()
-    child = ("import sys; from replfs.raid import open_array; import replfs.raid.array as a; "
+    child = ("import sys; from replfs.raid import open_array; import replfs.raid.rebuild as a; "
              "a.REBUILD_PERSIST_SECS = 0; arr = open_array(sys.argv[1]); "
              "arr.rebuild(2, batch_rows=8)")
     env = dict(os.environ, REPLFS_CRASH_AT="raid.rebuild_step:4")

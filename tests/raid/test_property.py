@@ -15,6 +15,8 @@ from replfs.tools.fault import corrupt
 
 from .conftest import DISK_SIZE, NDISKS, assert_same, disk_path, random_writes
 
+pytestmark = pytest.mark.timeout(120)
+
 SETTINGS = settings(max_examples=12, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 

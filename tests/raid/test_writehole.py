@@ -15,6 +15,8 @@ from replfs.raid import BlockIOError, RaidError, create_array, open_array
 
 from .conftest import DISK_SIZE, NDISKS, disk_path
 
+pytestmark = pytest.mark.timeout(120)
+
 CHILD = r"""
 import sys
 from replfs.raid import open_array
