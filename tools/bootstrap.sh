@@ -2,6 +2,7 @@
 # Installs everything replfs needs on a fresh Debian machine; safe to run twice.
 #   - Debian packages fuse3, libfuse3-dev, pkg-config (pyfuse3 builds against libfuse3)
 #   - a virtualenv in .venv with `pip install -e .[test]`
+#   - /usr/local/bin/replfs -> .venv/bin/replfs, for mount -t fuse.replfs (mount.fuse3's PATH)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -7,6 +7,7 @@ Used by `replfs up/down/status/fault`, by the tests and by the benchmarks.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -174,29 +175,33 @@ class Cluster:
     def status(self, timeout: float = 2.0) -> dict:
         return trio.run(gather_status, self.cfg, timeout)
 
-    def wait_until(self, pred, timeout: float = 30.0, what: str = "the cluster") -> dict:
-        """Poll `status()` until `pred(status)`; raise ReplfsError on timeout or when a
-        started process died."""
+    def wait_until(self, pred, timeout: float = 30.0, what: str = "the cluster",
+                   fail_fast: bool = False) -> dict:
+        """Poll `status()` until `pred(status)`; raise ReplfsError on timeout or when the
+        view server (with `fail_fast`, any process this object started) died, with the
+        reason from its exit status and log."""
         deadline = time.monotonic() + timeout
         while True:
             st = self.status(timeout=1.0)
             if pred(st):
                 return st
             for name, proc in self.procs.items():
-                if proc.poll() is not None and name == VIEWSERVER:
-                    raise ReplfsError(f"{name} exited with {proc.returncode}; see "
-                                      f"{self.cfg.log_dir()}/{name}.log")
+                if proc.poll() is not None and (fail_fast or name == VIEWSERVER):
+                    logpath = os.path.join(self.cfg.log_dir(), f"{name}.log")
+                    raise ReplfsError(f"{name} {describe_exit(proc.returncode, logpath)} "
+                                      f"(log {logpath})")
             if time.monotonic() > deadline:
                 raise ReplfsError(f"{what} not ready after {timeout:.0f} s: {view_line(st)}")
             time.sleep(0.1)
 
-    def wait_protected(self, timeout: float = 60.0, group: int | None = None) -> dict:
+    def wait_protected(self, timeout: float = 60.0, group: int | None = None,
+                       fail_fast: bool = False) -> dict:
         """Until the group (every group, by default) has a primary and an in-sync backup
         (view acknowledged)."""
         groups = list(self.cfg.groups) if group is None else [group]
         return self.wait_until(lambda st: all(protected(st, g) for g in groups), timeout,
                                "every group protected" if group is None
-                               else f"a protected group {group}")
+                               else f"a protected group {group}", fail_fast)
 
     def wait_primary(self, timeout: float = 30.0, group: int = 0, not_: str | None = None) -> dict:
         def ok(st):
@@ -283,3 +288,250 @@ def start_mounted_cluster(base: str, *, disk_size: int = 64 * 2**20,
         stop()
         raise
     return mnt, cluster, stop
+
+
+# ---------------------------------------------------------------- what runs, whoever started it
+# The subcommands whose processes belong to a cluster directory, and the name each one
+# has in DIR/run/ (a server's is its --name).
+_DAEMONS = ("up", "viewserver", "server", "mount")
+_VALUE_OPTIONS = ("--name", "--ready-fd", "-o", "--options")
+
+
+class Found:
+    """A process of a cluster found by its command line: `name` (up, viewserver, mount,
+    s0, ...), `pid`, `mountpoint` (for up and mount) and whether it has the `--daemon`
+    flag (the short-lived parent of a detached `up`)."""
+
+    def __init__(self, name: str, pid: int, mountpoint: str | None, daemon: bool):
+        self.name, self.pid, self.mountpoint, self.daemon = name, pid, mountpoint, daemon
+
+    def __repr__(self) -> str:
+        return f"{self.name} (pid {self.pid})"
+
+
+def _parse_cmdline(cmd: list[str], cwd: str) -> tuple[str, str, str | None, bool] | None:
+    """(name, cluster dir, mountpoint, daemon) of a `replfs up|viewserver|server|mount`
+    command line, paths made absolute against the process's `cwd`; None for anything
+    else (`mount --local` included)."""
+    start = None
+    for i, c in enumerate(cmd[:4]):
+        if c == "replfs.tools.cli" or os.path.basename(c) == "replfs":
+            start = i + 1
+            break
+    if start is None:
+        return None
+    rest = [c for c in cmd[start:]]
+    while rest and rest[0].startswith("-"):       # `replfs --debug up ...`
+        rest.pop(0)
+    if not rest or rest[0] not in _DAEMONS:
+        return None
+    sub, rest = rest[0], rest[1:]
+    positional, name, daemon, i = [], None, False, 0
+    while i < len(rest):
+        c = rest[i]
+        if c in _VALUE_OPTIONS:
+            if c == "--name" and i + 1 < len(rest):
+                name = rest[i + 1]
+            i += 2
+            continue
+        if c.startswith("--name="):
+            name = c.split("=", 1)[1]
+        elif c == "--local":
+            return None
+        elif c == "--daemon":
+            daemon = True
+        elif not c.startswith("-"):
+            positional.append(c)
+        i += 1
+    if not positional:
+        return None
+    absolute = [os.path.realpath(os.path.join(cwd, p)) for p in positional]
+    if sub == "server":
+        if not name:
+            return None
+        return name, absolute[0], None, daemon
+    return sub, absolute[0], absolute[1] if len(absolute) > 1 else None, daemon
+
+
+def find_processes(dirpath: str) -> list[Found]:
+    """Every `replfs up|viewserver|server|mount` process of the cluster in `dirpath`,
+    however it was started (by `up`, by a test, by hand with a relative path), but not
+    this process nor its parent (the waiting half of `up --daemon`)."""
+    want = os.path.realpath(dirpath)
+    me = {os.getpid(), os.getppid()}
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+        try:
+            cmd, cwd = p.info["cmdline"], p.info["cwd"] or "/"
+            if not cmd or p.info["pid"] in me or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if not any("replfs" in c for c in cmd[:4]):
+                continue
+            parsed = _parse_cmdline(cmd, cwd)
+        except (psutil.Error, OSError):
+            continue
+        if parsed and parsed[1] == want:
+            out.append(Found(parsed[0], p.info["pid"], parsed[2], parsed[3]))
+    return sorted(out, key=lambda f: f.pid)
+
+
+def stop_pids(pids: list[int], timeout: float = 10.0, group: bool = True) -> None:
+    """SIGTERM every pid at once (its process group when it leads one and `group`, as
+    every process `Cluster` starts does), SIGKILL what still runs after `timeout`;
+    return once all are gone."""
+    procs = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)      # a frozen (SIGSTOP) process must see the TERM
+            if group and os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGTERM)
+            else:
+                os.kill(pid, signal.SIGTERM)
+            procs.append(psutil.Process(pid))
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    _, alive = psutil.wait_procs(procs, timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, 5)
+
+
+def stop_pid(pid: int, timeout: float = 10.0, group: bool = True) -> None:
+    stop_pids([pid], timeout, group)
+
+
+# ---------------------------------------------------------------- up's own state
+RUN_STATE = "up.json"
+
+
+def run_state_path(cfg: ClusterConfig) -> str:
+    return os.path.join(cfg.run_dir(), RUN_STATE)
+
+
+def read_run_state(cfg: ClusterConfig) -> dict:
+    """What the last `replfs up` wrote in DIR/run/up.json: {pid, mountpoint, started,
+    restarts: {name: n}, given_up: {name: reason}}; {} when there is none."""
+    try:
+        with open(run_state_path(cfg)) as f:
+            st = json.load(f)
+        return st if isinstance(st, dict) else {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def write_run_state(cfg: ClusterConfig, st: dict) -> None:
+    path = run_state_path(cfg)
+    with open(path + ".tmp", "w") as f:
+        json.dump(st, f)
+    os.replace(path + ".tmp", path)
+
+
+def remove_run_files(cfg: ClusterConfig) -> None:
+    """Delete every pid file and up.json (nothing of the cluster runs any more)."""
+    d = cfg.run_dir()
+    for name in os.listdir(d):
+        if name.endswith(".pid") or name.startswith(RUN_STATE):
+            try:
+                os.unlink(os.path.join(d, name))
+            except FileNotFoundError:
+                pass
+
+
+def last_log_line(path: str) -> str:
+    """The last line of a log that says something (an exception's message, an error),
+    without the log's timestamp prefix; "" when there is none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        s = line.strip()
+        if not s or line[:1].isspace() or s.startswith(("Traceback", "+-", "|", "^", "~")):
+            continue
+        parts = s.split(" ", 4)
+        if len(parts) == 5 and parts[3] in ("INFO", "WARNING", "ERROR", "CRITICAL"):
+            s = parts[4]
+        return s[:300]
+    return ""
+
+
+def describe_exit(returncode: int | None, logpath: str) -> str:
+    """'exited with code 1: <last log line>' or 'killed by SIGKILL'."""
+    if returncode is None:
+        how = "exited"
+    elif returncode < 0:
+        try:
+            how = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"killed by signal {-returncode}"
+    else:
+        how = f"exited with code {returncode}"
+    line = last_log_line(logpath) if returncode is None or returncode > 0 else ""
+    return f"{how}: {line}" if line else how
+
+
+class Supervisor:
+    """What `replfs up` does while it runs: restart a server (or the view server) that
+    died, after a backoff that doubles each time it dies again soon after a start
+    (BACKOFF seconds), and give up on it after len(BACKOFF) such restarts, recording
+    why in DIR/run/up.json (which `replfs status` shows). A process that stayed up
+    STABLE seconds starts with a clean slate."""
+
+    BACKOFF = (1.0, 2.0, 4.0, 8.0)
+    STABLE = 30.0
+
+    def __init__(self, cluster: "Cluster", names: list[str], state: dict):
+        self.cluster = cluster
+        self.names = names
+        self.state = state
+        state.setdefault("restarts", {})
+        state.setdefault("given_up", {})
+        now = time.monotonic()
+        self.started = {n: now for n in names}
+        self.quick_deaths = {n: 0 for n in names}
+        self.dead_since: dict[str, float] = {}
+
+    def _exit_reason(self, name: str) -> str:
+        proc = self.cluster.procs.get(name)
+        rc = proc.poll() if proc is not None else None
+        return describe_exit(rc, os.path.join(self.cluster.cfg.log_dir(), f"{name}.log"))
+
+    def poll(self, now: float | None = None) -> None:
+        """Look at every supervised process once; restart or give up as due."""
+        now = time.monotonic() if now is None else now
+        for name in self.names:
+            if name in self.state["given_up"]:
+                continue
+            if self.cluster.alive(name):
+                continue
+            if name not in self.dead_since:
+                self.dead_since[name] = now
+                if now - self.started[name] >= self.STABLE:
+                    self.quick_deaths[name] = 0
+                self.quick_deaths[name] += 1
+                reason = self._exit_reason(name)
+                self.state.setdefault("last_exit", {})[name] = reason
+                if self.quick_deaths[name] > len(self.BACKOFF):
+                    why = (f"gave up after {len(self.BACKOFF)} restarts: it {reason}")
+                    log.error("%s %s", name, why)
+                    self.state["given_up"][name] = why
+                    write_run_state(self.cluster.cfg, self.state)
+                    continue
+                log.warning("%s %s; restarting it in %.0f s", name, reason,
+                            self.BACKOFF[self.quick_deaths[name] - 1])
+                write_run_state(self.cluster.cfg, self.state)
+            if now - self.dead_since[name] >= self.BACKOFF[self.quick_deaths[name] - 1]:
+                del self.dead_since[name]
+                self.started[name] = now
+                self.state["restarts"][name] = self.state["restarts"].get(name, 0) + 1
+                if name == VIEWSERVER:
+                    self.cluster.start_viewserver()
+                else:
+                    self.cluster.start_server(name)
+                write_run_state(self.cluster.cfg, self.state)

@@ -224,7 +224,7 @@ async def serve_remote(dirpath: str, mnt: str, allow_other: bool = False,
                  f"(`replfs status {dirpath}`)")
         try:
             await serve_fuse(Operations(rfs), mnt, allow_other=allow_other, ready_fd=ready_fd,
-                             fail=fail, options=options)
+                             fail=fail, options=options, source=cfg.dir)
         finally:
             await rfs.aclose()
             log.info("unmounted %s (client stats %s; requests %s)", mnt, rfs.stats,

@@ -199,7 +199,8 @@ async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
                  f"`replfs fsck --repair`")
         try:
             await serve_fuse(Operations(fs), mnt, allow_other=allow_other, ready_fd=ready_fd,
-                             fail=fail, options=options, background=[partial(fs.mgr.flush_behind, FLUSH_BEHIND)])
+                             fail=fail, options=options, source=os.path.abspath(dirpath),
+                             background=[partial(fs.mgr.flush_behind, FLUSH_BEHIND)])
         finally:
             await fs.close()
             if history is not None:
@@ -210,15 +211,19 @@ async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
 
 
 async def serve_fuse(ops, mnt: str, *, allow_other: bool, ready_fd: int | None, fail,
-                     background=(), options=frozenset()) -> None:
+                     background=(), options=frozenset(), source: str = "replfs") -> None:
     """Mount `ops` (a pyfuse3 Operations) on `mnt` with the replfs options (and
-    `options`, libfuse's generic mount flags: see mount_helper.FUSE_OPTIONS), write "ready"
+    `options`, libfuse's generic mount flags: see mount_helper.FUSE_OPTIONS), named
+    `source` in the mount table (the directory mounted: so `mount -a` knows an fstab
+    line as mounted, and `df` shows what is), write "ready"
     to `ready_fd`, and serve until unmounted or signalled (SIGINT, SIGTERM, SIGHUP),
     running each of `background` beside it; always unmounts. `fail(msg)` reports a mount
     that cannot be made (it raises)."""
     import pyfuse3
 
-    options = set(pyfuse3.default_options) | {"fsname=replfs", "subtype=replfs"} | set(options)
+    fsname = source.replace("\\", "\\\\").replace(",", "\\,")    # libfuse's escapes
+    options = (set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=replfs"}
+               | set(options))
     if allow_other:
         options.add("allow_other")
     try:

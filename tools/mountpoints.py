@@ -46,9 +46,11 @@ def unmount(mnt) -> None:
 
 def spawn_ready(argv: list[str], logpath: str) -> int:
     """Start `replfs ARGV --ready-fd W` detached (its output to `logpath`) and return
-    its pid once it writes "ready"; ReplfsError with its message if it exits first."""
+    its pid once it writes "ready"; if it exits first, ReplfsError with one line that
+    says why: the message it sent, else the last line it logged."""
     r, w = os.pipe()
     with open(logpath, "ab") as logf:
+        start = logf.tell()
         proc = subprocess.Popen([sys.executable, "-m", "replfs.tools.cli", *argv,
                                  "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
                                 stdout=logf, stderr=logf, start_new_session=True)
@@ -58,8 +60,28 @@ def spawn_ready(argv: list[str], logpath: str) -> int:
     if msg.startswith(b"ready"):
         return proc.pid
     rc = proc.wait()
-    raise ReplfsError(f"`replfs {argv[0]}` exited (code {rc}) before it was ready; see {logpath}"
-                      + (f": {msg.decode(errors='replace').strip()}" if msg else ""))
+    text = msg.decode(errors="replace").strip()
+    if text.startswith("error:"):
+        why = text[len("error:"):].strip()
+    else:
+        last = _last_line(logpath, start)
+        why = (f"`replfs {argv[0]}` exited with code {rc} before it was ready"
+               + (f": {last}" if last else ""))
+    raise ReplfsError(" ".join(why.split()) + f" (log {logpath})")
+
+
+def _last_line(path: str, start: int) -> str:
+    """The last non-blank, unindented line written to `path` after offset `start`."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(start, os.path.getsize(path) - 16384))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if line.strip() and not line[:1].isspace():
+            return line.strip()[:300]
+    return ""
 
 
 def ready_failer(ready_fd: int | None) -> Callable[[str], None]:

@@ -35,14 +35,23 @@ def mount_options(mnt) -> set[str]:
     raise AssertionError(f"{mnt} is not in /proc/self/mountinfo")
 
 
-def mount_type(mnt) -> str:
+def mount_entries(mnt) -> list[tuple[str, str]]:
+    """(type, source) of each mount on `mnt`, from /proc/self/mountinfo."""
     mnt = os.path.realpath(mnt)
+    out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             pre, _, post = line.partition(" - ")
-            if pre.split()[4] == mnt:
-                return post.split()[0]
-    raise AssertionError(f"{mnt} is not mounted")
+            if pre.split()[4].encode().decode("unicode_escape") == mnt:
+                fstype, source = post.split()[:2]
+                out.append((fstype, source.encode().decode("unicode_escape")))
+    return out
+
+
+def mount_type(mnt) -> str:
+    entries = mount_entries(mnt)
+    assert entries, f"{mnt} is not mounted"
+    return entries[-1][0]
 
 
 def served_by(mnt) -> list[psutil.Process]:
@@ -137,7 +146,12 @@ def test_fstab_line(cluster, tmp_path):
         r = subprocess.run(["mount", "-T", str(fstab), str(mnt)], capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        assert is_mounted(mnt)
+        assert mount_entries(mnt) == [("fuse.replfs", cluster.cfg.dir)]
+        # `mount -a` knows the line as mounted (the mount is named by its source)
+        r = subprocess.run(["mount", "-a", "-T", str(fstab)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert len(mount_entries(mnt)) == 1
         assert {"ro", "allow_other"} <= mount_options(mnt)
         os.listdir(mnt)
         with pytest.raises(OSError) as exc:
