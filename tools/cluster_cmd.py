@@ -4,7 +4,6 @@ MNT` without --local: the replicated cluster, its daemons and its FUSE client.""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -35,7 +34,9 @@ def register(sub) -> None:
                         "both replicas, forced within 1 s (the default), or once forced "
                         "(fsynced) on both (see docs/durability.md)")
     p.add_argument("--disks", type=int, default=4, help="disks per array (default 4)")
-    p.add_argument("--size", default="128M", help="size of each disk image (default 128M)")
+    p.add_argument("--size", default="2G",
+                   help="size of each disk image, sparse: it takes disk space only as "
+                        "it is written (default 2G)")
     p.add_argument("--new-secret", action="store_true",
                    help="only write a new secret in the existing (stopped) cluster DIR")
     p.set_defaults(func=cmd_init)
@@ -236,6 +237,8 @@ async def serve_remote(dirpath: str, mnt: str, allow_other: bool = False,
 def cmd_up(args) -> int:
     from replfs.tools.cluster import Cluster, init_cluster
     from replfs.tools.mount_cmd import _check_mountpoint
+    if os.path.exists(os.path.join(args.dir, CONFIG)):
+        _clear_the_way(Cluster(args.dir))     # before the mount point check: a dead mount
     _check_mountpoint(args.mountpoint)
     if not os.path.exists(os.path.join(args.dir, CONFIG)):
         if os.path.isdir(args.dir) and os.listdir(args.dir):
@@ -253,11 +256,20 @@ def cmd_up(args) -> int:
         return _spawn_and_wait(argv, cfg, "up", f"cluster {cfg.dir} up, mounted on "
                                f"{args.mountpoint}; stop it with `replfs down {args.dir}`")
     _logging()
-    cluster = Cluster(cfg.dir)
-    if any(cluster.alive(n) for n in [VIEWSERVER, *cfg.servers]):
-        raise ReplfsError(f"the cluster in {cfg.dir} is already running; `replfs down {cfg.dir}` first")
+    return _run_up(Cluster(cfg.dir), args)
+
+
+def _run_up(cluster, args) -> int:
+    """The foreground `up`: start every process, wait until every group is protected,
+    mount, then supervise until a signal or the mount ends; always unmount and stop
+    everything, and delete the run files, on the way out."""
+    from replfs.tools.cluster import Supervisor, remove_run_files, write_run_state
+    cfg = cluster.cfg
+    mnt = os.path.abspath(args.mountpoint)
+    state = dict(pid=os.getpid(), mountpoint=mnt, started=time.time())
     with open(cfg.pid_path("up"), "w") as f:
         f.write(f"{os.getpid()}\n")
+    write_run_state(cfg, state)
     stop = [False]
     mounted = [False]
 
@@ -269,8 +281,8 @@ def cmd_up(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         cluster.start_all()
-        cluster.wait_protected(timeout=120)
-        cluster.start("mount", ["mount", cfg.dir, os.path.abspath(args.mountpoint)]
+        cluster.wait_protected(timeout=120, fail_fast=True)
+        cluster.start("mount", ["mount", cfg.dir, mnt]
                       + (["--allow-other"] if args.allow_other else []))
         _wait_mounted(cluster, args.mountpoint)
         mounted[0] = True
@@ -280,32 +292,22 @@ def cmd_up(args) -> int:
             os.write(args.ready_fd, b"ready\n")
             os.close(args.ready_fd)
             args.ready_fd = None
-        died: dict[str, float] = {}
+        watch = Supervisor(cluster, [] if args.no_restart else [VIEWSERVER, *cfg.servers],
+                           state)
         while not stop[0]:
             time.sleep(0.2)
             if not cluster.alive("mount"):
                 log.warning("the mount process exited; stopping the cluster")
                 break
-            for s in cfg.servers:
-                if cluster.alive(s):
-                    died.pop(s, None)
-                elif not args.no_restart:
-                    t = died.setdefault(s, time.monotonic())
-                    if time.monotonic() - t > 1.0:
-                        log.warning("server %s died; restarting it", s)
-                        cluster.start_server(s)
-                        died.pop(s, None)
+            watch.poll()
     except ReplfsError as exc:
         if args.ready_fd is not None:
             os.write(args.ready_fd, b"error: " + str(exc).encode())
         raise
     finally:
-        unmount(args.mountpoint)
+        unmount(mnt)
         cluster.stop_all()
-        try:
-            os.unlink(cfg.pid_path("up"))
-        except FileNotFoundError:
-            pass
+        remove_run_files(cfg)
         print("replfs: unmounted and stopped", flush=True)
     return 0
 
@@ -315,161 +317,94 @@ def _wait_mounted(cluster, mnt: str, timeout: float = 30.0) -> None:
                  f"the mount process (log {cluster.cfg.log_dir()}/mount.log)", timeout)
 
 
-def cmd_down(args) -> int:
-    import psutil
+def _clear_the_way(cluster) -> None:
+    """Before `up` starts anything: ReplfsError if the cluster is already up or a
+    process of it runs that no `replfs up` started (by hand, say); if a `replfs up` was
+    killed (kill -9), stop what it left running, unmount its mount point and delete its
+    run files, and say so in one line."""
+    from replfs.tools.cluster import find_processes, read_run_state
+    cfg = cluster.cfg
+    found = find_processes(cluster.dir)
+    ups = [f for f in found if f.name == "up"]
+    if ups:
+        raise ReplfsError(f"the cluster in {cfg.dir} is already up (`replfs up`, pid "
+                          f"{ups[0].pid}); `replfs down {cfg.dir}` stops it")
+    run = read_run_state(cfg)
+    killed = run.get("pid") or cfg.read_pid("up")
+    left = ({cfg.read_pid(n) for n in ["mount", VIEWSERVER, *cfg.servers]} - {None}
+            if killed else set())
+    strangers = [f for f in found if f.pid not in left]
+    if strangers:
+        raise ReplfsError(
+            f"{_names(strangers)} of the cluster in {cfg.dir} already "
+            f"{'runs' if len(strangers) == 1 else 'run'}, not started by `replfs up`; "
+            f"stop {'it' if len(strangers) == 1 else 'them'} (`replfs down {cfg.dir}` does) "
+            f"and try again")
+    if killed:
+        what = _stop_leftovers(cluster, found, run)
+        print(f"replfs: a `replfs up` of {cfg.dir} (pid {killed}) was killed; "
+              + (f"cleaned up after it: {what}" if what else "it left nothing running"),
+              flush=True)
 
-    from replfs.tools.cluster import Cluster
-    cluster = Cluster(args.dir)
-    pid = cluster.pid("up")
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM)
-        try:
-            psutil.Process(pid).wait(60)
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.TimeoutExpired:
-            raise ReplfsError(f"`replfs up` (pid {pid}) did not stop within 60 s") from None
-    running = [n for n in ["mount", *cluster.cfg.servers, VIEWSERVER] if cluster.alive(n)]
+
+def _names(found) -> str:
+    return ", ".join(f"{f.name} (pid {f.pid})" for f in found)
+
+
+def _stop_leftovers(cluster, found, run: dict) -> str:
+    """Stop `found` (mount first, the view server last), unmount every mount point they
+    and `run` name, delete the run files; what was done, for one line of output."""
+    from replfs.tools.cluster import remove_run_files, stop_pids
+    from replfs.tools.mountpoints import is_mounted
+    rank = {"up": 0, "mount": 1, VIEWSERVER: 3}
+    found = sorted(found, key=lambda f: (rank.get(f.name, 2), f.name))
+    for r in sorted({rank.get(f.name, 2) for f in found}):
+        stop_pids([f.pid for f in found if rank.get(f.name, 2) == r],
+                  timeout=60 if r == 0 else 10, group=r != 0)
     cluster.stop_all()
-    print(f"replfs: cluster {cluster.dir} stopped"
-          + (f" (also stopped {', '.join(running)})" if running else ""))
+    mnts = {run.get("mountpoint")} | {f.mountpoint for f in found if f.mountpoint}
+    unmounted = []
+    for m in sorted(m for m in mnts if m):
+        if is_mounted(m):
+            unmount(m)
+            unmounted.append(m)
+    remove_run_files(cluster.cfg)
+    parts = []
+    if found:
+        parts.append(f"stopped {_names(found)}")
+    if unmounted:
+        parts.append(f"unmounted {', '.join(unmounted)}")
+    return "; ".join(parts)
+
+
+def cmd_down(args) -> int:
+    """Stop `replfs up` (which unmounts and stops what it started), then whatever of
+    the cluster still runs -- left by a killed `up`, or started by hand -- and unmount
+    what is still mounted; one line says what was done, or that nothing was running."""
+    from replfs.tools.cluster import Cluster, find_processes, read_run_state, stop_pids
+    from replfs.tools.mountpoints import is_mounted
+    cluster = Cluster(args.dir)
+    cfg = cluster.cfg
+    run = read_run_state(cfg)
+    found = find_processes(cluster.dir)
+    ups = [f for f in found if f.name == "up"]
+    up_mnt = [f.mountpoint for f in ups if f.mountpoint] or [run.get("mountpoint")]
+    stop_pids([f.pid for f in ups], timeout=60, group=False)   # it unmounts, stops all
+    rest = [f for f in find_processes(cluster.dir) if f.name != "up"]
+    dead_mount = not ups and any(m and is_mounted(m) for m in up_mnt)
+    what = _stop_leftovers(cluster, rest, run)
+    if ups:
+        print(f"replfs: cluster {cfg.dir} stopped (`replfs up` pid {ups[0].pid}"
+              + (f"; also {what}" if what else "") + ")")
+    elif what:
+        print(f"replfs: no `replfs up` of {cfg.dir} was running"
+              + (" (it was killed)" if run or dead_mount else "") + f"; {what}")
+    else:
+        print(f"replfs: nothing was running in {cfg.dir}")
     return 0
 
 
 # ---------------------------------------------------------------- status
 def cmd_status(args) -> int:
-    import psutil
-
-    from replfs.tools.cluster import Cluster
-    cluster = Cluster(args.dir)
-    st = cluster.status()
-    for name in ["up", VIEWSERVER, "mount", *cluster.cfg.servers]:
-        pid = cluster.pid(name)
-        info = dict(pid=pid, running=pid is not None)
-        if pid is not None:
-            try:
-                p = psutil.Process(pid)
-                info.update(cpu_percent=p.cpu_percent(interval=0.05), rss=p.memory_info().rss)
-            except psutil.Error:
-                pass
-        st.setdefault("processes", {})[name] = info
-    st["in_doubt"] = in_doubt(cluster.cfg, st)
-    st["pending_decisions"] = {s: (st["servers"].get(s) or {}).get("pending_decisions", 0)
-                               for s in cluster.cfg.servers
-                               if (st["servers"].get(s) or {}).get("pending_decisions")}
-    if args.json:
-        print(json.dumps(st, indent=2, default=str))
-        return 0
-    _print_status(cluster.cfg, st)
-    return 0
-
-
-def in_doubt(cfg, st: dict) -> list[dict]:
-    """Every prepared, undecided 2PC transaction a server reports, oldest first:
-    {server, group, gtid, coordinator, age}."""
-    out = []
-    for s in cfg.servers:
-        for t in (st["servers"].get(s) or {}).get("in_doubt") or []:
-            out.append(dict(server=s, group=cfg.group_of(s), gtid=str(t.get("gtid", "?")),
-                            coordinator=t.get("coordinator"), age=t.get("age")))
-    return sorted(out, key=lambda t: -(t["age"] or 0))
-
-
-def _size(n) -> str:
-    n = float(n or 0)
-    for unit in ("B", "K", "M", "G"):
-        if n < 1024 or unit == "G":
-            return f"{n:.0f}{unit}" if unit == "B" or n >= 10 else f"{n:.1f}{unit}"
-        n /= 1024
-    return "?"
-
-
-def _replication(info: dict) -> str:
-    done, total = info.get("sync_progress", [0, 0]) or [0, 0]
-    if info.get("role") == "primary":
-        rep = f"lag {_size(info.get('lag_bytes', 0))}"
-        if total and done < total:
-            rep += f", xfer {done}/{total}"
-        return rep
-    if info.get("role") == "backup":
-        return ("in sync" if info.get("backup_synced") else
-                f"xfer {done}/{total}" if total else "not in sync")
-    return "-"
-
-
-def _print_status(cfg, st: dict) -> None:
-    """The views, the 2PC state, then one row per server, in 80 columns."""
-    from rich import box
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = Console()
-    vs = st.get("viewserver") or {}
-    if not vs:
-        console.print("[red]view server not answering[/red]")
-    views = vs.get("groups") or {}
-    for g in sorted(set(cfg.groups) | {int(k) for k in views}):
-        v = views.get(str(g))
-        if v is None:
-            console.print(f"group {g}: [yellow]no view yet[/yellow] "
-                          f"(servers {', '.join(cfg.groups.get(g, []))})")
-            continue
-        state = ("[red]UNPROTECTED (no backup)[/red]" if v["unprotected"] else
-                 "[red]no primary[/red]" if not v["primary"] else "[green]protected[/green]")
-        if not v["acked"]:
-            state += " [yellow](view not acknowledged: state transfer?)[/yellow]"
-        console.print(f"group {g}: view {v['view']}  primary {v['primary'] or '-'}  "
-                      f"backup {v['backup'] or '-'}  {state}")
-    doubts = st.get("in_doubt")
-    if doubts is None:
-        doubts = in_doubt(cfg, st)
-    pending = {s: (st["servers"].get(s) or {}).get("pending_decisions")
-               for s in cfg.servers}
-    pending = {s: n for s, n in pending.items() if n}
-    for t in doubts:
-        age = f"{t['age']:.1f} s" if isinstance(t["age"], (int, float)) else "?"
-        coord = "?" if t["coordinator"] is None else t["coordinator"]
-        console.print(f"[yellow]in doubt:[/yellow] {escape(t['gtid'])} on {t['server']} "
-                      f"(coordinator group {coord}) for {age}")
-    if pending:
-        console.print(("" if doubts else "no transactions in doubt; ")
-                      + "decisions not yet acknowledged by every participant: "
-                      + ", ".join(f"{n} on {s}" for s, n in pending.items()))
-    elif not doubts:
-        console.print("no transactions in doubt, no decisions pending")
-    t = Table(title=f"replfs cluster {cfg.dir}", box=box.SIMPLE_HEAD, pad_edge=False,
-              show_edge=False, collapse_padding=True, title_justify="left")
-    for col, right in (("srv", False), ("grp", True), ("role", False), ("pid", True),
-                       ("cpu", True), ("mem", True), ("array", False), ("log", True),
-                       ("commit", True), ("abort", True), ("replication", False)):
-        t.add_column(col, justify="right" if right else "left", no_wrap=col != "replication")
-    for s in cfg.servers:
-        info = st["servers"].get(s) or {}
-        proc = st.get("processes", {}).get(s, {})
-        g = str(cfg.group_of(s))
-        if not info:
-            t.add_row(s, g, "[red]down[/red]" if not proc.get("running")
-                      else "[yellow]silent[/yellow]", str(proc.get("pid") or "-"),
-                      *[""] * 7)
-            continue
-        txn = info.get("txn", {})
-        arr = info.get("array", {})
-        role = info.get("role", "?")
-        if role == "primary" and not info.get("serving", True):
-            role = "primary!"         # primary in its own eyes, but not serving
-        health = str(arr.get("health", "?"))
-        health = "ok" if health == "healthy" else health
-        t.add_row(s, g, role, str(info.get("pid", "-")),
-                  f"{proc.get('cpu_percent', info.get('cpu_percent', 0)) or 0:.0f}%",
-                  _size(proc.get("rss", info.get("rss", 0))),
-                  f"{health} {arr.get('disks_ok', '?')}/{arr.get('disks', '?')}"
-                  + (f" {arr['repaired']} fixed" if arr.get("repaired") else ""),
-                  f"{_size(txn.get('log_bytes_used', 0))}/{_size(txn.get('log_size', 0))}",
-                  str(txn.get("commits", "")), str(txn.get("aborts", "")),
-                  _replication(info))
-    console.print(t)
-    if any(not (st["servers"].get(s) or {}).get("serving", True) for s in cfg.servers
-           if (st["servers"].get(s) or {}).get("role") == "primary"):
-        console.print("primary! = primary of its last view, but not serving (cut off from "
-                      "the view server?)")
+    from replfs.tools.status_cmd import cmd_status as status
+    return status(args)

@@ -383,7 +383,7 @@ def test_in_doubt_while_the_coordinator_is_unreachable(running):
             assert time.monotonic() < deadline, "the participant never showed a transaction in doubt"
             time.sleep(0.2)
         assert doubt[0]["coordinator"] == 0 and doubt[0]["gtid"].startswith("0.")
-        text = replfs("status", running.cfg.dir).stdout
+        text = replfs("status", running.cfg.dir, check=False).stdout   # not healthy
         assert "in doubt" in text and doubt[0]["gtid"] in text
         assert "ok" not in result           # the rename waits for the participant's locks
     finally:
