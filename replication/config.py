@@ -146,6 +146,11 @@ def write_secret(dirpath: str) -> str:
     return path
 
 
+# Each disk image of a new cluster: sparse (ftruncate), so it costs only what is written;
+# 4 of them make a 6 GiB array per server, ~6 GiB of filesystem per group.
+DEFAULT_DISK_SIZE = 2 * 2**30
+
+
 @dataclass
 class ClusterConfig:
     dir: str
@@ -154,14 +159,14 @@ class ClusterConfig:
     ping_interval: float = 0.1
     dead_pings: int = 5
     disks: int = 4
-    disk_size: int = 128 * 2**20
+    disk_size: int = DEFAULT_DISK_SIZE
     placement: str = "spread"      # where mkdir puts a new directory: see place_dir
     durability: str = "written"    # when an update is answered: see check_durability
 
     # ---------------------------------------------------------------- creation
     @classmethod
     def create(cls, dirpath: str, *, groups: int = 2, replicas: int = 2, disks: int = 4,
-               disk_size: int = 128 * 2**20,
+               disk_size: int = DEFAULT_DISK_SIZE,
                ping_interval: float = 0.1, dead_pings: int = 5,
                placement: str = "spread", durability: str = "written") -> "ClusterConfig":
         """Servers s0..s{groups*replicas-1}; group g is s{g*replicas}..s{g*replicas+replicas-1}."""
