@@ -5,8 +5,8 @@ replicated cluster. The FUSE adapter (fs/fuse_ops.py) takes it in place of a loc
 Groups: the namespace is spread over the replica groups, and an inode number carries its
 group (`ino >> 48`). Each operation goes to the primary of the group of its first inode
 argument (the parent directory for lookup, create, mkdir, unlink, rename...; the new
-parent for link); statfs asks every group (sums, but the smallest available); fsync without an inode flushes every
-group. A group answers EXDEV with an inode number when the operation needs an inode of
+parent for link); statfs asks every group (sums, but the smallest group's available);
+fsync without an inode flushes every group. A group answers EXDEV with an inode number when the operation needs an inode of
 another group (`ForeignInode`): lookup then reads that inode's attributes from its own
 group, and readdir does so for each entry that lives elsewhere. Operations that change
 two groups are the servers' business (two-phase commit between primaries, which use a
