@@ -20,9 +20,10 @@ def refused(r, says: str) -> None:
 
 
 def tree(path: Path) -> dict:
-    """Every file under `path` with its size (what a refused command must not change)."""
-    return {str(p.relative_to(path)): p.stat().st_size if p.is_file() else None
-            for p in sorted(path.rglob("*"))}
+    """Every file under `path` with its size (what a refused command must not change;
+    an empty folder such as run/ is no trace)."""
+    return {str(p.relative_to(path)): p.stat().st_size
+            for p in sorted(path.rglob("*")) if not p.is_dir()}
 
 
 def test_version():
