@@ -67,7 +67,8 @@ def spawn_ready(argv: list[str], logpath: str) -> int:
         last = _last_line(logpath, start)
         why = (f"`replfs {argv[0]}` exited with code {rc} before it was ready"
                + (f": {last}" if last else ""))
-    raise ReplfsError(" ".join(why.split()) + f" (log {logpath})")
+    why = " ".join(why.split())
+    raise ReplfsError(why if "(log " in why else f"{why} (log {logpath})")
 
 
 def _last_line(path: str, start: int) -> str:
