@@ -20,14 +20,14 @@ import trio
 
 from replfs.errors import ReplfsError
 from replfs.replication import wire
-from replfs.replication.config import VIEWSERVER, ClusterConfig
+from replfs.replication.config import DEFAULT_DISK_SIZE, VIEWSERVER, ClusterConfig
 
 log = logging.getLogger("replfs.cluster")
 REPLFS = [sys.executable, "-m", "replfs.tools.cli"]
 
 
 async def init_cluster(dirpath: str, *, groups: int = 2, replicas: int = 2, disks: int = 4,
-                       disk_size: int = 128 * 2**20, placement: str = "spread",
+                       disk_size: int = DEFAULT_DISK_SIZE, placement: str = "spread",
                        durability: str = "written",
                        progress=print) -> ClusterConfig:
     """Write a new cluster in `dirpath`: config, secret, an array and a filesystem per

@@ -34,7 +34,9 @@ def register(sub) -> None:
                         "both replicas, forced within 1 s (the default), or once forced "
                         "(fsynced) on both (see docs/durability.md)")
     p.add_argument("--disks", type=int, default=4, help="disks per array (default 4)")
-    p.add_argument("--size", default="128M", help="size of each disk image (default 128M)")
+    p.add_argument("--size", default="2G",
+                   help="size of each disk image, sparse: it takes disk space only as "
+                        "it is written (default 2G)")
     p.add_argument("--new-secret", action="store_true",
                    help="only write a new secret in the existing (stopped) cluster DIR")
     p.set_defaults(func=cmd_init)
@@ -223,7 +225,7 @@ async def serve_remote(dirpath: str, mnt: str, allow_other: bool = False,
                  f"(`replfs status {dirpath}`)")
         try:
             await serve_fuse(Operations(rfs), mnt, allow_other=allow_other, ready_fd=ready_fd,
-                             fail=fail, options=options)
+                             fail=fail, options=options, source=cfg.dir)
         finally:
             await rfs.aclose()
             log.info("unmounted %s (client stats %s; requests %s)", mnt, rfs.stats,
