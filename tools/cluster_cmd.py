@@ -51,11 +51,14 @@ def register(sub) -> None:
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("down", help="unmount and stop the cluster started by `replfs up DIR`")
+    p = sub.add_parser("down", help="unmount and stop every process of the cluster in DIR "
+                                    "(whoever started it)")
     p.add_argument("dir")
     p.set_defaults(func=cmd_down)
 
-    p = sub.add_parser("status", help="views, roles, processes, arrays and replication of DIR")
+    p = sub.add_parser("status", help="is the cluster in DIR healthy (exit 0), degraded (1), "
+                                      "unprotected (3), unavailable (4) or not running (5); "
+                                      "then its mounts, views, servers and arrays")
     p.add_argument("dir")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
