@@ -313,6 +313,13 @@ def render(cfg, st: dict) -> list[str]:
     given_up = run.get("given_up") or {}
     for s in cfg.servers:
         lines.append(_server_row(cfg, s, st, s in given_up))
+    for s in cfg.servers:
+        live = ((st["servers"].get(s) or {}).get("array") or {}).get("repaired") or 0
+        saved = sum(d.get("cksum_errors", 0) for d in (st["arrays"].get(s) or {}).get("disks")
+                    or [])
+        if live > saved:
+            lines += _wrap(f"{s}: {live - saved} more checksum errors repaired since its "
+                           f"array last wrote its counters (at its next flush)", "")
     if any((st["servers"].get(s) or {}).get("role") == "primary"
            and not (st["servers"].get(s) or {}).get("serving", True) for s in cfg.servers):
         lines += _wrap("primary! = primary of its last view, but not serving (cut off "
