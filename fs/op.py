@@ -110,6 +110,10 @@ class Op:
         await self.fs.bmap.free(self.txn, n)
         self.freed_blocks.append(n)
 
+    async def free_blocks(self, ns: list[int]) -> None:
+        await self.fs.bmap.free_many(self.txn, ns)
+        self.freed_blocks.extend(ns)
+
     async def read_block(self, n: int) -> bytes:
         return await self.txn.read(n)
 
