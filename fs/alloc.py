@@ -93,6 +93,21 @@ class ByteMap:
         blk, off = self._locate(n)
         await txn.write(blk, off, FREE)
 
+    async def free_many(self, txn, ns) -> None:
+        """`free` of each of `ns`, with one map write per contiguous run."""
+        ns = sorted(ns)
+        if ns and not (self.first <= ns[0] and ns[-1] < self.count):
+            raise FsError(errno.EIO, f"freeing {self.name} {ns[0]}..{ns[-1]} out of range")
+        i = 0
+        while i < len(ns):
+            j = i + 1
+            blk, off = self._locate(ns[i])
+            # a run ends at a gap or at the end of the map block
+            while j < len(ns) and ns[j] == ns[j - 1] + 1 and off + (j - i) < BLOCK_SIZE:
+                j += 1
+            await txn.write(blk, off, FREE * (j - i))
+            i = j
+
     async def repair(self, txn, n: int, used: bool) -> bool:
         """fsck: set object `n`'s map byte (on disk, in `txn`, and in memory) to what
         was found; True if it changed. Not for normal allocation (see the class doc)."""

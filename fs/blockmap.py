@@ -131,6 +131,22 @@ async def _truncate(op: Op, node: Inode, blk: int, level: int, base: int, keep: 
     span = PTRS_PER_BLOCK ** (level - 1)
     ptrs = list(memoryview(await op.read_block(blk)).cast("I"))
     whole = base >= keep
+    if level == 1:
+        # the data blocks it points to: freed together (one map write per run), their
+        # pointers zeroed together (they are every pointer from the first one on)
+        first = max(0, keep - base)
+        freed = [child for child in ptrs[first:] if child]
+        if freed:
+            await op.free_blocks(freed)
+            node.blocks -= len(freed)
+        if whole:
+            await op.free_block(blk)
+            node.blocks -= 1
+            return True
+        if freed:
+            last = max(i for i in range(first, len(ptrs)) if ptrs[i])
+            await op.write_block(blk, 4 * first, bytes(4 * (last + 1 - first)))
+        return False
     for i, child in enumerate(ptrs):
         if child == 0:
             continue

@@ -18,6 +18,7 @@ import errno
 import logging
 import stat
 import time
+from collections import deque
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -160,6 +161,40 @@ class FileSystem:
         # freed at once): their numbers are not reused before `release_number`, as the
         # FUSE protocol asks (a reply naming the old inode could still be on its way)
         self._held_numbers: set[int] = set()
+        self._recent_frees: dict[int, int] = {}         # block -> LSN of the freeing commit
+        self._frees_queue: deque[tuple[int, list[int]]] = deque()
+        self.frees_settled: Callable[[int], bool] = self._default_frees_settled
+
+    # ---------------------------------------------------------------- ordered mode
+    # A file's new data blocks are written in place before the commit, unlogged
+    # (Txn.write_fresh). A block freed by a commit that a crash could still take back
+    # (not yet forced here -- and on the backup, `frees_settled` of a primary) would
+    # then hold the new owner's bytes under the old owner: such a block is logged.
+
+    def _default_frees_settled(self, lsn: int) -> bool:
+        return self.mgr.log.durable_lsn > lsn
+
+    def blocks_freed(self, lsn: int, blocks: list[int]) -> None:
+        """The commit at `lsn` freed `blocks` (called before they can be reused)."""
+        for b in blocks:
+            self._recent_frees[b] = lsn
+        self._frees_queue.append((lsn, blocks))
+        self._settle_frees()
+
+    def _settle_frees(self) -> None:
+        q = self._frees_queue
+        while q and self.frees_settled(q[0][0]):
+            lsn, blocks = q.popleft()
+            for b in blocks:
+                if self._recent_frees.get(b) == lsn:
+                    del self._recent_frees[b]
+
+    def fresh_ok(self, block: int) -> bool:
+        """May a new owner write `block` in place (its freeing can no longer be lost)?"""
+        if block not in self._recent_frees:
+            return True
+        self._settle_frees()
+        return block not in self._recent_frees
 
     def numbers_held(self, inos) -> None:
         self._held_numbers.update(inos)
@@ -638,10 +673,13 @@ class FileSystem:
                 lo = max(offset, bstart)
                 hi = min(end, bstart + BLOCK_SIZE)
                 seg = mv[lo - offset:hi - offset]
-                if fresh:
+                if fresh:       # ordered mode: in place before the commit, not logged
                     inoff = lo - bstart
-                    full = bytes(inoff) + bytes(seg) + bytes(BLOCK_SIZE - inoff - len(seg))
-                    await op.write_block(blk, 0, full, undo=False)
+                    if len(seg) == BLOCK_SIZE:
+                        full = bytes(seg)
+                    else:
+                        full = bytes(inoff) + bytes(seg) + bytes(BLOCK_SIZE - inoff - len(seg))
+                    await op.write_fresh(blk, full)
                 else:
                     await op.write_block(blk, lo - bstart, bytes(seg))
             crash_point("fs.write.blocks_written")

@@ -110,6 +110,18 @@ class Op:
         await self.fs.bmap.free(self.txn, n)
         self.freed_blocks.append(n)
 
+    async def free_blocks(self, ns: list[int]) -> None:
+        await self.fs.bmap.free_many(self.txn, ns)
+        self.freed_blocks.extend(ns)
+
+    async def write_fresh(self, n: int, data: bytes) -> None:
+        """All of block `n`, freshly allocated by this operation: in place before the
+        commit (Txn.write_fresh) unless its freeing is not settled (FileSystem.fresh_ok)."""
+        if self.fs.fresh_ok(n):
+            await self.txn.write_fresh(n, data)
+        else:
+            await self.txn.write(n, 0, data, undo=False)
+
     async def read_block(self, n: int) -> bytes:
         return await self.txn.read(n)
 
@@ -127,5 +139,8 @@ class Op:
         self.fs.numbers_held(make_ino(self.sb.group, slot) for slot in self.held_inodes)
 
     def committed(self) -> None:
+        rec = self.txn.commit_record
+        if self.freed_blocks and rec is not None and rec.lsn is not None:
+            self.fs.blocks_freed(rec.lsn, self.freed_blocks)
         self.fs.bmap.commit_freed(self.freed_blocks)
         self.fs.imap.commit_freed(self.freed_inodes)

@@ -240,13 +240,13 @@ class BackupRole:
         for rlsn, cs, kind, payload, locks in msg.records:
             gtid = payload.get("gtid") if isinstance(payload, dict) else None
             if kind == "commit" and gtid is None:
-                changes.extend((b, o, d) for b, o, d in cs)
+                changes.extend(cs)      # [block, offset, data(, 1 for a fresh block)]
                 continue
             # a 2PC event (replication/twopc.py): applied in its place in the order
             if changes:
                 self._enqueue(("fwd", changes, rlsn), sum(len(c[2]) for c in changes))
                 changes = []
-            item = ("2pc", kind, str(gtid), [(b, o, d) for b, o, d in cs], payload,
+            item = ("2pc", kind, str(gtid), [(c[0], c[1], c[2]) for c in cs], payload,
                     [tuplify(k) for k in locks], rlsn)
             self._enqueue(item, sum(len(c[2]) for c in cs))
         if changes:

@@ -318,7 +318,8 @@ class PrimaryRole:
     async def _send_forward(self, ch, v: View, p: Primary, batch) -> int:
         lsn = batch[-1].lsn
         p.unacked.append((lsn, {c.block for r in batch for c in r.changes}))
-        records = [[r.lsn, [[c.block, c.offset, c.data] for c in r.changes], r.kind,
+        records = [[r.lsn, [[c.block, c.offset, c.data, 1] if c.fresh else
+                            [c.block, c.offset, c.data] for c in r.changes], r.kind,
                     r.payload if isinstance(r.payload, dict) else None, list(r.locks)]
                    for r in batch]
         t0 = time.perf_counter()

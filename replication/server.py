@@ -168,6 +168,7 @@ class ReplicaServer(PrimaryRole, BackupRole):
         send, recv = trio.open_memory_channel(float("inf"))
         self.primary = Primary(secrets.token_hex(8), table, recv)
         self.primary.stream = send
+        self.fs.frees_settled = self._frees_settled
         self.primary.pump = trio.CancelScope()
         self._nursery.start_soon(self._pump, self.fs.mgr.subscribe(), send, self.primary.pump)
         self.role = "primary"
@@ -175,6 +176,15 @@ class ReplicaServer(PrimaryRole, BackupRole):
         log.info("promoted to primary of view %d (incarnation %s)", v.num,
                  self.primary.incarnation)
         await self.twopc.on_promote(self.primary)
+
+    def _frees_settled(self, lsn: int) -> bool:
+        """A commit's freeing of blocks can no longer be taken back: forced here and, with
+        a backup, on the backup too (a block it frees is written in place by its next
+        owner on both replicas: fs/core.py, ordered mode)."""
+        p = self.primary
+        if p is None or self.fs.mgr.log.durable_lsn <= lsn:
+            return False
+        return not self.view.backup or p.backup_durable >= lsn
 
     def _recorder(self):
         """`REPLFS_HISTORY_DIR`: a primary streams its history there (tests check the
@@ -338,8 +348,9 @@ def _check_link(msg) -> None:
     if isinstance(msg, wire.Forward):
         ok = isinstance(msg.records, list) and msg.records and all(
             isinstance(r, list) and len(r) == 5 and isinstance(r[0], int) and isinstance(r[1], list)
-            and all(isinstance(c, list) and len(c) == 3 and isinstance(c[0], int)
-                    and isinstance(c[1], int) and isinstance(c[2], bytes) for c in r[1])
+            and all(isinstance(c, list) and len(c) in (3, 4) and isinstance(c[0], int)
+                    and isinstance(c[1], int) and isinstance(c[2], bytes)
+                    and (len(c) == 3 or c[3] == 1) for c in r[1])
             and r[2] in ("commit", "prepare", "abort") and (r[3] is None or isinstance(r[3], dict))
             and isinstance(r[4], list)
             for r in msg.records)

@@ -355,13 +355,23 @@ class Channel:
         return self._local or (self.faults.node if self.faults is not None else "")
 
     async def _exactly(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            chunk = await self.stream.receive_some(max(65536, n - len(self._buf)))
+        buf = self._buf
+        while len(buf) < n:
+            chunk = await self.stream.receive_some(max(65536, n - len(buf)))
             if not chunk:
                 raise EOFError(f"{self.peer} closed the connection")
-            self._buf += chunk
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
+            if not buf and len(chunk) >= n:     # the common case: no copy at all
+                if len(chunk) > n:
+                    buf += memoryview(chunk)[n:]
+                    return chunk[:n]
+                return chunk
+            buf += chunk
+        if len(buf) == n:
+            out = bytes(buf)
+            buf.clear()
+        else:
+            out = bytes(memoryview(buf)[:n])
+            del buf[:n]         # (a bytearray drops its head without moving the rest)
         return out
 
     async def receive(self):

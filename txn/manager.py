@@ -73,6 +73,22 @@ class Change(NamedTuple):
     block: int
     offset: int
     data: bytes
+    fresh = False
+
+
+class FreshChange(Change):
+    """A whole new block that nobody could see before (written in place, not logged)."""
+    __slots__ = ()
+    fresh = True
+
+
+def _changes(txn) -> tuple[Change, ...]:
+    """The after-images a transaction's records ship: its logged updates, then its
+    fresh blocks."""
+    out = tuple(Change(u.block, u.offset, u.new) for u in txn.updates)
+    if txn.fresh:
+        out += tuple(FreshChange(b, 0, d) for b, d in txn.fresh.items())
+    return out
 
 
 @dataclass(frozen=True)
@@ -124,6 +140,8 @@ class Txn:
         self.log_bytes = 0         # log bytes this txn has used and promised so far
         self.payload: Any = None   # PREPARE payload
         self.commit_record: CommitRecord | None = None
+        # whole new blocks written in place at commit instead of logged (`write_fresh`)
+        self.fresh: dict[int, bytes] = {}
         # called (synchronously) once committed, before its locks are released: what a
         # layer above caches of the committed state is then updated in commit order
         self.on_commit: list[Callable[[], None]] = []
@@ -174,6 +192,16 @@ class Txn:
         raises `LogFull` if none can be made."""
         self._check_usable()
         await self.mgr._write(self, block, offset, bytes(data), undo)
+
+    async def write_fresh(self, block: int, data: bytes) -> None:
+        """Write all of `block`, a block nobody can see the old contents of (freshly
+        allocated, not yet referenced by anything committed) -- ordered mode: the
+        bytes go in place, unlogged, before the COMMIT record is appended, so a crash
+        leaves either the committed transaction with its data, or a block still free.
+        Falls back to a logged `write(undo=False)` where recovery would replay older
+        records of the block over it (it was logged since the last checkpoint)."""
+        self._check_usable()
+        await self.mgr._write_fresh(self, block, bytes(data))
 
     def record_read(self, key: Hashable) -> None:
         """Add a read of a caller-named object to the history (if one is recorded)."""
@@ -245,8 +273,14 @@ class TxnManager:
         self._ckpt_running = False
         self.closed = False
         self._stats = dict(commits=0, aborts=0, retries=0, checkpoints=0, log_full_waits=0,
-                           log_full_aborts=0, lazy_commits=0)
+                           log_full_aborts=0, lazy_commits=0, fresh_blocks=0,
+                           fresh_logged=0)
         self.recovery: dict[str, Any] = {}
+        # Ordered mode (`Txn.write_fresh`): the LSN from which a recovery now would redo
+        # (None until this manager's first checkpoint is durable), and the last LSN of
+        # an UPDATE/CLR of each block logged since then (older entries are pruned).
+        self._redo_from: int | None = None
+        self._logged: dict[int, int] = {}
 
     # ---- creation -------------------------------------------------------------------
 
@@ -420,7 +454,7 @@ class TxnManager:
                     await txn.abort()
                 raise
 
-    async def apply(self, changes: Iterable[tuple[int, int, bytes]], payload: Any = None,
+    async def apply(self, changes: Iterable[tuple], payload: Any = None,
                     *, durable: bool = True, undo: bool = True) -> CommitRecord:
         """Apply a primary's committed changes as one local transaction (the backup side).
 
@@ -430,11 +464,16 @@ class TxnManager:
         only (a crash in the middle may then leave part of the changes: only for a caller
         that re-applies them after a crash, as a backup re-synchronises).
         """
-        changes = [Change(b, o, bytes(d)) for b, o, d in changes]
+        changes = [(FreshChange if len(c) > 3 and c[3] else Change)(c[0], c[1], bytes(c[2]))
+                   for c in changes]
+        bs = self.device.block_size
 
         async def fn(txn: Txn) -> CommitRecord:
             for c in changes:
-                await txn.write(c.block, c.offset, c.data, undo=undo)
+                if c.fresh and c.offset == 0 and len(c.data) == bs:
+                    await txn.write_fresh(c.block, c.data)
+                else:
+                    await txn.write(c.block, c.offset, c.data, undo=undo)
             return await txn.commit(payload, durable=durable)
 
         return await self.run(fn, name="apply")
@@ -494,6 +533,12 @@ class TxnManager:
         size = bs - offset if size is None else size
         if offset < 0 or size < 0 or offset + size > bs:
             raise ValueError(f"range {offset}+{size} outside a {bs}-byte block")
+        fresh = txn.fresh.get(block)
+        if fresh is not None:
+            data = fresh[offset:offset + size]
+            if self.history is not None:
+                self.history.read(txn.id, BlockRange(block, offset, offset + size))
+            return data
         page = await self.cache.get(block)
         data = bytes(page.data[offset:offset + size])
         if self.history is not None:
@@ -533,6 +578,9 @@ class TxnManager:
 
     async def _write(self, txn: Txn, block: int, offset: int, data: bytes, undo: bool) -> None:
         self._check_block(block)
+        if txn.fresh and block in txn.fresh:
+            # written fresh by this transaction, now changed in part: log it whole first
+            await self._write(txn, block, 0, txn.fresh.pop(block), False)
         n = len(data)
         bs = self.device.block_size
         if offset < 0 or offset + n > bs:
@@ -556,6 +604,7 @@ class TxnManager:
         # from here to the end: no await, so log record and page change are one step
         old = bytes(page.data[offset:offset + n]) if undo else None
         lsn, end = self.log.append(Update(txn.id, block, offset, data, old), reserved=need)
+        self._logged[block] = lsn
         page.data[offset:offset + n] = data
         self.cache.changed(page, end)
         txn.updates.append(_Upd(lsn, block, offset, old, data))
@@ -564,6 +613,32 @@ class TxnManager:
         if self.history is not None:
             self.history.write(txn.id, BlockRange(block, offset, offset + n))
         crash_point("txn.write.logged")
+
+    async def _write_fresh(self, txn: Txn, block: int, data: bytes) -> None:
+        self._check_block(block)
+        if len(data) != self.device.block_size:
+            raise ValueError(f"a fresh write is a whole block, not {len(data)} bytes")
+        if self._redo_from is None or self._logged.get(block, -1) >= self._redo_from:
+            # recovery would redo older records of this block over the new bytes
+            self._stats["fresh_logged"] += 1
+            await self._write(txn, block, 0, data, False)
+            return
+        txn.fresh[block] = data
+        if self.history is not None:
+            self.history.write(txn.id, BlockRange(block, 0, len(data)))
+
+    async def _write_fresh_blocks(self, txn: Txn) -> None:
+        """Before the COMMIT (or PREPARE) record: the transaction's fresh blocks in place;
+        a cached page of one (left from its previous life) takes the new bytes."""
+        fresh = txn.fresh
+        await self.device.write_blocks(fresh)
+        crash_point("txn.commit.fresh_written")
+        for block, data in fresh.items():
+            page = self.cache.pages.get(block)
+            if page is not None:
+                page.data[:] = data
+                page.version += 1
+        self._stats["fresh_blocks"] += len(fresh)
 
     async def _reserve(self, nbytes: int) -> None:
         """Promise `nbytes` of log space, waiting for a checkpoint to free some if needed.
@@ -586,6 +661,8 @@ class TxnManager:
         self.log.reserved += nbytes
 
     async def _prepare(self, txn: Txn, payload: Any) -> int:
+        if txn.fresh:
+            await self._write_fresh_blocks(txn)
         locks = [k for k, m in self.locks.held(txn).items() if m == "X"]
         size = _size(_packed_len([payload, locks]))
         keep = COMMIT_SIZE + (ABORT_SIZE if txn.first_lsn is None else 0)
@@ -598,8 +675,7 @@ class TxnManager:
         txn.state = "preparing"
         if self._subscribers:
             self._queue_publish(end, CommitRecord(
-                lsn, txn.id, tuple(Change(u.block, u.offset, u.new) for u in txn.updates),
-                payload, "prepare", tuple(locks)))
+                lsn, txn.id, _changes(txn), payload, "prepare", tuple(locks)))
         crash_point("txn.prepare.appended")
         with trio.CancelScope(shield=True):
             await self.log.force(end)
@@ -610,7 +686,9 @@ class TxnManager:
 
     async def _commit(self, txn: Txn, payload: Any, durable: bool = True) -> CommitRecord:
         prepared = txn.state == "prepared"
-        if not (txn.updates or prepared or payload is not None):
+        if txn.fresh and not prepared:
+            await self._write_fresh_blocks(txn)    # ordered: the data before its COMMIT
+        if not (txn.updates or txn.fresh or prepared or payload is not None):
             rec = CommitRecord(None, txn.id, (), None)   # read-only: nothing to log
             await self._finish(txn, "committed")
             return rec
@@ -625,8 +703,7 @@ class TxnManager:
         lsn, end = self.log.append(Commit(txn.id, payload), reserved=size)
         if from_txn:
             txn.reserved -= size
-        rec = CommitRecord(lsn, txn.id, tuple(Change(u.block, u.offset, u.new)
-                                              for u in txn.updates),
+        rec = CommitRecord(lsn, txn.id, _changes(txn),
                            txn.payload if payload is None else payload)
         txn.commit_record = rec
         txn.state = "committing"
@@ -718,6 +795,7 @@ class TxnManager:
                     end = None
             page.data[u.offset:u.offset + len(u.old)] = u.old
             if end is not None:
+                self._logged[u.block] = end
                 self.cache.changed(page, end)
                 crash_point("txn.abort.clr")
 
@@ -836,6 +914,10 @@ class TxnManager:
         lsn, end = self.log.append(rec)
         await self.log.force(end)
         crash_point("txn.checkpoint.logged")
+        # a recovery from now on redoes from redo_lsn: blocks logged only before it may
+        # take fresh (unlogged) writes
+        self._redo_from = redo_lsn
+        self._logged = {b: x for b, x in self._logged.items() if x >= redo_lsn}
         await self.log.write_header(start_lsn=tail, ckpt_lsn=lsn)
         crash_point("txn.checkpoint.truncated")
         self._stats["checkpoints"] += 1
