@@ -28,6 +28,7 @@ def test_init_writes_secret_0600_and_refuses_twice(tmp_path):
 def test_up_daemon_status_kill_down(tmp_path):
     d, mnt = tmp_path / "c", tmp_path / "mnt"
     mnt.mkdir()
+    replfs("init", d, "--size", "32M")     # (the default size: test_everyday.py)
     try:
         replfs("up", d, mnt, "--daemon")
         assert is_mounted(mnt)
