@@ -228,6 +228,9 @@ class BackupRole:
         if refused:
             await ch.send(refused)
             return True
+        # every message the backup takes from its primary renews the primary's lease
+        # (sent before it arrived): no serving as a primary ourselves until it ran out
+        self.lease_granted_at = trio.current_time()
         while self._queued_bytes > QUEUE_MAX:   # flow control: stop reading the link
             await self._changed.wait()
         return False
@@ -282,6 +285,11 @@ class BackupRole:
         log.info("in sync with primary %s (incarnation %s, lsn %d)", msg.primary,
                  msg.incarnation, msg.lsn)
         await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))
+
+    async def _on_renew(self, ch: wire.Channel, msg: wire.Renew) -> None:
+        if await self._refuse(ch, msg):
+            return
+        await ch.send(wire.Ack(0, self._durable_for(self.sync_incarnation)))
 
     async def _on_flush(self, ch: wire.Channel, msg: wire.Flush) -> None:
         if await self._refuse(ch, msg):

@@ -27,6 +27,14 @@ backup reports its durable position (the primary's incarnation id and the LSN of
 last batch it forced), and if it is in the current incarnation only the dirty blocks are
 sent.
 
+The lease: a primary serves (reads included) only while it heard from the view server
+within `lease` (dead_pings x ping_interval) -- after that the view server may have made
+its backup primary. While the view server is silent (dead, restarting), the backup
+renews the lease instead: every message it takes from its primary counts (`Renew` when
+idle), it accepts them only as the backup of the current view, and once it has renewed
+a lease it does not serve as primary itself until that lease ran out. A primary whose
+view has no backup needs no lease: nobody else can become primary of its group.
+
 The attributes used here belong to `ReplicaServer` (replication/server.py), which sets
 them all up in its `__init__`.
 """
@@ -117,6 +125,7 @@ class Primary:
     dirty_base: int = -1
     unacked: list | None = None     # [(lsn, blocks)] sent, not yet durable on the backup
     backup_durable: int = 0
+    lease_from: float = -1e9        # sent time of the last request the backup acknowledged
     markers: list = field(default_factory=list)     # fsyncs waiting for the backup's flush
     pump: trio.CancelScope | None = None
     stream: trio.MemorySendChannel | None = None
@@ -139,6 +148,12 @@ class PrimaryRole:
     # ---------------------------------------------------------------- primary: replication
     async def _replicate(self, v: View) -> None:
         p = self.primary
+        # as a backup this server renewed the old primary's lease: it may still serve
+        # until that ran out
+        wait = self.lease_granted_at + self.lease - trio.current_time()
+        if wait > 0:
+            log.info("waiting %.2f s for the old primary's lease to run out", wait)
+            await trio.sleep(wait)
         if p.unacked is not None or p.backup_synced:
             self._lost_backup(p)
         if not v.backup:
@@ -302,8 +317,11 @@ class PrimaryRole:
             self._notify()
             while True:
                 await self._flush_backup(ch, v, p)
-                batch = await self._next_batch(p)
-                if batch:
+                with trio.move_on_after(self.lease / 3) as idle:
+                    batch = await self._next_batch(p)
+                if idle.cancelled_caught:
+                    await self._call(ch, wire.Renew(v.num, self.name))
+                elif batch:
                     await self._send_forward(ch, v, p, batch)
         finally:
             await ch.aclose()
@@ -331,6 +349,7 @@ class PrimaryRole:
         return lsn
 
     async def _call(self, ch, msg) -> None:
+        sent = trio.current_time()
         with trio.fail_after(ACK_TIMEOUT):
             await ch.send(msg)
             reply = await ch.receive()
@@ -339,6 +358,8 @@ class PrimaryRole:
         if not isinstance(reply, wire.Ack):
             raise LinkError(f"backup answered {reply.TAG}")
         p = self.primary
+        if p is not None:
+            p.lease_from = max(p.lease_from, sent)
         if p is not None and isinstance(reply.durable, int) and reply.durable > p.backup_durable:
             p.backup_durable = reply.durable
             if p.unacked:
@@ -370,8 +391,15 @@ class PrimaryRole:
     def _check_serving(self) -> None:
         if self.role != "primary" or not self.serving:
             raise NotPrimaryError("not primary" if self.role != "primary" else "not ready")
-        if trio.current_time() - self.last_vs_contact > self.lease:
-            raise NotPrimaryError("cut off from the view server")
+        now = trio.current_time()
+        if now - self.last_vs_contact > self.lease and self.view.backup:
+            # the view server may have given the group to the backup: serve on only while
+            # the backup itself renews the lease (it answers only as our backup, and then
+            # does not serve as primary for a lease). With no backup in the view nobody
+            # else can become primary of the group: no lease is needed.
+            p = self.primary
+            if p is None or not p.backup_synced or now - p.lease_from > self.lease:
+                raise NotPrimaryError("cut off from the view server and the backup")
 
     async def _wait_acked(self, p: Primary, lsn: int) -> None:
         while p.acked_lsn < lsn:

@@ -51,6 +51,9 @@ class ReplicaServer(PrimaryRole, BackupRole):
         self.primary: Primary | None = None
         self.serving = False
         self.last_vs_contact = -1e9
+        # when this server, as a backup, last renewed its primary's lease: it does not
+        # serve as primary before that lease ran out (primary.py `_check_serving`)
+        self.lease_granted_at = -1e9
         self.gate = Gate()
         self.apply_lock = trio.Lock()
         self._changed = trio.Event()
@@ -252,7 +255,7 @@ class ReplicaServer(PrimaryRole, BackupRole):
         handled in order, one at a time."""
         link = {wire.SyncStart: self._on_sync_start, wire.Forward: self._on_forward,
                 wire.Snapshot: self._on_snapshot, wire.SyncDone: self._on_sync_done,
-                wire.Flush: self._on_flush}
+                wire.Flush: self._on_flush, wire.Renew: self._on_renew}
         async with trio.open_nursery() as nursery:
             while True:
                 msg = await ch.receive()
@@ -360,6 +363,8 @@ def _check_link(msg) -> None:
             and isinstance(b[1], bytes) and len(b[1]) == 4096 for b in msg.blocks)
     elif isinstance(msg, wire.Flush):
         ok = isinstance(msg.lsn, int)
+    elif isinstance(msg, wire.Renew):
+        ok = True
     else:
         ok = isinstance(msg.incarnation, str)
     if not ok:

@@ -258,6 +258,16 @@ class Flush:
 
 
 @message
+class Renew:
+    """The primary's lease, renewed by its backup while the view server is silent: the
+    backup answers `Ack` only while it is the backup of `view` under `primary`, and
+    from then on does not serve as a primary itself for one lease (server.py)."""
+    TAG: ClassVar[str] = "renew"
+    view: int
+    primary: str
+
+
+@message
 class Ack:
     """`lsn`: received (held in memory, applied in order); `durable`: the last LSN whose
     batch is applied and forced on the backup."""
