@@ -45,6 +45,7 @@ import errno
 import os
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping
 
@@ -113,12 +114,20 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
         self._scratch = bytearray(0)  # reused for full-stripe writes (no page faults)
         self._rscratch = bytearray(0)  # reused as the target of healthy reads
         self._skip = bytearray(0)  # where healthy reads put parity chunks they pass
-        self.stats = {"bitmap_syncs": 0, "flushes": 0, "resynced_rows": 0}
+        self.stats = {"bitmap_syncs": 0, "flushes": 0, "resynced_rows": 0,
+                      "recent_hits": 0}
+        # member blocks this array itself wrote lately, (member, entry) -> bytes: the
+        # reads a partial-stripe write needs for parity, answered without reading and
+        # verifying again (the log rewrites its tail block, and that row's parity, at
+        # every commit). Only writes consult it; any other write to a member drops the
+        # entries it covers (writes.py).
+        self._recent: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
     # ----------------------------------------------------------------- member I/O
 
     def _disk_error(self, disk: Disk, op: str, err: object) -> None:
         """A member failed an I/O: count it, mark it failed, tell the others."""
+        self._recent.clear()
         if op == "read":
             disk.read_errors += 1
         else:
@@ -147,6 +156,9 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
         return buf
 
     def _pwrite(self, disk: Disk, pblock: int, data) -> None:
+        if self._recent:
+            self._forget_recent(disk.index, pblock - self.geo.data_start,
+                                pblock - self.geo.data_start + len(data) // BLOCK_SIZE)
         try:
             n = os.pwrite(disk.fd, data, pblock * BLOCK_SIZE)
             if n != len(data):

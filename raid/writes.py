@@ -32,6 +32,8 @@ from .layout import BLOCK_SIZE
 from .member import DiskGone
 
 SMALL_WRITE = 64  # a write of at most this many blocks maps its rows without numpy
+RECENT_BLOCKS = 1024    # member blocks remembered from partial-stripe writes (array.py)
+RECENT_SEG = 4          # segments longer than this are not remembered
 
 
 class WriteMixin:
@@ -132,7 +134,42 @@ class WriteMixin:
             self._pwrite(disk, self.geo.data_start + e0, buf)
         except DiskGone:
             return
-        disk.cs.set_from(e0, buf, len(buf) // BLOCK_SIZE)
+        n = len(buf) // BLOCK_SIZE
+        disk.cs.set_from(e0, buf, n)
+        if n <= RECENT_SEG:
+            recent = self._recent
+            mv = memoryview(buf).cast("B")
+            for i in range(n):
+                recent[(d, e0 + i)] = bytes(mv[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE])
+                recent.move_to_end((d, e0 + i))
+            while len(recent) > RECENT_BLOCKS:
+                recent.popitem(last=False)
+
+    def _forget_recent(self, d: int | None, e0: int, e1: int) -> None:
+        """Drop what `_recent` holds of member d's entries e0..e1 (every member: None)."""
+        if e1 - e0 <= 8:
+            members = range(self.geo.ndisks) if d is None else (d,)
+            for k in members:
+                for e in range(e0, e1):
+                    self._recent.pop((k, e), None)
+        else:
+            for key in [k for k in self._recent
+                        if (d is None or k[0] == d) and e0 <= k[1] < e1]:
+                del self._recent[key]
+
+    def _cached(self, cache: dict, d: int, e0: int, e1: int) -> bool:
+        """Put member d's entries e0..e1 into a write's `cache` from `_recent` (as
+        `_fetch` would, verified) if all are there."""
+        key = (d, e0, e1)
+        if key in cache:
+            return True
+        recent = self._recent
+        parts = [recent.get((d, e)) for e in range(e0, e1)]
+        if not recent or any(p is None for p in parts):
+            return False
+        cache[key] = (np.frombuffer(b"".join(parts), dtype=np.uint8), [])
+        self.stats["recent_hits"] += 1
+        return True
 
     def _write_full_rows(self, r0: int, r1: int, data) -> None:
         """Full-stripe write of rows r0..r1-1: parity from the new data, no reads. Each
@@ -145,6 +182,8 @@ class WriteMixin:
         x = x.reshape(nrows, n1, g.chunk)
         parity = np.bitwise_xor.reduce(x.view(np.uint64), axis=1).view(np.uint8)
         e0 = r0 * g.cb
+        if self._recent:
+            self._forget_recent(None, e0, r1 * g.cb)
         jobs = []
         for d in range(g.ndisks):
             disk = self.disks[d]
@@ -213,6 +252,8 @@ class WriteMixin:
         new: dict[int, np.ndarray] = {}
         for role in touched:
             if role in partial:
+                if self._recent:
+                    self._cached(cache, g.data_disk(row, role), e0, e0 + m)
                 buf = get(g.data_disk(row, role)).copy()
             else:
                 buf = np.empty(m * BLOCK_SIZE, dtype=np.uint8)
@@ -238,6 +279,15 @@ class WriteMixin:
         if self.disks[pd].writable():
             first, second = (rcw, rmw) if len(untouched) + len(partial) <= len(touched) + 1 \
                 else (rmw, rcw)
+            if self._recent:
+                # whichever needs no reads at all: what this array wrote lately
+                hi_e = e0 + m
+                if all([self._cached(cache, d, e0, hi_e) for d in
+                        [pd, *(g.data_disk(row, r) for r in touched)]]):
+                    first, second = rmw, rcw
+                elif all([self._cached(cache, g.data_disk(row, r), e0, hi_e)
+                          for r in untouched]):
+                    first, second = rcw, rmw
             try:
                 parity = first()
             except BlockIOError:

@@ -316,7 +316,11 @@ def _parse_cmdline(cmd: list[str], cwd: str) -> tuple[str, str, str | None, bool
     start = None
     for i, c in enumerate(cmd[:4]):
         if c == "replfs.tools.cli" or os.path.basename(c) == "replfs":
-            start = i + 1
+            # the program itself, or a Python running it -- not a wrapper whose
+            # arguments name it (`timeout 60 replfs up ...`, sudo, strace)
+            if all(os.path.basename(x).startswith("python") or x.startswith("-")
+                   for x in cmd[:i]):
+                start = i + 1
             break
     if start is None:
         return None
