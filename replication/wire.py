@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import operator
 import os
 import struct
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ AUTH_TIMEOUT = 5.0
 _LEN = struct.Struct(">I")
 _ATTR_EXT = 1
 _ATTR_FIELDS = [f.name for f in dataclasses.fields(Attr)]
+# an Attr travels as its fields packed in a fixed struct (a readdir reply holds one per
+# entry: decoding them was most of a listing's cost on the client):
+# ino mode nlink uid gid rdev size blocks atime_ns mtime_ns ctime_ns generation
+_ATTR_STRUCT = struct.Struct("<QIIIIQQQqqqI")
+assert len(_ATTR_FIELDS) == 12
+_attr_values = operator.attrgetter(*_ATTR_FIELDS)
 
 
 class ProtocolError(Exception):
@@ -288,7 +295,7 @@ class Refused:
 
 def _default(obj):
     if isinstance(obj, Attr):
-        return msgpack.ExtType(_ATTR_EXT, msgpack.packb([getattr(obj, f) for f in _ATTR_FIELDS]))
+        return msgpack.ExtType(_ATTR_EXT, _ATTR_STRUCT.pack(*_attr_values(obj)))
     if isinstance(obj, tuple):
         return list(obj)
     raise TypeError(f"cannot send a {type(obj).__name__}")
@@ -297,11 +304,9 @@ def _default(obj):
 def _ext_hook(code: int, data: bytes):
     if code != _ATTR_EXT:
         raise ProtocolError(f"unknown msgpack extension type {code}")
-    vals = msgpack.unpackb(data)
-    if not isinstance(vals, list) or len(vals) != len(_ATTR_FIELDS) or \
-            not all(isinstance(v, int) for v in vals):
+    if len(data) != _ATTR_STRUCT.size:
         raise ProtocolError("malformed Attr")
-    return Attr(*vals)
+    return Attr(*_ATTR_STRUCT.unpack(data))
 
 
 def pack_value(value) -> bytes:
