@@ -156,7 +156,7 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
         return buf
 
     def _pwrite(self, disk: Disk, pblock: int, data) -> None:
-        if self._recent:
+        if self._recent and pblock >= self.geo.data_start:     # (not checksums, bitmap)
             self._forget_recent(disk.index, pblock - self.geo.data_start,
                                 pblock - self.geo.data_start + len(data) // BLOCK_SIZE)
         try:
