@@ -26,8 +26,10 @@ import secrets
 import trio
 
 from replfs.fs.mkfs import open_fs
+from replfs.raid.healing import HealingDevice
 from replfs.replication import amo, postop, wire
 from replfs.replication.backup import FLUSH_BEHIND, BackupRole
+from replfs.replication.heal import HealRole
 from replfs.replication.config import VIEWSERVER, ClusterConfig
 from replfs.replication.primary import (READS, UPDATES, Gate, Inflight, NotPrimaryError,
                                         Primary, PrimaryRole)
@@ -37,13 +39,16 @@ from replfs.replication.viewserver import View
 log = logging.getLogger("replfs.server")
 
 
-class ReplicaServer(PrimaryRole, BackupRole):
+class ReplicaServer(PrimaryRole, BackupRole, HealRole):
     def __init__(self, cfg: ClusterConfig, name: str, array):
         self.cfg = cfg
         self.name = name
         self.group = cfg.group_of(name)
         self.secret = cfg.secret()
         self.array = array
+        # the filesystem's device: the array, with unreadable blocks healed from the
+        # partner replica (replication/heal.py)
+        self.device = HealingDevice(array, self._heal)
         self.fs = None
         self.view = View()
         self.ping_view = 0          # the view number we acknowledge in pings
@@ -75,7 +80,8 @@ class ReplicaServer(PrimaryRole, BackupRole):
         self.stats = dict(ops=0, duplicates=0, forwarded_batches=0, applied_batches=0,
                           transfers_full=0, transfers_dirty=0, blocks_transferred=0,
                           refused_forwards=0, execute_seconds=0.0, ack_wait_seconds=0.0,
-                          forward_seconds=0.0)
+                          forward_seconds=0.0, healed_blocks=0, unhealed_reads=0,
+                          heals_served=0)
         self.lease = cfg.dead_pings * cfg.ping_interval
         # "forced": every operation is forced on both replicas before it is answered;
         # "written" (the default): written on both, forced within FLUSH_BEHIND
@@ -87,7 +93,7 @@ class ReplicaServer(PrimaryRole, BackupRole):
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self.fs = await open_fs(self.array, reclaim=False)
+        self.fs = await open_fs(self.device, reclaim=False)
         self.position = await self._read_position()
         try:
             async with trio.open_nursery() as nursery:
@@ -159,7 +165,7 @@ class ReplicaServer(PrimaryRole, BackupRole):
         await self._wait_applied()      # everything the backup acknowledged, applied
         async with self.apply_lock:
             await self.fs.close()
-            self.fs = await open_fs(self.array, reclaim=(v.num == 1), history=self._recorder())
+            self.fs = await open_fs(self.device, reclaim=(v.num == 1), history=self._recorder())
         # The stream to the backup carries each commit as soon as it is appended, so
         # the primary's own log write and the round trip to the backup overlap.
         self.fs.mgr.publish_at_append = True
@@ -256,6 +262,7 @@ class ReplicaServer(PrimaryRole, BackupRole):
         link = {wire.SyncStart: self._on_sync_start, wire.Forward: self._on_forward,
                 wire.Snapshot: self._on_snapshot, wire.SyncDone: self._on_sync_done,
                 wire.Flush: self._on_flush, wire.Renew: self._on_renew}
+        other = {wire.HealRequest: self._on_heal_request}
         async with trio.open_nursery() as nursery:
             while True:
                 msg = await ch.receive()
@@ -263,6 +270,8 @@ class ReplicaServer(PrimaryRole, BackupRole):
                 if handler is not None:
                     _check_link(msg)
                     await handler(ch, msg)
+                elif type(msg) in other:
+                    await other[type(msg)](ch, msg)
                 elif isinstance(msg, wire.OpRequest):
                     _check_op(msg)
                     nursery.start_soon(self._serve_op, ch, msg)
@@ -311,6 +320,7 @@ class ReplicaServer(PrimaryRole, BackupRole):
                    array=_array_summary(self.array),
                    txn=mgr.stats() if mgr is not None else {},
                    backup_synced=self.backup_synced,
+                   lost_blocks=list(self.device.lost),
                    **self.twopc.status())
         if p is not None:
             out.update(incarnation=p.incarnation, committed_lsn=p.committed_lsn,

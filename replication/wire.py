@@ -291,6 +291,27 @@ class Refused:
     reason: str
 
 
+# replica -> its partner in the group (replication/heal.py)
+@message
+class HealRequest:
+    """`block` cannot be read or rebuilt from the sender's array: the partner's copy,
+    please. `view`/`primary`: the sender's view, as on the replication link."""
+    TAG: ClassVar[str] = "heal?"
+    view: int
+    primary: str
+    block: int
+
+
+@message
+class HealReply:
+    """The partner's checksum-verified copy of `block`, or None (it has no good one, or
+    it is not the sender's partner in that view: `reason`)."""
+    TAG: ClassVar[str] = "heal"
+    block: int
+    data: bytes | None
+    reason: str = ""
+
+
 # ---------------------------------------------------------------- encoding
 
 def _default(obj):

@@ -938,6 +938,13 @@ class TxnManager:
             ch.close()
         self._subscribers.clear()
 
+    def unsettled(self, block: int) -> bool:
+        """A live (active or prepared) transaction changed `block`: what the device holds
+        of it may be bytes that no committed state has (stolen or written fresh before
+        the commit). A copy of the block from elsewhere must not replace it then."""
+        return any(block in t.fresh or any(u.block == block for u in t.updates)
+                   for t in self._active.values())
+
     def stats(self) -> dict[str, Any]:
         """Counters and gauges (JSON-able) for `replfs status` and the benchmarks."""
         ls = self.locks.statistics()
