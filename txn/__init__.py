@@ -2,8 +2,10 @@
 and a history recorder + conflict-serializability checker.
 
 Depends only on `replfs.raid.blockdev` (the BlockDevice interface), `replfs.errors` and
-`replfs.crash`. See `manager` for the transaction API and the recovery algorithm, `log`
-and `records` for the on-disk format, `locks` for the lock table and victim choice.
+`replfs.crash`. See `manager` for the transaction API (and a map of the modules it
+inherits from: `transaction`, `recovery` for the recovery algorithm, `checkpoint`,
+`twophase`, `ordered`, `publish`), `log` and `records` for the on-disk format, `locks`
+for the lock table and victim choice.
 """
 
 from .errors import (Deadlock, LockTimeout, LogCorrupt, LogFull, Retryable, TxnAborted,

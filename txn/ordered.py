@@ -1,0 +1,48 @@
+"""Ordered mode: whole fresh blocks written in place, unlogged (`Txn.write_fresh`).
+
+A block nobody can see the old contents of (freshly allocated) need not be logged: its
+bytes go to the device before the transaction's COMMIT (or PREPARE) record is appended,
+so a crash leaves either the committed transaction with its data or a block still free.
+This is safe only where recovery would not redo older records of the block over the new
+bytes: the manager tracks the LSN a recovery now would redo from (`_redo_from`, set by
+each checkpoint) and the last UPDATE/CLR LSN of each block logged since (`_logged`,
+kept by `_write`, `_undo` and pruned by `_checkpoint`); elsewhere the write falls back
+to a logged `write(undo=False)`.
+"""
+
+from __future__ import annotations
+
+from replfs.crash import crash_point
+
+from .history import BlockRange
+from .transaction import Txn
+
+
+class OrderedMixin:
+    """`TxnManager`'s fresh (unlogged) writes (the state lives in `TxnManager.__init__`)."""
+
+    async def _write_fresh(self, txn: Txn, block: int, data: bytes) -> None:
+        self._check_block(block)
+        if len(data) != self.device.block_size:
+            raise ValueError(f"a fresh write is a whole block, not {len(data)} bytes")
+        if self._redo_from is None or self._logged.get(block, -1) >= self._redo_from:
+            # recovery would redo older records of this block over the new bytes
+            self._stats["fresh_logged"] += 1
+            await self._write(txn, block, 0, data, False)
+            return
+        txn.fresh[block] = data
+        if self.history is not None:
+            self.history.write(txn.id, BlockRange(block, 0, len(data)))
+
+    async def _write_fresh_blocks(self, txn: Txn) -> None:
+        """Before the COMMIT (or PREPARE) record: the transaction's fresh blocks in place;
+        a cached page of one (left from its previous life) takes the new bytes."""
+        fresh = txn.fresh
+        await self.device.write_blocks(fresh)
+        crash_point("txn.commit.fresh_written")
+        for block, data in fresh.items():
+            page = self.cache.pages.get(block)
+            if page is not None:
+                page.data[:] = data
+                page.version += 1
+        self._stats["fresh_blocks"] += len(fresh)
