@@ -1,7 +1,7 @@
 """The primary's side of a replica server (`PrimaryRole`, mixed into `ReplicaServer`).
 
 Operations: the primary executes each client operation as a transaction with
-`current_request` set (fs/core.py), records the reply in the at-most-once table inside
+`current_request` set (fs/values.py), records the reply in the at-most-once table inside
 that same transaction (replication/amo.py), and answers only once its backup has
 acknowledged the transaction (or the view has no backup). A retransmission of a request
 that is still running waits for its result (`_once`).

@@ -6,7 +6,7 @@ placed in another group, a moved directory whose `..` lives elsewhere: the prima
 receives such an operation becomes its **coordinator**.
 
 1. *Plan* from ordinary committed reads (`FileSystem.entry`, `dir_info`, `getattr`) in
-   every group: one list of steps per group (fs/core.py `_step`); each step re-checks,
+   every group: one list of steps per group (fs/parts.py `_step`); each step re-checks,
    under its locks, what the plan assumed.
 2. *Prepare*: every other participant group's primary runs its steps in a transaction
    (locks with a short timeout: a lock it cannot get in time is a NO vote, so a cycle of

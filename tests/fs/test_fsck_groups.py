@@ -152,7 +152,7 @@ async def test_cross_group_state_is_clean(groups):
 
 
 async def test_state_left_by_distributed_parts_is_clean():
-    """The same, made by the filesystem's own distributed parts (fs/core.py run_part),
+    """The same, made by the filesystem's own distributed parts (fs/parts.py run_part),
     committed in each group as the coordinator's decision would."""
     fss = []
     for g in (0, 1):

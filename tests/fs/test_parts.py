@@ -1,4 +1,4 @@
-"""Distributed parts (fs/core.py `run_part`): each group runs its steps of a cross-group
+"""Distributed parts (fs/parts.py `run_part`): each group runs its steps of a cross-group
 operation in one transaction, prepared or committed, on real in-process filesystems of
 two groups (the network protocol around them is tested in tests/replication)."""
 
