@@ -1,27 +1,59 @@
 #!/usr/bin/env bash
-# Installs everything replfs needs on a fresh Debian machine; safe to run twice.
-#   - Debian packages fuse3, libfuse3-dev, pkg-config (pyfuse3 builds against libfuse3)
+# Installs everything replfs and its tests need on a fresh (even minimal) Debian machine;
+# safe to run twice, and silent when everything is already there.
+#   - the Debian packages that are missing, among: python3 python3-venv python3-dev
+#     gcc libc6-dev pkg-config fuse3 libfuse3-dev (pyfuse3 has no wheels: pip compiles it
+#     against libfuse3), ca-certificates (pip over https), and what the tests run:
+#     git rsync acl mount
 #   - a virtualenv in .venv with `pip install -e .[test]`
 #   - /usr/local/bin/replfs -> .venv/bin/replfs, for mount -t fuse.replfs (mount.fuse3's PATH)
+# tools/check_fresh_debian.sh proves it in a chroot made from Debian's base packages only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+PY=${PYTHON:-python3}
 need=()
-command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
-pkg-config --exists fuse3 2>/dev/null || need+=(libfuse3-dev)
-command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+want() { local p; for p; do [[ " ${need[*]-} " == *" $p "* ]] || need+=("$p"); done; }
+has() { command -v "$1" >/dev/null 2>&1; }
+if has "$PY"; then
+    "$PY" -c 'import ensurepip, venv' 2>/dev/null || want python3-venv
+    "$PY" -c 'import os, sys, sysconfig
+sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        2>/dev/null || want python3-dev
+else
+    want python3 python3-venv python3-dev
+fi
+if ! has gcc; then
+    want gcc libc6-dev
+elif ! printf '#include <stdio.h>\nint main(void) { return 0; }\n' \
+        | gcc -x c -o /dev/null - >/dev/null 2>&1; then
+    want libc6-dev
+fi
+has pkg-config || want pkg-config
+{ has pkg-config && pkg-config --exists fuse3; } 2>/dev/null || want libfuse3-dev
+has fusermount3 || want fuse3
+[ -s /etc/ssl/certs/ca-certificates.crt ] || want ca-certificates
+has git || want git
+has rsync || want rsync
+{ has getfacl && has setfacl; } || want acl
+{ has mount && has umount; } || want mount
 if [ ${#need[@]} -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${need[*]}" >&2
     SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fuse3 libfuse3-dev pkg-config >&2
+    if [ "$(id -u)" -ne 0 ]; then
+        has sudo || { echo "bootstrap: run as root (or install sudo) to install: ${need[*]}" >&2; exit 1; }
+        SUDO="sudo"
+    fi
+    $SUDO apt-get update -qq >&2
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${need[@]}" >&2
 fi
 
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
+# (A .venv without pip is what `python3 -m venv` leaves when python3-venv is missing.)
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pip' 2>/dev/null; then
     echo "bootstrap: creating .venv" >&2
-    "$PY" -m venv .venv
+    "$PY" -m venv --clear .venv
+    rm -f .venv/.replfs-installed
 fi
 # Re-install only when pyproject.toml changed since the last successful install.
 stamp=.venv/.replfs-installed
