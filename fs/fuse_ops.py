@@ -183,14 +183,20 @@ class Operations(pyfuse3.Operations):
                 await self._forget_now(ino)
 
     async def _forget_now(self, ino: int) -> None:
+        """Free what the kernel forgot. Never raises: a forget has no reply, and the
+        request that runs it (a forget, or a namer that held it back) is not its cause."""
         self.lookups.pop(ino, None)
         self.opens.pop(ino, None)
         self._stamps.pop(ino, None)     # the kernel's inode, and its pages, are gone
-        if ino in self._freed:          # freed at unlink, its number held till now
-            self._freed.discard(ino)
-            await self.fs.release_number(ino)
-        else:
-            await self.fs.forget(ino)
+        try:
+            if ino in self._freed:      # freed at unlink, its number held till now
+                self._freed.discard(ino)
+                await self.fs.release_number(ino)
+            else:
+                await self.fs.forget(ino)
+        except Exception:
+            log.exception("forget of inode %#x failed; if it was unlinked it stays an "
+                          "orphan until the next mount", ino)
 
     async def _uncount(self, entries) -> None:
         """Readdir entries counted but never sent to the kernel."""
@@ -212,17 +218,12 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
     async def forget(self, inode_list):
-        # forget has no reply: an error here may not leave (pyfuse3 would end the
-        # mount), so each inode's is logged and the others still go
+        # forget has no reply: nothing may leave it (pyfuse3 would end the mount), so
+        # _forget_now logs each inode's failure and the others still go
         for ino, n in inode_list:
             self.lookups[ino] -= n
-            if ino == pyfuse3.ROOT_INODE:
-                continue
-            try:
+            if ino != pyfuse3.ROOT_INODE:
                 await self._maybe_forget(ino)
-            except Exception:
-                log.exception("forget of inode %#x failed; if it was unlinked it stays "
-                              "an orphan until the next mount", ino)
 
     # ------------------------------------------------------------ names
     @translate

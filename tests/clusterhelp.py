@@ -143,3 +143,14 @@ def compare_replicas(cfg: ClusterConfig) -> tuple[dict, int]:
 def followers(cfg: ClusterConfig) -> list[str]:
     """Every server but each group's first (the keys of compare_replicas's answer)."""
     return [s for ss in cfg.groups.values() for s in ss[1:]]
+
+
+def wait_for(pred, timeout: float, what: str, poll: float = 0.05):
+    """`pred()`'s first true value, polled until `timeout` s (then AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
+        time.sleep(poll)

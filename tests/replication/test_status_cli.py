@@ -3,21 +3,25 @@ code, counters that agree with `replfs raid status`, a stopped cluster, `down` w
 nothing running, a server started by hand, `kill -9` of `up` itself, a server that keeps
 dying, and `up --daemon` failing. Real clusters, real processes, real kill -9."""
 
+import functools
 import json
 import os
 import signal
 import subprocess
-import time
 
 import psutil
 import pytest
 
+import clusterhelp
 from mounthelp import REPLFS, force_unmount, is_mounted, replfs
 from replfs.tools.cluster import find_processes
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 SIZE = "32M"
+
+
+wait_for = functools.partial(clusterhelp.wait_for, poll=0.2)   # (each poll runs `status`)
 
 
 @pytest.fixture
@@ -46,16 +50,6 @@ def status(d, *extra):
 def status_json(d) -> tuple[int, dict]:
     r = status(d, "--json")
     return r.returncode, json.loads(r.stdout)
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
-        time.sleep(0.2)
 
 
 def one_line(r: subprocess.CompletedProcess) -> str:

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from clusterhelp import wait_for
+
 from replfs.replication.config import VIEWSERVER
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -40,16 +42,6 @@ def done_after(progress, t: float) -> int:
         return 0
     return sum(1 for ln in progress.read_text().splitlines()
                if ln.count(" ") == 1 and float(ln.split()[1]) > t)
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_mount_serves_on_while_the_view_server_is_dead(running, tmp_path):
