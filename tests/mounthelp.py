@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -92,3 +93,15 @@ class Mount:
 
     def logtext(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@contextlib.contextmanager
+def mounted_array(base: Path, disks: int = 4, size: str = "32M"):
+    """A new array in base/data, mounted (--local) on base/mnt for the `with` block."""
+    replfs("mkfs", base / "data", "--disks", str(disks), "--size", size)
+    m = Mount(base / "data", base / "mnt")
+    try:
+        m.start()
+        yield m
+    finally:
+        m.stop()

@@ -90,11 +90,12 @@ def test_mkfs_into_a_cluster_refused(cluster):
     assert tree(cluster) == before
 
 
-def test_mkfs_into_a_non_empty_directory_refused(tmp_path):
+@pytest.mark.parametrize("command", ["mkfs", "init"])
+def test_a_non_empty_directory_refused(tmp_path, command):
     d = tmp_path / "d"
     d.mkdir()
     (d / "notes.txt").write_text("mine\n")
-    refused(replfs("mkfs", d, "--size", "16M", check=False), "is not empty")
+    refused(replfs(command, d, "--size", "16M", check=False), "is not empty")
     assert os.listdir(d) == ["notes.txt"]
 
 
@@ -105,13 +106,6 @@ def test_init_on_an_array_refused(tmp_path):
     refused(replfs("init", d, "--size", "16M", check=False), "holds a replfs array")
     assert tree(d) == before
 
-
-def test_init_into_a_non_empty_directory_refused(tmp_path):
-    d = tmp_path / "d"
-    d.mkdir()
-    (d / "notes.txt").write_text("mine\n")
-    refused(replfs("init", d, "--size", "16M", check=False), "is not empty")
-    assert os.listdir(d) == ["notes.txt"]
 
 
 @pytest.mark.parametrize("command", ["init", "mkfs"])

@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from mounthelp import Mount, replfs
+from mounthelp import mounted_array
 from replfs.fs.errors import FsError
 from treemodes import acl_disagreements, compare_tools, make_tree
 
@@ -47,14 +47,8 @@ async def test_core_hides_an_acl_stored_before(fs):
 
 @pytest.fixture(scope="module")
 def mount(tmp_path_factory):
-    base = tmp_path_factory.mktemp("acl")
-    replfs("mkfs", base / "data", "--disks", "4", "--size", "32M")
-    m = Mount(base / "data", base / "mnt")
-    try:
-        m.start()
+    with mounted_array(tmp_path_factory.mktemp("acl"), 4, "32M") as m:
         yield m
-    finally:
-        m.stop()
 
 
 def test_local_mount_tools_give_ext4_modes(mount, tmp_path):

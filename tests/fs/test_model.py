@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from mounthelp import Mount, replfs
+from mounthelp import mounted_array
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -54,14 +54,8 @@ def snapshot(root: Path):
 
 @pytest.fixture(scope="module")
 def model_mount(tmp_path_factory):
-    base = tmp_path_factory.mktemp("model")
-    replfs("mkfs", base / "data", "--disks", "3", "--size", "64M")
-    m = Mount(base / "data", base / "mnt")
-    try:
-        m.start()
+    with mounted_array(tmp_path_factory.mktemp("model"), 3, "64M") as m:
         yield m
-    finally:
-        m.stop()
 
 
 def test_model(model_mount):
