@@ -105,15 +105,23 @@ def test_checksum_counters_agree_with_raid_status(cdir):
     (mnt / "g").write_text("a write makes the array flush its counters\n")
     os.sync()
 
-    def agreed():
+    def raid_counts():
         raid = json.loads(replfs("raid", "status", d / "s0", "--json").stdout)
-        per_disk = [x["cksum_errors"] for x in raid["disks"]]
+        return [x["cksum_errors"] for x in raid["disks"]]
+
+    def agreed():
+        # the repairs reach the superblocks over a few flushes: both commands must
+        # report the same counts while they stand still (read before and after)
+        per_disk = raid_counts()
         if not sum(per_disk):
             return None
-        return per_disk, status_json(d)[1]
-    per_disk, st = wait_for(agreed, 30, "repairs counted in the superblocks")
+        st = status_json(d)[1]
+        row = next(ln for ln in status(d).stdout.splitlines() if ln.startswith("s0 "))
+        if raid_counts() != per_disk:
+            return None
+        return per_disk, st, row
+    per_disk, st, row = wait_for(agreed, 60, "repairs counted in the superblocks")
     assert [x["cksum_errors"] for x in st["arrays"]["s0"]["disks"]] == per_disk
-    row = next(ln for ln in status(d).stdout.splitlines() if ln.startswith("s0 "))
     assert row.split()[7] == str(sum(per_disk)), row     # the "fixed" column
 
 
