@@ -1,11 +1,19 @@
-"""A cluster directory: `cluster.json` (who listens where), `secret` (mode 0600), one
-folder per replica with its array, `faults.json` (the network faults in force, see
+"""A cluster directory: `cluster.json` (the cluster's description: its nodes with their
+roles and addresses, its replica groups and settings), `secret` (mode 0600), one folder
+per replica with its array, `faults.json` (the network faults in force, see
 `read_faults`), `run/` (pid files) and `logs/`.
 
-Every node is reached at its own port; an address (`addr`) carries the name of the node
-it reaches, so that the dialler's connection layer can inject the network faults between
-the two (wire.NetFaults). The FUSE clients are one node, "client"; the command-line tools
-are no node (no fault touches them).
+A cluster is a set of named nodes (`Node`): view-server nodes and servers, each with the
+host and port it listens on, and clients, which only dial out. On one machine (`replfs
+up`) every node is on 127.0.0.1 and every replica's folder is under one directory; over
+several machines each machine holds a copy of the description and the secret, and each
+node keeps its data in its own directory there (`server_dir`: DIR/NAME unless the
+description names another). See docs/operations.md.
+
+Every node is reached at its own address; an address (`addr`) carries the name of the
+node it reaches, so that the dialler's connection layer can inject the network faults
+between the two (wire.NetFaults). The FUSE clients are one node, "client"; the
+command-line tools are no node (no fault touches them).
 """
 
 from __future__ import annotations
@@ -19,13 +27,13 @@ from dataclasses import dataclass, fields
 
 from replfs.errors import ReplfsError
 from replfs.fs.layout import ino_group
+from replfs.replication.nodes import HOST, Node, is_loopback
 
 CONFIG = "cluster.json"
 LEGACY_FIELDS = ("routes", "proxy")     # of the fault proxy, gone: ignored when loading
 SECRET = "secret"
 VIEWSERVER = "vs"
 CLIENT = "client"
-HOST = "127.0.0.1"
 
 
 _taken: set[int] = set()
@@ -155,7 +163,7 @@ DEFAULT_DISK_SIZE = 2 * 2**30
 class ClusterConfig:
     dir: str
     groups: dict[int, list[str]]
-    ports: dict[str, int]                       # node -> its own listening port
+    nodes: dict[str, Node]                      # name -> role and address
     ping_interval: float = 0.1
     dead_pings: int = 5
     disks: int = 4
@@ -165,20 +173,49 @@ class ClusterConfig:
 
     # ---------------------------------------------------------------- creation
     @classmethod
-    def create(cls, dirpath: str, *, groups: int = 2, replicas: int = 2, disks: int = 4,
-               disk_size: int = DEFAULT_DISK_SIZE,
+    def create(cls, dirpath: str, *, groups: int = 2, replicas: int | None = None,
+               disks: int = 4, disk_size: int = DEFAULT_DISK_SIZE,
                ping_interval: float = 0.1, dead_pings: int = 5,
-               placement: str = "spread", durability: str = "written") -> "ClusterConfig":
-        """Servers s0..s{groups*replicas-1}; group g is s{g*replicas}..s{g*replicas+replicas-1}."""
+               placement: str = "spread", durability: str = "written",
+               viewserver: tuple[str, int] | None = None,
+               servers: list[tuple[str, str, int]] | None = None) -> "ClusterConfig":
+        """Without `servers`: the one-machine default, every node on 127.0.0.1 at a free
+        port, servers s0..s{groups*replicas-1} (replicas default 2). With `servers`
+        [(name, host, port), ...] and `viewserver` (host, port): those addresses, the
+        servers split in their order into `groups` groups of equal size. Group g is the
+        g-th run of `replicas` servers: s{g*replicas}..s{g*replicas+replicas-1}."""
+        if servers is None:
+            replicas = 2 if replicas is None else replicas
+            servers = [(f"s{i}", HOST, 0) for i in range(groups * replicas)]
+        elif groups < 1 or len(servers) % groups or (
+                replicas is not None and replicas * groups != len(servers)):
+            raise ReplfsError(f"{len(servers)} servers do not make {groups} groups"
+                              + (f" of {replicas}" if replicas is not None else "")
+                              + "; give groups x replicas servers")
+        else:
+            replicas = len(servers) // groups
         if groups < 1 or replicas < 1:
             raise ReplfsError(f"a cluster needs at least one group of one replica "
                               f"(asked for {groups} groups of {replicas})")
         placement = check_placement(placement, groups)
         durability = check_durability(durability)
-        layout = {g: [f"s{g * replicas + i}" for i in range(replicas)] for g in range(groups)}
-        servers = [s for ss in layout.values() for s in ss]
-        ports = {VIEWSERVER: free_port(), **{s: free_port() for s in servers}}
-        cfg = cls(os.path.abspath(dirpath), layout, ports, ping_interval, dead_pings, disks,
+        names = [VIEWSERVER, CLIENT, *(n for n, _, _ in servers)]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ReplfsError(f"node name {dup[0]} is given twice (the view server is "
+                              f"{VIEWSERVER}, the clients {CLIENT}); name each server once")
+        vs_host, vs_port = viewserver or (HOST, 0)
+        nodes = {VIEWSERVER: Node("viewserver", vs_host, vs_port or free_port()),
+                 **{n: Node("server", h, p or free_port()) for n, h, p in servers},
+                 CLIENT: Node("client")}
+        taken = [(n.host, n.port) for n in nodes.values() if n.port]
+        clash = sorted({a for a in taken if taken.count(a) > 1})
+        if clash:
+            raise ReplfsError(f"two nodes listen on {clash[0][0]}:{clash[0][1]}; give each "
+                              f"node on one host its own port")
+        layout = {g: [n for n, _, _ in servers[g * replicas:(g + 1) * replicas]]
+                  for g in range(groups)}
+        cfg = cls(os.path.abspath(dirpath), layout, nodes, ping_interval, dead_pings, disks,
                   disk_size, placement, durability)
         os.makedirs(dirpath, exist_ok=True)
         write_secret(dirpath)
@@ -186,7 +223,8 @@ class ClusterConfig:
         return cfg
 
     def save(self) -> None:
-        d = dict(groups={str(g): s for g, s in self.groups.items()}, ports=self.ports,
+        d = dict(nodes={n: node.to_json() for n, node in self.nodes.items()},
+                 groups={str(g): s for g, s in self.groups.items()},
                  ping_interval=self.ping_interval, dead_pings=self.dead_pings,
                  disks=self.disks, disk_size=self.disk_size, placement=self.placement,
                  durability=self.durability)
@@ -207,20 +245,83 @@ class ClusterConfig:
         except ValueError as exc:
             raise ReplfsError(f"{path} is not valid JSON ({exc}); re-create the cluster "
                               f"with `replfs init`") from None
+        if not isinstance(d, dict):
+            raise ReplfsError(f"{path} does not hold an object; re-create the cluster "
+                              f"with `replfs init`")
         for legacy in LEGACY_FIELDS:
             d.pop(legacy, None)
+        if "ports" in d and "nodes" not in d:      # before nodes had addresses: all local
+            ports = d.pop("ports")
+            d["nodes"] = {n: dict(role="viewserver" if n == VIEWSERVER else "server",
+                                  host=HOST, port=p) for n, p in ports.items()}
+            d["nodes"][CLIENT] = dict(role="client")
         known = {f.name for f in fields(cls)} - {"dir"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ReplfsError(f"{path} has fields this replfs does not know ({', '.join(unknown)}); "
                               f"it was written by a newer version")
-        d["groups"] = {int(g): s for g, s in d["groups"].items()}
+        if not isinstance(d.get("nodes"), dict) or not isinstance(d.get("groups"), dict):
+            raise ReplfsError(f"{path} needs \"nodes\" and \"groups\" objects; re-create "
+                              f"the cluster with `replfs init`")
+        d["nodes"] = {n: Node.from_json(n, v, path) for n, v in d["nodes"].items()}
+        try:
+            d["groups"] = {int(g): list(s) for g, s in d["groups"].items()}
+        except (TypeError, ValueError):
+            raise ReplfsError(f"{path}: groups must map a group number to a list of "
+                              f"servers") from None
         cfg = cls(os.path.abspath(dirpath), **d)
+        cfg._check_nodes(path)
         cfg.placement = check_placement(str(cfg.placement), cfg.group_count)
         cfg.durability = check_durability(str(cfg.durability))
         return cfg
 
+    def _check_nodes(self, where: str) -> None:
+        """Every server of a group a server node, each in one group; the view server
+        (VIEWSERVER, the one this replfs dials) a view-server node."""
+        vs = self.nodes.get(VIEWSERVER)
+        if vs is None or vs.role != "viewserver":
+            raise ReplfsError(f"{where}: no view-server node named {VIEWSERVER!r}; add "
+                              f"\"{VIEWSERVER}\": {{\"role\": \"viewserver\", \"host\": ..., "
+                              f"\"port\": ...}} to nodes")
+        seen: set[str] = set()
+        for g, members in self.groups.items():
+            for s in members:
+                node = self.nodes.get(s)
+                if node is None or node.role != "server":
+                    raise ReplfsError(f"{where}: group {g} names {s!r}, which is not a "
+                                      f"server node; add it to nodes with role server")
+                if s in seen:
+                    raise ReplfsError(f"{where}: server {s} is in two groups; put it in one")
+                seen.add(s)
+        if not self.groups or sorted(self.groups) != list(range(len(self.groups))) \
+                or not all(self.groups.values()):
+            raise ReplfsError(f"{where}: groups must be numbered 0, 1, ... and each hold "
+                              f"at least one server")
+
     # ---------------------------------------------------------------- queries
+    @property
+    def ports(self) -> dict[str, int]:
+        """Node -> the port it listens on (clients listen on none)."""
+        return {n: node.port for n, node in self.nodes.items() if node.port is not None}
+
+    def role_nodes(self, role: str) -> list[str]:
+        """The names of the nodes of `role`, in the description's order."""
+        return [n for n, node in self.nodes.items() if node.role == role]
+
+    @property
+    def viewservers(self) -> list[str]:
+        return self.role_nodes("viewserver")
+
+    @property
+    def one_machine(self) -> bool:
+        """Every listening node on a loopback address (`replfs up` can run it all)."""
+        return all(is_loopback(n.host) for n in self.nodes.values() if n.port is not None)
+
+    def where(self, node: str) -> str:
+        """HOST:PORT of a listening node, for messages."""
+        n = self.nodes[node]
+        return f"[{n.host}]:{n.port}" if ":" in (n.host or "") else f"{n.host}:{n.port}"
+
     def secret(self) -> bytes:
         """The cluster secret: DIR/secret, SECRET_BYTES bytes as hex, mode 0600.
         ReplfsError saying what to do if it is missing, open to others, or damaged."""
@@ -287,10 +388,14 @@ class ClusterConfig:
 
     def direct(self, dst: str) -> Addr:
         """Node `dst`'s own address."""
-        return Addr(HOST, self.ports[dst], dst)
+        node = self.nodes[dst]
+        return Addr(node.host, node.port, dst)
 
     def server_dir(self, server: str) -> str:
-        return os.path.join(self.dir, server)
+        """Where server `server` keeps its array on its own machine: the description's
+        `data` for it, else DIR/NAME."""
+        node = self.nodes.get(server)
+        return node.data if node is not None and node.data else os.path.join(self.dir, server)
 
     def run_dir(self) -> str:
         d = os.path.join(self.dir, "run")

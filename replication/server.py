@@ -19,6 +19,7 @@ files; orphans are reclaimed only by the primary of view 1 (a fresh cluster star
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -98,8 +99,9 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                port = await nursery.start(wire.serve, self.cfg.ports[self.name], self.secret,
-                                           self._on_connection)
+                me = self.cfg.direct(self.name)       # the address the description gives
+                port = await nursery.start(functools.partial(
+                    wire.serve, me[1], self.secret, self._on_connection, host=me[0]))
                 await self.twopc.start(nursery)
                 nursery.start_soon(self._pinger)
                 nursery.start_soon(self._applier)

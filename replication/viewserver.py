@@ -37,6 +37,7 @@ interval. The rules (6.033 L19 / the classic primary-backup view service):
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -237,9 +238,9 @@ class ViewService:
 
 
 async def serve_viewserver(port: int, secret: bytes, service: ViewService,
-                           restore: dict[int, View] | None = None,
+                           restore: dict[int, View] | None = None, host: str = "127.0.0.1",
                            task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `service` on 127.0.0.1:port until cancelled, resuming from `restore`."""
+    """Serve `service` on host:port until cancelled, resuming from `restore`."""
     if restore:
         service.restore(restore, trio.current_time())
     async def on_connection(ch: wire.Channel) -> None:
@@ -277,7 +278,8 @@ async def serve_viewserver(port: int, secret: bytes, service: ViewService,
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ticker)
-        port = await nursery.start(wire.serve, port, secret, on_connection)
+        port = await nursery.start(functools.partial(wire.serve, port, secret, on_connection,
+                                                     host=host))
         task_status.started(port)
 
 

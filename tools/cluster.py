@@ -33,26 +33,33 @@ async def init_cluster(dirpath: str, *, groups: int = 2, replicas: int = 2, disk
     """Write a new cluster in `dirpath`: config, secret, an array and a filesystem per
     replica, each made for the replica's group (its inode numbers carry the group); the
     filesystem leaves the replicated tail of the array outside it."""
-    from replfs.fs.mkfs import mkfs
-    from replfs.raid import create_array
-    from replfs.replication import amo
-
     if os.path.exists(os.path.join(dirpath, "cluster.json")):
         raise ReplfsError(f"{dirpath} already holds a cluster; remove it first to start over")
     cfg = ClusterConfig.create(dirpath, groups=groups, replicas=replicas, disks=disks,
                                disk_size=disk_size, placement=placement,
                                durability=durability)
     for s in cfg.servers:
-        group = cfg.group_of(s)
-        array = create_array(cfg.server_dir(s), disks, disk_size)
-        try:
-            sb = await mkfs(_Shorter(array, array.nblocks - amo.TAIL_BLOCKS), group=group)
-            await array.flush()
-        finally:
-            array.close()
-        progress(f"replfs: {s} (group {group}): {disks}-disk RAID-5 array, filesystem of "
-                 f"{sb.nblocks * 4096 // 2**20} MiB")
+        await make_server_array(cfg, s, progress)
     return cfg
+
+
+async def make_server_array(cfg: ClusterConfig, server: str, progress=print) -> None:
+    """Make server `server`'s array (the description's disks and size) in its data
+    directory, with an empty filesystem of its group; the filesystem leaves the
+    replicated tail of the array outside it."""
+    from replfs.fs.mkfs import mkfs
+    from replfs.raid import create_array
+    from replfs.replication import amo
+
+    group = cfg.group_of(server)
+    array = create_array(cfg.server_dir(server), cfg.disks, cfg.disk_size)
+    try:
+        sb = await mkfs(_Shorter(array, array.nblocks - amo.TAIL_BLOCKS), group=group)
+        await array.flush()
+    finally:
+        array.close()
+    progress(f"replfs: {server} (group {group}): {cfg.disks}-disk RAID-5 array in "
+             f"{cfg.server_dir(server)}, filesystem of {sb.nblocks * 4096 // 2**20} MiB")
 
 
 class _Shorter:
@@ -349,8 +356,9 @@ def _parse_cmdline(cmd: list[str], cwd: str) -> tuple[str, str, str | None, bool
         i += 1
     if not positional:
         return None
-    absolute = [os.path.realpath(os.path.join(cwd, p)) for p in positional]
+    absolute = [os.path.realpath(os.path.join(cwd, p)) for p in positional[:2]]
     if sub == "server":
+        name = name or (positional[1] if len(positional) > 1 else None)
         if not name:
             return None
         return name, absolute[0], None, daemon

@@ -25,7 +25,21 @@ def register(sub) -> None:
     p.add_argument("dir")
     p.add_argument("--groups", type=int, default=2,
                    help="replica groups the namespace is spread over (default 2)")
-    p.add_argument("--replicas", type=int, default=2, help="servers per group (default 2)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="servers per group (default 2; with --server, their number "
+                        "divided by --groups)")
+    p.add_argument("--viewserver", metavar="HOST:PORT", default=None,
+                   help="a cluster over several machines: where the view server listens "
+                        "(with --server; init then writes only the description and the "
+                        "secret, and `init DIR --here S` makes each server's array on its "
+                        "own machine)")
+    p.add_argument("--server", action="append", metavar="[NAME=]HOST:PORT",
+                   help="a server of a cluster over several machines and where it "
+                        "listens, once per server, in group order (NAME defaults to s0, "
+                        "s1, ...)")
+    p.add_argument("--here", metavar="S", default=None,
+                   help="in DIR holding a description copied from the machine that ran "
+                        "init: make server S's array and filesystem on this machine")
     p.add_argument("--placement", default="spread", metavar="spread|parent|N",
                    help="which group a new directory goes to: spread (by a hash of its "
                         "name, the default), parent (its parent's group), or group N")
@@ -69,7 +83,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("server", help="run one replica server of the cluster in DIR")
     p.add_argument("dir")
-    p.add_argument("--name", required=True, help="which server (s0, s1, ...)")
+    p.add_argument("server", nargs="?", metavar="S", help="which server (s0, s1, ...)")
+    p.add_argument("--name", help="the same as S")
     p.set_defaults(func=cmd_server)
 
 
@@ -83,21 +98,19 @@ def _logging() -> None:
 # ---------------------------------------------------------------- init
 def cmd_init(args) -> int:
     from replfs.tools.cluster import init_cluster
-    from replfs.tools.mount_cmd import _holds_files, remove_new_files
+    from replfs.tools.mount_cmd import remove_new_files
     if args.new_secret:
         return _new_secret(args.dir)
-    if os.path.exists(os.path.join(args.dir, CONFIG)):
-        raise ReplfsError(f"{args.dir} already holds a cluster; remove it first to start over")
-    if os.path.exists(os.path.join(args.dir, "array.json")):
-        raise ReplfsError(f"{args.dir} holds a replfs array (`replfs mkfs`); give init an "
-                          f"empty or new directory")
-    if _holds_files(args.dir):
-        raise ReplfsError(f"{args.dir} is not empty; give init an empty or new directory")
+    if args.here:
+        return _init_here(args.dir, args.here)
+    if args.server or args.viewserver:
+        return _init_nodes(args)
+    _check_new_dir(args.dir)
     disk_size = parse_size(args.size)
     before = set(os.listdir(args.dir)) if os.path.isdir(args.dir) else None
     try:
         cfg = trio.run(lambda: init_cluster(args.dir, groups=args.groups,
-                                            replicas=args.replicas, disks=args.disks,
+                                            replicas=args.replicas or 2, disks=args.disks,
                                             disk_size=disk_size, placement=args.placement,
                                             durability=args.durability))
     except BaseException:
@@ -108,6 +121,66 @@ def cmd_init(args) -> int:
                       for g, ss in cfg.groups.items())
           + f"; directories placed by {cfg.placement}; updates answered once "
           + f"{cfg.durability} on both replicas (secret mode 0600)")
+    return 0
+
+
+def _init_nodes(args) -> int:
+    """`init DIR --viewserver H:P --server [N=]H:P ...`: the description of a cluster over
+    several machines and its secret, no arrays (each is made on its server's machine)."""
+    from replfs.replication.nodes import parse_endpoint
+    if not (args.server and args.viewserver):
+        raise ReplfsError("a cluster over several machines needs both --viewserver "
+                          "HOST:PORT and a --server [NAME=]HOST:PORT per server")
+    _check_new_dir(args.dir)
+    _, vs_host, vs_port = parse_endpoint(args.viewserver, VIEWSERVER, "--viewserver")
+    servers = [parse_endpoint(text, f"s{i}", "--server") for i, text in enumerate(args.server)]
+    cfg = ClusterConfig.create(args.dir, groups=args.groups, replicas=args.replicas,
+                               disks=args.disks, disk_size=parse_size(args.size),
+                               placement=args.placement, durability=args.durability,
+                               viewserver=(vs_host, vs_port), servers=servers)
+    print(f"replfs: cluster description in {os.path.join(cfg.dir, CONFIG)}, secret in "
+          f"{os.path.join(cfg.dir, 'secret')} (mode 0600): view server at "
+          f"{cfg.where(VIEWSERVER)}; "
+          + "; ".join(f"group {g}: " + ", ".join(f"{s} at {cfg.where(s)}" for s in ss)
+                      for g, ss in cfg.groups.items()))
+    print(f"replfs: next, copy both files into {cfg.dir} on every machine; there run "
+          f"`replfs init {cfg.dir} --here S` and `replfs server {cfg.dir} S` for each "
+          f"server S, `replfs viewserver {cfg.dir}` on the view server's, then "
+          f"`replfs mount {cfg.dir} MNT` anywhere")
+    return 0
+
+
+def _check_new_dir(dirpath: str) -> None:
+    from replfs.tools.mount_cmd import _holds_files
+    if os.path.exists(os.path.join(dirpath, CONFIG)):
+        raise ReplfsError(f"{dirpath} already holds a cluster; remove it first to start over")
+    if os.path.exists(os.path.join(dirpath, "array.json")):
+        raise ReplfsError(f"{dirpath} holds a replfs array (`replfs mkfs`); give init an "
+                          f"empty or new directory")
+    if _holds_files(dirpath):
+        raise ReplfsError(f"{dirpath} is not empty; give init an empty or new directory")
+
+
+def _init_here(dirpath: str, server: str) -> int:
+    """`init DIR --here S`: make server S's array and filesystem in its data directory
+    on this machine, from the description in DIR."""
+    from replfs.tools.cluster import make_server_array
+    from replfs.tools.mount_cmd import _holds_files, remove_new_files
+    cfg = ClusterConfig.load(dirpath)
+    cfg.group_of(server)
+    cfg.secret()
+    d = cfg.server_dir(server)
+    if _holds_files(d):
+        raise ReplfsError(f"{d} is not empty (server {server} has its array already?); "
+                          f"remove it first to make a new one")
+    before = set(os.listdir(d)) if os.path.isdir(d) else None
+    try:
+        trio.run(lambda: make_server_array(cfg, server))
+    except BaseException:
+        remove_new_files(d, before)
+        raise
+    print(f"replfs: start it with `replfs server {cfg.dir} {server}` (it listens on "
+          f"{cfg.where(server)})")
     return 0
 
 
@@ -135,21 +208,29 @@ def cmd_viewserver(args) -> int:
     views = load_views(path)
     if views:
         log.info("resuming from the views in %s: %s", path, views)
-    trio.run(_until_signal, lambda ts: serve_viewserver(cfg.ports[VIEWSERVER], cfg.secret(),
-                                                          service, views, task_status=ts))
+    me = cfg.direct(VIEWSERVER)
+    trio.run(_until_signal, lambda ts: serve_viewserver(me[1], cfg.secret(), service, views,
+                                                          host=me[0], task_status=ts))
     return 0
 
 
 def cmd_server(args) -> int:
     from replfs.raid import open_array
     from replfs.replication.server import ReplicaServer
-    _logging()
+    name = args.server or args.name
+    if not name or (args.server and args.name and args.server != args.name):
+        raise ReplfsError("say which server to run: `replfs server DIR S` (S: s0, s1, ...)")
     cfg = ClusterConfig.load(args.dir)
-    cfg.group_of(args.name)
-    _take_faults(cfg, args.name)
-    array = open_array(cfg.server_dir(args.name))
+    cfg.group_of(name)
+    d = cfg.server_dir(name)
+    if not os.path.exists(os.path.join(d, "array.json")):
+        raise ReplfsError(f"{d} holds no array of server {name}; make it on this machine "
+                          f"with `replfs init {cfg.dir} --here {name}`")
+    _logging()
+    _take_faults(cfg, name)
+    array = open_array(d)
     try:
-        server = ReplicaServer(cfg, args.name, array)
+        server = ReplicaServer(cfg, name, array)
         trio.run(_until_signal, lambda ts: server.run(task_status=ts))
     finally:
         array.close()
@@ -250,6 +331,14 @@ def cmd_up(args) -> int:
         trio.run(lambda: init_cluster(args.dir))
     cfg = ClusterConfig.load(args.dir)
     cfg.secret()                      # a damaged secret: say so before starting anything
+    if not cfg.one_machine:
+        from replfs.replication.nodes import is_loopback
+        far = next(n for n, node in cfg.nodes.items()
+                   if node.port is not None and not is_loopback(node.host))
+        raise ReplfsError(f"the cluster in {cfg.dir} is spread over machines ({far} at "
+                          f"{cfg.where(far)}); start each node on its own machine "
+                          f"(`replfs viewserver {cfg.dir}`, `replfs server {cfg.dir} S`) "
+                          f"and mount with `replfs mount {cfg.dir} MNT`")
     if args.daemon:
         argv = ["up", cfg.dir, os.path.abspath(args.mountpoint)]
         if args.no_restart:
