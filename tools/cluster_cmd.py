@@ -322,6 +322,7 @@ def cmd_up(args) -> int:
     from replfs.tools.cluster import Cluster, init_cluster
     from replfs.tools.mount_cmd import _check_mountpoint
     if os.path.exists(os.path.join(args.dir, CONFIG)):
+        _one_machine(ClusterConfig.load(args.dir))
         _clear_the_way(Cluster(args.dir))     # before the mount point check: a dead mount
     _check_mountpoint(args.mountpoint)
     if not os.path.exists(os.path.join(args.dir, CONFIG)):
@@ -331,14 +332,6 @@ def cmd_up(args) -> int:
         trio.run(lambda: init_cluster(args.dir))
     cfg = ClusterConfig.load(args.dir)
     cfg.secret()                      # a damaged secret: say so before starting anything
-    if not cfg.one_machine:
-        from replfs.replication.nodes import is_loopback
-        far = next(n for n, node in cfg.nodes.items()
-                   if node.port is not None and not is_loopback(node.host))
-        raise ReplfsError(f"the cluster in {cfg.dir} is spread over machines ({far} at "
-                          f"{cfg.where(far)}); start each node on its own machine "
-                          f"(`replfs viewserver {cfg.dir}`, `replfs server {cfg.dir} S`) "
-                          f"and mount with `replfs mount {cfg.dir} MNT`")
     if args.daemon:
         argv = ["up", cfg.dir, os.path.abspath(args.mountpoint)]
         if args.no_restart:
@@ -349,6 +342,19 @@ def cmd_up(args) -> int:
                                f"{args.mountpoint}; stop it with `replfs down {args.dir}`")
     _logging()
     return _run_up(Cluster(cfg.dir), args)
+
+
+def _one_machine(cfg: ClusterConfig) -> None:
+    """ReplfsError unless every node of `cfg` is on this machine's loopback (what `up`
+    can start)."""
+    from replfs.replication.nodes import is_loopback
+    if not cfg.one_machine:
+        far = next(n for n, node in cfg.nodes.items()
+                   if node.port is not None and not is_loopback(node.host))
+        raise ReplfsError(f"the cluster in {cfg.dir} is spread over machines ({far} at "
+                          f"{cfg.where(far)}); start each node on its own machine "
+                          f"(`replfs viewserver {cfg.dir}`, `replfs server {cfg.dir} S`) "
+                          f"and mount with `replfs mount {cfg.dir} MNT`")
 
 
 def _run_up(cluster, args) -> int:

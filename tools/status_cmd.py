@@ -71,13 +71,20 @@ def collect(cluster) -> dict:
                 pass
         procs[name] = info
     run = read_run_state(cfg)
-    if not found:
+    if not found and cfg.one_machine:
         st = {"viewserver": {}, "servers": {s: {} for s in cfg.servers}}
     else:
         st = trio.run(gather_status, cfg, 2.0)
+    if not cfg.one_machine:
+        # over several machines a node that does not run here runs where it answers from
+        for name in [VIEWSERVER, *cfg.servers]:
+            info = st["viewserver"] if name == VIEWSERVER else st["servers"].get(name)
+            if not procs[name]["running"]:
+                procs[name] = dict(pid=(info or {}).get("pid"), running=bool(info), remote=True)
     st["processes"] = procs
     st["up"] = run
-    st["arrays"] = {s: _array(cfg.server_dir(s)) for s in cfg.servers}
+    st["arrays"] = {s: _array(cfg.server_dir(s)) for s in cfg.servers
+                    if cfg.one_machine or os.path.isdir(cfg.server_dir(s))}
     mnts = [f.mountpoint for f in found if f.name == "mount" and f.mountpoint]
     if run.get("mountpoint") and run.get("mountpoint") not in mnts:
         mnts.insert(0, run["mountpoint"])
@@ -185,7 +192,8 @@ def verdict(cfg, st: dict, found) -> tuple[str, list[str]]:
             if s in given_up:
                 bad(DEGRADED, f"{s}: `replfs up` {given_up[s]}")
             elif not procs[s]["running"]:
-                bad(DEGRADED, f"{s} is not running")
+                bad(DEGRADED, f"{s} at {cfg.where(s)} does not answer"
+                    if procs[s].get("remote") else f"{s} is not running")
             elif not servers.get(s):
                 bad(DEGRADED, f"{s} runs (pid {procs[s]['pid']}) but does not answer")
     for s, a in st["arrays"].items():
@@ -260,6 +268,9 @@ def render(cfg, st: dict) -> list[str]:
     """The report, as lines of at most 80 columns (a path longer than that aside)."""
     state = st["state"]
     if state == NOT_RUNNING:
+        if not cfg.one_machine:
+            return [f"{cfg.dir}: not running (no node answers; start each on its machine: "
+                    f"`replfs viewserver {cfg.dir}`, `replfs server {cfg.dir} S`)"]
         return [f"{cfg.dir}: not running (start it with `replfs up {cfg.dir} MOUNTPOINT`)"]
     lines = [f"{cfg.dir}: {state}"]
     for p in st["problems"]:
