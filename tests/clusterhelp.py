@@ -154,3 +154,23 @@ def wait_for(pred, timeout: float, what: str, poll: float = 0.05):
             return v
         assert time.monotonic() < deadline, f"{what} not within {timeout} s"
         time.sleep(poll)
+
+
+def read_offline(server_dir: str, name: bytes) -> bytes:
+    """The file `name` in the root of the stopped server's filesystem (its array, opened
+    here and recovered)."""
+    from replfs.fs.mkfs import open_fs
+    from replfs.raid import open_array
+
+    async def go():
+        array = open_array(server_dir)
+        try:
+            fs = await open_fs(array, reclaim=False)
+            try:
+                attr = await fs.lookup(fs.root_ino, name)
+                return await fs.read(attr.ino, 0, attr.size)
+            finally:
+                await fs.close()
+        finally:
+            array.close()
+    return trio.run(go)

@@ -5,27 +5,10 @@ import os
 import signal
 
 import pytest
-import trio
 
-from replfs.fs.mkfs import open_fs
-from replfs.raid import open_array
+from clusterhelp import read_offline
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
-
-
-def read_offline(server_dir: str, name: bytes) -> bytes:
-    async def go():
-        array = open_array(server_dir)
-        try:
-            fs = await open_fs(array, reclaim=False)
-            try:
-                attr = await fs.lookup(fs.root_ino, name)
-                return await fs.read(attr.ino, 0, attr.size)
-            finally:
-                await fs.close()
-        finally:
-            array.close()
-    return trio.run(go)
 
 
 def test_fsynced_data_is_on_the_backup(running):
