@@ -136,10 +136,11 @@ class NetCluster:
         for n in nodes:
             self.procs[n].wait(10)
 
-    def replfs(self, node: str, cmd: str, *args: str) -> str:
-        """`replfs CMD DIR ARGS` on `node`'s machine, with its directory; its output."""
-        return run(["ip", "netns", "exec", self.net.ns[node], *REPLFS, cmd,
-                    str(self.dir(node)), *args])
+    def replfs(self, node: str, *args: str) -> str:
+        """`replfs ARGS` on `node`'s machine, "DIR" in ARGS standing for its directory;
+        its output."""
+        return run(["ip", "netns", "exec", self.net.ns[node], *REPLFS,
+                    *(str(self.dir(node)) if a == "DIR" else a for a in args)])
 
     def status(self) -> dict:
         """`replfs status DIR --json`, run on the client's machine."""

@@ -61,10 +61,10 @@ def test_a_server_cut_off_the_network_fails_over_and_completes_no_update(net, tm
                         90, "the old primary back as backup")
         w.wait_acks(10, 60)
         # `replfs fault`, run on the client's machine, reaches each node at its address
-        net.replfs("client", "fault", "partition", "vs", old)
+        net.replfs("client", "fault", "partition", "DIR", "vs", old)
         net.wait_status(lambda st: group(st)["primary"] == new and not group(st)["backup"],
                         60, "the backup dropped by the view server that cannot hear it")
-        net.replfs("client", "fault", "heal")
+        net.replfs("client", "fault", "heal", "DIR")
         net.wait_status(lambda st: st["state"] == "healthy", 90, "a backup again")
         w.wait_acks(10, 60)
     finally:
