@@ -104,3 +104,11 @@ def test_a_damaged_description_is_refused_in_one_line(tmp_path, edit, says):
     if "vs" not in d["nodes"]:       # and through the command: one line
         r = replfs("status", cfg.dir, check=False)
         assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_server_is_found_by_its_name_given_either_way(tmp_path):
+    from replfs.tools.cluster import _parse_cmdline
+    for cmd in (["replfs", "server", "c", "s1"], ["replfs", "server", "c", "--name", "s1"],
+                ["python3", "-m", "replfs.tools.cli", "server", "--name=s1", "c"]):
+        assert _parse_cmdline(cmd, str(tmp_path)) == ("s1", str(tmp_path / "c"), None, False)
+    assert _parse_cmdline(["replfs", "server", "c"], str(tmp_path)) is None
