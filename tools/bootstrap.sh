@@ -4,7 +4,8 @@
 #   - the Debian packages that are missing, among: python3 python3-venv python3-dev
 #     gcc libc6-dev pkg-config fuse3 libfuse3-dev (pyfuse3 has no wheels: pip compiles it
 #     against libfuse3), ca-certificates (pip over https), and what the tests run:
-#     git rsync acl mount
+#     git rsync acl mount iproute2 util-linux (ip netns and nsenter: one network
+#     namespace per node in tests/replication/test_netns.py)
 #   - a virtualenv in .venv with `pip install -e .[test]`
 #   - /usr/local/bin/replfs -> .venv/bin/replfs, for mount -t fuse.replfs (mount.fuse3's PATH)
 # tools/check_fresh_debian.sh proves it in a chroot made from Debian's base packages only.
@@ -37,6 +38,8 @@ has git || want git
 has rsync || want rsync
 { has getfacl && has setfacl; } || want acl
 { has mount && has umount; } || want mount
+has ip || want iproute2
+has nsenter || want util-linux
 if [ ${#need[@]} -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${need[*]}" >&2
     SUDO=""

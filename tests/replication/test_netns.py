@@ -3,16 +3,12 @@ own network namespace with its own address, its own copy of the description and 
 secret, started with `ip netns exec NS replfs ...` (tests/netnshelp.py). A writer appends
 numbered records through the mount, fsyncing each one."""
 
-import shutil
-
 import pytest
 
 from clusterhelp import read_offline
 from netnshelp import NetCluster, Writer
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.slow,
-              pytest.mark.skipif(not (shutil.which("ip") and shutil.which("nsenter")),
-                                 reason="needs ip (iproute2) and nsenter (util-linux)")]
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
 @pytest.fixture
