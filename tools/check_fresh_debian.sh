@@ -77,7 +77,7 @@ if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
 fi
 absent=()
 for p in python3 python3-venv python3-dev gcc libc6-dev pkg-config fuse3 libfuse3-dev \
-         ca-certificates git rsync acl mount; do
+         ca-certificates git rsync acl mount iproute2 util-linux; do
     chroot "$root" dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q ' installed$' \
         || absent+=("$p")
 done
