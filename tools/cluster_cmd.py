@@ -208,6 +208,7 @@ def cmd_viewserver(args) -> int:
     views = load_views(path)
     if views:
         log.info("resuming from the views in %s: %s", path, views)
+    _check_address(cfg, VIEWSERVER)
     me = cfg.direct(VIEWSERVER)
     trio.run(_until_signal, lambda ts: serve_viewserver(me[1], cfg.secret(), service, views,
                                                           host=me[0], task_status=ts))
@@ -226,6 +227,7 @@ def cmd_server(args) -> int:
     if not os.path.exists(os.path.join(d, "array.json")):
         raise ReplfsError(f"{d} holds no array of server {name}; make it on this machine "
                           f"with `replfs init {cfg.dir} --here {name}`")
+    _check_address(cfg, name)
     _logging()
     _take_faults(cfg, name)
     array = open_array(d)
@@ -235,6 +237,28 @@ def cmd_server(args) -> int:
     finally:
         array.close()
     return 0
+
+
+def _check_address(cfg: ClusterConfig, node: str) -> None:
+    """ReplfsError, in one line, if `node` cannot listen where the description says
+    (another machine's address, a host name that does not resolve, a port in use)."""
+    import errno
+    import socket
+    host, port = cfg.direct(node)
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port,
+                                                          type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the listener
+            s.bind(addr)
+    except OSError as exc:
+        fix = (f"run it on the machine that has {host}, or correct its host in "
+               f"{os.path.join(cfg.dir, CONFIG)}"
+               if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+               else f"stop what holds the port, or give {node} another port in "
+                    f"{os.path.join(cfg.dir, CONFIG)}")
+        raise ReplfsError(f"{node} cannot listen on {cfg.where(node)} "
+                          f"({exc.strerror or exc}); {fix}") from None
 
 
 def _take_faults(cfg: ClusterConfig, node: str) -> None:

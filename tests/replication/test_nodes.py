@@ -10,6 +10,7 @@ from mounthelp import replfs
 from replfs.errors import ReplfsError
 from replfs.replication.config import CLIENT, VIEWSERVER, ClusterConfig
 from replfs.replication.nodes import parse_endpoint
+from replfs.tools.cli import main
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,6 +42,9 @@ def test_init_over_several_machines_writes_the_description_then_each_array_here(
     assert not (d / "b").exists() and ClusterConfig.load(d).server_dir("b") == str(data)
     r = replfs("init", d, "--here", "b", check=False)
     assert r.returncode != 0 and "not empty" in r.stderr
+    r = replfs("server", d, "b", check=False)        # this is not b's machine
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert "cannot listen on 10.9.0.3:7001" in r.stderr and "the machine that has" in r.stderr
     r = replfs("server", d, "s0", check=False)
     assert r.returncode != 0 and "--here s0" in r.stderr and "Traceback" not in r.stderr
     r = replfs("up", d, tmp_path, check=False)
@@ -55,10 +59,10 @@ def test_init_over_several_machines_writes_the_description_then_each_array_here(
     (["--viewserver", "10.9.0.1:7000", "--server", "10.9.0.2:1", "--groups", "2"],
      "do not make 2 groups"),
 ])
-def test_init_refuses_bad_nodes_in_one_line(tmp_path, args, says):
-    r = replfs("init", tmp_path / "c", *args, check=False)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, r.stderr
+def test_init_refuses_bad_nodes_in_one_line(tmp_path, capsys, args, says):
+    assert main(["init", str(tmp_path / "c"), *args]) != 0      # the command, in-process
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and says in err, err
     assert not (tmp_path / "c").exists()
 
 
@@ -112,3 +116,16 @@ def test_a_server_is_found_by_its_name_given_either_way(tmp_path):
                 ["python3", "-m", "replfs.tools.cli", "server", "--name=s1", "c"]):
         assert _parse_cmdline(cmd, str(tmp_path)) == ("s1", str(tmp_path / "c"), None, False)
     assert _parse_cmdline(["replfs", "server", "c"], str(tmp_path)) is None
+
+
+def test_a_server_whose_port_is_taken_says_so_in_one_line(tmp_path):
+    import socket
+    d = tmp_path / "c"
+    replfs("init", d, "--groups", "1", "--replicas", "1", "--size", "16M")
+    cfg = ClusterConfig.load(d)
+    with socket.socket() as s:
+        s.bind(cfg.direct("s0"))
+        s.listen()
+        r = replfs("server", d, "s0", check=False)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot listen on 127.0.0.1:" in r.stderr and "another port" in r.stderr
