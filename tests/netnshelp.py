@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -46,6 +47,7 @@ class Network:
         self.made: list[str] = []
 
     def make(self) -> "Network":
+        remove_stale()
         ip("netns", "add", self.hub)
         self.made.append(self.hub)
         ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
@@ -69,6 +71,17 @@ class Network:
         for ns in reversed(self.made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         self.made.clear()
+
+
+def remove_stale() -> None:
+    """Delete the namespaces a test run killed outright left behind (its pid in their
+    names, that process gone); never those of a run still going."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                            timeout=30).stdout.split()
+    for name in listed:
+        m = re.fullmatch(r"rfs(\d+)-[\w-]+", name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
 class NetCluster:
