@@ -110,7 +110,8 @@ def cmd_init(args) -> int:
     before = set(os.listdir(args.dir)) if os.path.isdir(args.dir) else None
     try:
         cfg = trio.run(lambda: init_cluster(args.dir, groups=args.groups,
-                                            replicas=args.replicas or 2, disks=args.disks,
+                                            replicas=2 if args.replicas is None else args.replicas,
+                                            disks=args.disks,
                                             disk_size=disk_size, placement=args.placement,
                                             durability=args.durability))
     except BaseException:
