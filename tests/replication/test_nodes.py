@@ -54,8 +54,10 @@ def test_init_over_several_machines_writes_the_description_then_each_array_here(
 @pytest.mark.parametrize("args, says", [
     (["--viewserver", "10.9.0.1:7000"], "needs both"),
     (["--viewserver", "10.9.0.1", "--server", "10.9.0.2:1", "--groups", "1"], "[NAME=]HOST:PORT"),
-    (["--viewserver", "10.9.0.1:7000", "--server", "vs=10.9.0.2:1", "--groups", "1"], "given twice"),
-    (["--viewserver", "10.9.0.1:7000", "--server", "10.9.0.1:7000", "--groups", "1"], "listen on 10.9.0.1:7000"),
+    (["--viewserver", "10.9.0.1:7000", "--server", "vs=10.9.0.2:1", "--groups", "1"],
+     "given twice"),
+    (["--viewserver", "10.9.0.1:7000", "--server", "10.9.0.1:7000", "--groups", "1"],
+     "listen on 10.9.0.1:7000"),
     (["--viewserver", "10.9.0.1:7000", "--server", "10.9.0.2:1", "--groups", "2"],
      "do not make 2 groups"),
 ])
