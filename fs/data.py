@@ -20,6 +20,12 @@ from replfs.fs.values import _now
 from replfs.txn import TxnManagerFailed
 
 
+def version(node) -> list:
+    """What tells one version of a file's contents from another: [generation, mtime,
+    ctime, size] (every change of the contents sets ctime)."""
+    return [node.generation, node.mtime_ns, node.ctime_ns, node.size]
+
+
 class DataOps:
     """The data operations of `FileSystem` (a mixin)."""
 
@@ -58,18 +64,22 @@ class DataOps:
             return buf[start:start + end - offset]
         return await self._run("read", fn, readonly=True)
 
-    async def write(self, ino: int, offset: int, data: bytes) -> int:
+    async def write(self, ino: int, offset: int, data: bytes, stamps: bool = False):
+        """Write `data` at `offset`; the number of bytes written. With `stamps`,
+        [bytes written, the file's version before, its version after] instead, both
+        read in the write's own transaction (see `version`): a client that knows the
+        version before was the one it holds knows nothing else changed the file in
+        between (what NFSv3's wcc data tells)."""
         if offset < 0:
             raise FsError(errno.EINVAL, "negative offset")
         if offset + len(data) > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG, f"write beyond the largest file size ({MAX_FILE_SIZE} bytes)")
-        if not data:
-            return 0
 
         async def fn(op):
             node = await op.inode(ino, "X")
             if node.is_dir:
                 raise FsError(errno.EISDIR, "is a directory")
+            before = version(node) if stamps else None
             end = offset + len(data)
             first = offset // BLOCK_SIZE
             last = (end - 1) // BLOCK_SIZE
@@ -98,7 +108,9 @@ class DataOps:
                 if node.mode & stat.S_IXGRP:
                     node.mode &= ~stat.S_ISGID
             await op.put(ino, node)
-            return len(data)
+            return [len(data), before, version(node)] if stamps else len(data)
+        if not data:
+            return [0, None, None] if stamps else 0
         return await self._run("write", fn)
 
     async def fsync(self, ino: int | None = None) -> None:

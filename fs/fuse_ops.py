@@ -134,6 +134,11 @@ class _Listing:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # The kernel's pages of a file stay valid until an open finds that the file changed
+    # (close-to-open: `_keep_cache`), not whenever it sees a new mtime: this mount's own
+    # writes then leave the file readable from the page cache. (Heeded by the pyfuse3
+    # that tools/bootstrap.sh patches; an unpatched one keeps the kernel's default.)
+    enable_auto_inval_data = False
 
     def __init__(self, fs):
         super().__init__()
@@ -311,12 +316,18 @@ class Operations(pyfuse3.Operations):
             await self._named(nid)
 
     # ------------------------------------------------------------ files
+    @staticmethod
+    def _stamp(attr) -> tuple:
+        """The version of a file's contents, as fs/data.py's `version` gives it."""
+        return (attr.generation, attr.mtime_ns, attr.ctime_ns, attr.size)
+
     def _keep_cache(self, attr) -> bool:
         """May the kernel keep its cached pages of `attr.ino` at this open, `attr` being
         the file's attributes just asked of the filesystem? Yes if its stamp is the one
-        the previous open saw. If not, this open's stamp is remembered and the kernel's
-        cached attributes are dropped too (the caller drops the pages)."""
-        stamp = (attr.generation, attr.mtime_ns, attr.ctime_ns, attr.size)
+        the kernel's pages are of: what the previous open saw, moved on by this
+        mount's own writes since (`write`). If not, this open's stamp is remembered and
+        the kernel's cached attributes are dropped too (the caller drops the pages)."""
+        stamp = self._stamp(attr)
         if self._stamps.get(attr.ino) == stamp:
             return True
         self._stamps[attr.ino] = stamp
@@ -346,6 +357,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = await self.fs.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
         e = self._looked_up(attr)
+        self._stamps[attr.ino] = self._stamp(attr)     # new: the kernel has no pages of it
         return pyfuse3.FileInfo(fh=self._new_fh(attr.ino)), e
 
     @translate
@@ -354,7 +366,14 @@ class Operations(pyfuse3.Operations):
 
     @translate
     async def write(self, fh, off, buf):
-        return await self.fs.write(self._ino(fh), off, buf)
+        # the kernel copied `buf` into its pages of the file: if nothing but this write
+        # changed the file since the version those pages are of, they are of the version
+        # it made (the file's versions before and after, read in the write's transaction)
+        ino = self._ino(fh)
+        n, before, after = await self.fs.write(ino, off, buf, stamps=True)
+        if before is not None and self._stamps.get(ino) == tuple(before):
+            self._stamps[ino] = tuple(after)
+        return n
 
     @translate
     async def flush(self, fh):

@@ -33,7 +33,8 @@ from .member import DiskGone
 
 SMALL_WRITE = 64  # a write of at most this many blocks maps its rows without numpy
 RECENT_BLOCKS = 1024    # member blocks remembered from partial-stripe writes (array.py)
-RECENT_SEG = 4          # segments longer than this are not remembered
+RECENT_SEG = 64         # longer segments are not remembered (a chunk of a sequential
+                        # write's last partial row is: the next write completes that row)
 
 
 class WriteMixin:
@@ -147,8 +148,8 @@ class WriteMixin:
 
     def _forget_recent(self, d: int | None, e0: int, e1: int) -> None:
         """Drop what `_recent` holds of member d's entries e0..e1 (every member: None)."""
-        if e1 - e0 <= 8:
-            members = range(self.geo.ndisks) if d is None else (d,)
+        members = range(self.geo.ndisks) if d is None else (d,)
+        if (e1 - e0) * len(members) <= len(self._recent):
             for k in members:
                 for e in range(e0, e1):
                     self._recent.pop((k, e), None)

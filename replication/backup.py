@@ -230,7 +230,11 @@ class BackupRole:
             return True
         # every message the backup takes from its primary renews the primary's lease
         # (sent before it arrived): no serving as a primary ourselves until it ran out
-        self.lease_granted_at = trio.current_time()
+        now = trio.current_time()
+        self.lease_grants[ch] = now
+        if len(self.lease_grants) > 8:      # connections that ended otherwise, run out
+            self.lease_grants = {k: t for k, t in self.lease_grants.items()
+                                 if now - t < self.lease}
         while self._queued_bytes > QUEUE_MAX:   # flow control: stop reading the link
             await self._changed.wait()
         return False

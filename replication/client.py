@@ -449,7 +449,9 @@ class RemoteFS:
     async def read(self, ino, offset, size):
         return await self.call("read", ino, offset, size)
 
-    async def write(self, ino, offset, data):
+    async def write(self, ino, offset, data, stamps=False):
+        if stamps:
+            return await self.call("write", ino, offset, bytes(data), stamps=True)
         return await self.call("write", ino, offset, bytes(data))
 
     async def fsync(self, ino=None):

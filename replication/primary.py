@@ -150,7 +150,7 @@ class PrimaryRole:
         p = self.primary
         # as a backup this server renewed the old primary's lease: it may still serve
         # until that ran out
-        wait = self.lease_granted_at + self.lease - trio.current_time()
+        wait = max(self.lease_grants.values(), default=-1e9) + self.lease - trio.current_time()
         if wait > 0:
             log.info("waiting %.2f s for the old primary's lease to run out", wait)
             await trio.sleep(wait)
@@ -324,6 +324,9 @@ class PrimaryRole:
                 elif batch:
                     await self._send_forward(ch, v, p, batch)
         finally:
+            # the backup voids what this link granted once it sees the link closed
+            # (server.py `lease_grants`): no serving on it from now on
+            p.lease_from = -1e9
             await ch.aclose()
 
     async def _forward_ready(self, ch, v, p, last_lsn: int) -> int:

@@ -57,9 +57,12 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
         self.primary: Primary | None = None
         self.serving = False
         self.last_vs_contact = -1e9
-        # when this server, as a backup, last renewed its primary's lease: it does not
-        # serve as primary before that lease ran out (primary.py `_check_serving`)
-        self.lease_granted_at = -1e9
+        # as a backup: per replication connection, when a message on it last renewed
+        # the primary's lease; it does not serve as primary before those ran out
+        # (primary.py `_replicate`). A connection its end closed takes its grant along:
+        # a primary gives up the lease whenever its link closes (primary.py `_link`)
+        self.lease_grants: dict[wire.Channel, float] = {}
+        self._ping_now = trio.Event()       # set: the pinger pings at once
         self.gate = Gate()
         self.apply_lock = trio.Lock()
         self._changed = trio.Event()
@@ -139,10 +142,23 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
                 await self._on_view(View(reply.num, reply.primary, reply.backup))
             except wire.CONN_ERRORS as exc:
                 if ch is not None:
+                    # the view server takes a closed ping connection for a death once
+                    # no ping follows within an interval (viewserver.py `hung_up`): give
+                    # up the lease its answers gave before closing it
+                    self.last_vs_contact = -1e9
                     await ch.aclose()
                     ch = None
                 log.debug("ping failed: %s", exc)
-            await trio.sleep(max(0.0, interval - (trio.current_time() - t0)))
+            with trio.move_on_at(t0 + interval):
+                await self._ping_now.wait()
+            self._ping_now = trio.Event()
+
+    def _ping_soon(self, delay: float) -> None:
+        """Ping the view server `delay` seconds from now (besides every interval)."""
+        async def later():
+            await trio.sleep(delay)
+            self._ping_now.set()
+        self._nursery.start_soon(later)
 
     async def _on_view(self, v: View) -> None:
         if v.num <= self.view.num:
@@ -267,7 +283,15 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
         other = {wire.HealRequest: self._on_heal_request}
         async with trio.open_nursery() as nursery:
             while True:
-                msg = await ch.receive()
+                try:
+                    msg = await ch.receive()
+                except BaseException as exc:
+                    if wire.hung_up(exc) and self.lease_grants.pop(ch, None) is not None:
+                        # our primary closed its link, or died: it gave up the lease its
+                        # messages on it renewed. If it died, the view server decides so
+                        # within a ping interval (viewserver.py `hung_up`): ask then
+                        self._ping_soon(1.2 * self.cfg.ping_interval)
+                    raise
                 handler = link.get(type(msg))
                 if handler is not None:
                     _check_link(msg)

@@ -5,7 +5,9 @@ a fast unit test); `serve_viewserver` puts it on the wire and calls `tick` every
 interval. The rules (6.033 L19 / the classic primary-backup view service):
 
 - the first server to ping becomes primary of view 1; the next idle one becomes backup;
-- a server that missed `dead_pings` pings is dead; a dead primary is replaced by the
+- a server that missed `dead_pings` pings is dead, and so is one whose ping connection
+  its end closed (its process died: the kernel closes its sockets) and that did not ping
+  again within a ping interval (`hung_up`); a dead primary is replaced by the
   backup, and an idle server becomes the new backup (none: the primary serves alone and
   the group is *unprotected*);
 - a view is given to one *incarnation* (process, the `boot` id of its pings) of each of
@@ -64,6 +66,8 @@ class GroupState:
     boots: dict[str, str] = field(default_factory=dict)    # server -> its latest process's boot id
     given: dict[str, str] = field(default_factory=dict)    # member -> boot id the view was given to
     restarted: dict[str, float] = field(default_factory=dict)   # member -> when seen restarted
+    # server -> when its ping connection was closed by its end (`hung_up`), until it pings again
+    hung_up: dict[str, float] = field(default_factory=dict)
 
 
 class ViewService:
@@ -93,12 +97,32 @@ class ViewService:
 
     def _dead(self, g: GroupState, server: str, now: float) -> bool:
         t = g.last_ping.get(server)
-        return t is None or now - t > self.dead_pings * self.ping_interval
+        if t is None or now - t > self.dead_pings * self.ping_interval:
+            return True
+        h = g.hung_up.get(server)
+        return h is not None and now - h >= self.ping_interval
 
     def _fresh(self, g: GroupState, server: str, now: float) -> bool:
-        """Pinged within the last two intervals: surely not killed with its partner."""
+        """Pinged within the last two intervals, and did not hang up since: surely not
+        killed with its partner."""
         t = g.last_ping.get(server)
-        return t is not None and now - t <= 2 * self.ping_interval
+        return t is not None and now - t <= 2 * self.ping_interval \
+            and server not in g.hung_up
+
+    def hung_up(self, group: int, server: str, boot: str, now: float) -> None:
+        """The connection `server` (process `boot`) pinged on was closed by its end. A
+        process that dies has its connections closed by its kernel at once; one that
+        lives and gave up on a slow answer closes it too, but pings again on a new
+        connection at once (and gives up its lease: server.py). So a server that hung
+        up is dead once a ping interval passed without a ping -- not only after
+        `dead_pings` missed ones (a hung process, which closes nothing, still waits
+        for those). Only its latest incarnation's hang-up counts."""
+        g = self.groups.get(group)
+        if g is None or server not in g.last_ping:
+            return
+        if boot and g.boots.get(server, boot) != boot:
+            return                      # an older process's connection
+        g.hung_up.setdefault(server, now)
 
     def _stale(self, g: GroupState, server: str, viewnum: int, boot: str) -> bool:
         """A ping from a member of the view comes from another incarnation than the one
@@ -117,6 +141,7 @@ class ViewService:
         without it a ping 0 from a member is a restart)."""
         g = self._group(group)
         g.last_ping[server] = now
+        g.hung_up.pop(server, None)
         v = g.view
         if server in (v.primary, v.backup) and self._stale(g, server, viewnum, boot):
             if server not in g.restarted:
@@ -156,6 +181,8 @@ class ViewService:
                 g.last_ping[s] += seconds
             for s in g.restarted:
                 g.restarted[s] += seconds
+            for s in g.hung_up:
+                g.hung_up[s] += seconds
 
     def tick(self, now: float) -> None:
         for group, g in self.groups.items():
@@ -244,15 +271,22 @@ async def serve_viewserver(port: int, secret: bytes, service: ViewService,
     if restore:
         service.restore(restore, trio.current_time())
     async def on_connection(ch: wire.Channel) -> None:
+        pinger = None       # (group, server, boot) of the pings on this connection
         while True:
-            msg = await ch.receive()
+            try:
+                msg = await ch.receive()
+            except BaseException as exc:
+                if pinger is not None and wire.hung_up(exc):
+                    await hung_up(*pinger)
+                raise
             now = trio.current_time()
             if isinstance(msg, wire.Ping):
                 if not (isinstance(msg.group, int) and isinstance(msg.server, str)
                         and isinstance(msg.view, int)):
                     raise wire.ProtocolError("malformed ping")
-                v = service.ping(msg.group, msg.server, msg.view, now,
-                                 msg.boot if isinstance(msg.boot, str) else "")
+                boot = msg.boot if isinstance(msg.boot, str) else ""
+                pinger = (msg.group, msg.server, boot)
+                v = service.ping(msg.group, msg.server, msg.view, now, boot)
                 await ch.send(_reply(service, msg.group, v))
             elif isinstance(msg, wire.GetView):
                 if not isinstance(msg.group, int):
@@ -264,6 +298,14 @@ async def serve_viewserver(port: int, secret: bytes, service: ViewService,
                                                     dead_pings=service.dead_pings)))
             else:
                 raise wire.ProtocolError(f"the view server does not take {msg.TAG}")
+
+    async def hung_up(group: int, server: str, boot: str) -> None:
+        """A server's ping connection was closed by its end: dead unless it pings again
+        within an interval -- decided then, not at the next tick."""
+        log.info("group %d: %s closed its connection", group, server)
+        service.hung_up(group, server, boot, trio.current_time())
+        await trio.sleep(service.ping_interval)
+        service.tick(trio.current_time())
 
     async def ticker() -> None:
         while True:

@@ -594,5 +594,15 @@ def _split(exc: BaseException):
     return None, exc
 
 
+def hung_up(exc: BaseException) -> bool:
+    """Did the peer's end close the connection -- its process ended (its kernel closes
+    its sockets) or it closed it -- rather than a timeout, our own close or a partition?"""
+    if isinstance(exc, Partitioned):
+        return False
+    if isinstance(exc, trio.BrokenResourceError):
+        exc = exc.__cause__
+    return isinstance(exc, (EOFError, ConnectionResetError))
+
+
 CONN_ERRORS = (OSError, EOFError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError,
                trio.ClosedResourceError)

@@ -155,3 +155,18 @@ def test_rename_on_one_mount_seen_on_the_other(two):
     with pytest.raises(OSError) as exc:
         os.stat(b / "src" / "z2")
     assert exc.value.errno == errno.ENOENT
+
+
+def test_own_writes_do_not_hide_a_change_the_other_mount_made_meanwhile(two):
+    # A's kernel holds pages of f; B rewrites f (same length) while A has it open; A
+    # then writes part of it and closes. A's pages of the part A did not write are of
+    # the old version: A's next open must not keep them, although A's own write was
+    # the last change (its pre-write version was B's, not the one A's pages are of)
+    a, b = two
+    write(a / "f", b"a" * 8192)
+    assert read(a / "f") == b"a" * 8192
+    with open(a / "f", "r+b") as fa:
+        write(b / "f", b"b" * 8192)
+        fa.write(b"A" * 100)
+    assert read(a / "f") == b"A" * 100 + b"b" * 8092
+    assert read(b / "f") == b"A" * 100 + b"b" * 8092

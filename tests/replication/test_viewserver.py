@@ -382,3 +382,77 @@ def test_a_restarted_member_is_not_told_the_view_of_its_previous_incarnation():
     assert vs.get(0) == View(3, "a", "")            # B2 may not be in sync: dropped
     run(vs, 0.2, 1.0, a="A1", b="B2")
     assert vs.get(0) == View(4, "a", "b")
+
+
+def protected(vs):
+    """a primary, b backup of acknowledged view 2; c idle."""
+    vs.ping(0, "a", 0, 0.0, "A")
+    vs.ping(0, "a", 1, 0.0, "A")
+    vs.ping(0, "b", 0, 0.0, "B")
+    vs.ping(0, "a", 2, 0.1, "A")
+    vs.ping(0, "c", 0, 0.1, "C")
+    assert vs.get(0) == View(2, "a", "b")
+
+
+def test_a_primary_that_hung_up_is_dead_after_one_interval_not_five():
+    vs = make()
+    protected(vs)
+    vs.hung_up(0, "a", "A", 0.15)           # its process died: its kernel closed the socket
+    vs.ping(0, "b", 2, 0.2, "B")
+    vs.ping(0, "c", 0, 0.2, "C")
+    vs.tick(0.2)
+    assert vs.get(0) == View(2, "a", "b")   # not before a ping interval passed
+    vs.ping(0, "b", 2, 0.25, "B")
+    vs.tick(0.25)
+    assert vs.get(0) == View(3, "b", "c")
+
+
+def test_a_server_that_hangs_up_and_pings_again_at_once_stays():
+    vs = make()
+    protected(vs)
+    vs.hung_up(0, "a", "A", 0.15)           # gave up on a slow answer, reconnected
+    vs.ping(0, "a", 2, 0.16, "A")
+    vs.ping(0, "b", 2, 0.3, "B")
+    vs.tick(0.3)
+    assert vs.get(0) == View(2, "a", "b")
+
+
+def test_a_hang_up_of_an_older_incarnation_does_not_count():
+    vs = make()
+    protected(vs)
+    vs.ping(0, "c", 0, 0.12, "C2")          # c restarted; then its old connection ends
+    vs.hung_up(0, "c", "C", 0.13)
+    vs.hung_up(0, "a", "A", 0.15)
+    vs.ping(0, "b", 2, 0.3, "B")
+    vs.ping(0, "c", 0, 0.3, "C2")
+    vs.tick(0.3)
+    assert vs.get(0) == View(3, "b", "c")   # c, alive in its new incarnation, recruited
+
+
+def test_a_backup_that_hung_up_with_its_primary_does_not_take_over():
+    vs = make()
+    protected(vs)
+    vs.ping(0, "b", 2, 0.14, "B")
+    vs.hung_up(0, "a", "A", 0.15)
+    vs.hung_up(0, "b", "B", 0.16)           # killed together, a few ms apart
+    vs.ping(0, "c", 0, 0.25, "C")
+    vs.tick(0.255)                          # a dead; b not yet, but it hung up too
+    assert vs.get(0) == View(2, "a", "b")
+    vs.tick(0.3)
+    assert vs.get(0) == View(2, "a", "b")   # wait for one of them to come back
+    vs.ping(0, "b", 0, 0.5, "B2")           # the backup restarted: not the newest state
+    vs.tick(0.5)
+    assert vs.get(0).primary != "c"
+
+
+def test_a_backup_that_hung_up_is_dropped_after_one_interval():
+    vs = make()
+    protected(vs)
+    vs.hung_up(0, "b", "B", 0.15)
+    vs.ping(0, "a", 2, 0.2, "A")
+    vs.ping(0, "c", 0, 0.2, "C")
+    vs.tick(0.2)
+    assert vs.get(0) == View(2, "a", "b")
+    vs.ping(0, "a", 2, 0.26, "A")
+    vs.tick(0.26)
+    assert vs.get(0) == View(3, "a", "c")
