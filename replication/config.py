@@ -15,7 +15,7 @@ import json
 import os
 import secrets
 import socket
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from replfs.errors import ReplfsError
 from replfs.fs.layout import ino_group
@@ -146,6 +146,28 @@ def write_secret(dirpath: str) -> str:
     return path
 
 
+def check_endpoint(ep: str) -> str:
+    """An etcd endpoint, host:port (a clear error otherwise)."""
+    host, sep, port = ep.strip().rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ReplfsError(f"etcd endpoint {ep!r}: want HOST:PORT (its client URL, "
+                          f"e.g. 127.0.0.1:2379)")
+    return f"{host}:{int(port)}"
+
+
+def viewserver_names(count: int, etcd: list[str]) -> list[str]:
+    """vs, vs1, vs2, ...: several view server processes need etcd (views.json is one
+    process's)."""
+    if count < 1:
+        raise ReplfsError(f"a cluster needs at least one view server (asked for {count})")
+    if count > 1 and not etcd:
+        raise ReplfsError(f"{count} view servers need etcd to share their views: give "
+                          f"--etcd HOST:PORT[,HOST:PORT...]")
+    for ep in etcd:
+        check_endpoint(ep)
+    return [VIEWSERVER] + [f"{VIEWSERVER}{i}" for i in range(1, count)]
+
+
 # Each disk image of a new cluster: sparse (ftruncate), so it costs only what is written;
 # 4 of them make a 6 GiB array per server, ~6 GiB of filesystem per group.
 DEFAULT_DISK_SIZE = 2 * 2**30
@@ -162,13 +184,18 @@ class ClusterConfig:
     disk_size: int = DEFAULT_DISK_SIZE
     placement: str = "spread"      # where mkdir puts a new directory: see place_dir
     durability: str = "written"    # when an update is answered: see check_durability
+    # the view server processes (one active, the others standing by: they need etcd)
+    viewservers: list[str] = field(default_factory=lambda: [VIEWSERVER])
+    etcd: list[str] = field(default_factory=list)    # etcd endpoints host:port; none: views.json
+    etcd_prefix: str = ""          # this cluster's keys in etcd
 
     # ---------------------------------------------------------------- creation
     @classmethod
     def create(cls, dirpath: str, *, groups: int = 2, replicas: int = 2, disks: int = 4,
                disk_size: int = DEFAULT_DISK_SIZE,
                ping_interval: float = 0.1, dead_pings: int = 5,
-               placement: str = "spread", durability: str = "written") -> "ClusterConfig":
+               placement: str = "spread", durability: str = "written",
+               viewservers: int = 1, etcd: list[str] | None = None) -> "ClusterConfig":
         """Servers s0..s{groups*replicas-1}; group g is s{g*replicas}..s{g*replicas+replicas-1}."""
         if groups < 1 or replicas < 1:
             raise ReplfsError(f"a cluster needs at least one group of one replica "
@@ -177,9 +204,12 @@ class ClusterConfig:
         durability = check_durability(durability)
         layout = {g: [f"s{g * replicas + i}" for i in range(replicas)] for g in range(groups)}
         servers = [s for ss in layout.values() for s in ss]
-        ports = {VIEWSERVER: free_port(), **{s: free_port() for s in servers}}
+        etcd = [check_endpoint(e) for e in etcd or []]
+        vss = viewserver_names(viewservers, etcd)
+        ports = {**{v: free_port() for v in vss}, **{s: free_port() for s in servers}}
         cfg = cls(os.path.abspath(dirpath), layout, ports, ping_interval, dead_pings, disks,
-                  disk_size, placement, durability)
+                  disk_size, placement, durability, vss, etcd,
+                  f"/replfs/{secrets.token_hex(8)}" if etcd else "")
         os.makedirs(dirpath, exist_ok=True)
         write_secret(dirpath)
         cfg.save()
@@ -189,7 +219,8 @@ class ClusterConfig:
         d = dict(groups={str(g): s for g, s in self.groups.items()}, ports=self.ports,
                  ping_interval=self.ping_interval, dead_pings=self.dead_pings,
                  disks=self.disks, disk_size=self.disk_size, placement=self.placement,
-                 durability=self.durability)
+                 durability=self.durability, viewservers=self.viewservers, etcd=self.etcd,
+                 etcd_prefix=self.etcd_prefix)
         tmp = os.path.join(self.dir, CONFIG + ".tmp")
         with open(tmp, "w") as f:
             json.dump(d, f, indent=2)

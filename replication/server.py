@@ -30,11 +30,12 @@ from replfs.raid.healing import HealingDevice
 from replfs.replication import amo, postop, wire
 from replfs.replication.backup import FLUSH_BEHIND, BackupRole
 from replfs.replication.heal import HealRole
-from replfs.replication.config import VIEWSERVER, ClusterConfig
+from replfs.replication.config import ClusterConfig
 from replfs.replication.primary import (READS, UPDATES, Gate, Inflight, NotPrimaryError,
                                         Primary, PrimaryRole)
 from replfs.replication.twopc import TX_METHODS, TwoPhase
 from replfs.replication.viewserver import View
+from replfs.replication.vsdial import ViewServers
 
 log = logging.getLogger("replfs.server")
 
@@ -45,6 +46,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
         self.name = name
         self.group = cfg.group_of(name)
         self.secret = cfg.secret()
+        self.viewservers = ViewServers(cfg, name, self.secret)
         self.array = array
         # the filesystem's device: the array, with unreadable blocks healed from the
         # partner replica (replication/heal.py)
@@ -125,9 +127,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
             t0 = trio.current_time()
             try:
                 if ch is None:
-                    with trio.fail_after(interval * 3):
-                        ch = await wire.connect(self.cfg.addr(self.name, VIEWSERVER),
-                                                self.secret, self.name)
+                    ch = await self.viewservers.connect(interval * 3)
                 with trio.fail_after(interval * 3):
                     await ch.send(wire.Ping(self.group, self.name, self.ping_view, self.boot))
                     reply = await ch.receive()
@@ -139,6 +139,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
                 if ch is not None:
                     await ch.aclose()
                     ch = None
+                    self.viewservers.failed()
                 log.debug("ping failed: %s", exc)
             await trio.sleep(max(0.0, interval - (trio.current_time() - t0)))
 
@@ -243,13 +244,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
 
     async def _refresh_view(self) -> None:
         try:
-            with trio.fail_after(self.cfg.ping_interval * 3):
-                ch = await wire.connect(self.cfg.addr(self.name, VIEWSERVER), self.secret, self.name)
-                try:
-                    await ch.send(wire.GetView(self.group))
-                    r = await ch.receive()
-                finally:
-                    await ch.aclose()
+            r = await self.viewservers.ask(wire.GetView(self.group), self.cfg.ping_interval * 3)
             if isinstance(r, wire.ViewReply):
                 await self._on_view(View(r.num, r.primary, r.backup))
         except wire.CONN_ERRORS:

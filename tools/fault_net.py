@@ -33,8 +33,8 @@ def _cluster(dirpath: str):
 
 
 def _check_nodes(cfg, a: str, b: str) -> None:
-    from replfs.replication.config import CLIENT, VIEWSERVER
-    known = {VIEWSERVER, CLIENT, *cfg.servers}
+    from replfs.replication.config import CLIENT
+    known = {*cfg.viewservers, CLIENT, *cfg.servers}
     for n in (a, b):
         if n not in known:
             raise ReplfsError(f"no node {n!r} in {cfg.dir} (nodes: {', '.join(sorted(known))})")
@@ -54,7 +54,7 @@ def apply_faults(cluster, change, timeout: float = APPLY_TIMEOUT) -> dict[str, s
     them, and tell every running node whose faults changed; returns {node: "applied" or
     "down"} once each has applied them (a node down reads them when it starts).
     ReplfsError if a running node does not answer within `timeout`."""
-    from replfs.replication.config import VIEWSERVER
+
     cfg = cluster.cfg
     try:
         before, damaged = cfg.read_faults(), False
@@ -64,7 +64,7 @@ def apply_faults(cluster, change, timeout: float = APPLY_TIMEOUT) -> dict[str, s
                  loss=dict(before["loss"]))
     change(after)
     gen = cfg.write_faults(after)
-    nodes = [n for n in [VIEWSERVER, *cfg.servers]
+    nodes = [n for n in [*cfg.viewservers, *cfg.servers]
              if damaged or _involving(before, n) != _involving(after, n)]
     return trio.run(_tell, cluster, after, gen, nodes, timeout)
 
