@@ -121,7 +121,7 @@ class EtcdStore:
                 continue
             self._good = k
             return r
-        raise OSError(f"no etcd endpoint answered: {last}")
+        raise OSError(f"no etcd endpoint answered ({type(last).__name__}: {last})")
 
     async def _call(self, path: str, body: dict) -> dict:
         return await trio.to_thread.run_sync(self._post, path, body, abandon_on_cancel=True)

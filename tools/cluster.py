@@ -179,15 +179,18 @@ class Cluster:
     def wait_until(self, pred, timeout: float = 30.0, what: str = "the cluster",
                    fail_fast: bool = False) -> dict:
         """Poll `status()` until `pred(status)`; raise ReplfsError on timeout or when the
-        view server (with `fail_fast`, any process this object started) died, with the
+        view servers (with `fail_fast`, any process this object started) died, with the
         reason from its exit status and log."""
         deadline = time.monotonic() + timeout
         while True:
             st = self.status(timeout=1.0)
             if pred(st):
                 return st
+            vss = [self.procs[v] for v in self.cfg.viewservers if v in self.procs]
+            no_vs = all(p.poll() is not None for p in vss)      # every view server died
             for name, proc in self.procs.items():
-                if proc.poll() is not None and (fail_fast or name in self.cfg.viewservers):
+                if proc.poll() is not None and (fail_fast or name in self.cfg.viewservers
+                                                and no_vs):
                     logpath = os.path.join(self.cfg.log_dir(), f"{name}.log")
                     raise ReplfsError(f"{name} {describe_exit(proc.returncode, logpath)} "
                                       f"(log {logpath})")

@@ -54,7 +54,6 @@ def apply_faults(cluster, change, timeout: float = APPLY_TIMEOUT) -> dict[str, s
     them, and tell every running node whose faults changed; returns {node: "applied" or
     "down"} once each has applied them (a node down reads them when it starts).
     ReplfsError if a running node does not answer within `timeout`."""
-
     cfg = cluster.cfg
     try:
         before, damaged = cfg.read_faults(), False
