@@ -4,7 +4,8 @@
 #   - the Debian packages that are missing, among: python3 python3-venv python3-dev
 #     gcc libc6-dev pkg-config fuse3 libfuse3-dev (pyfuse3 has no wheels: pip compiles it
 #     against libfuse3), ca-certificates (pip over https), and what the tests run:
-#     git rsync acl mount
+#     git rsync acl mount, etcd-server (the view service's store in many-machine mode;
+#     the tests start their own etcd members, never the service the package installs)
 #   - a virtualenv in .venv with `pip install -e .[test]`
 #   - /usr/local/bin/replfs -> .venv/bin/replfs, for mount -t fuse.replfs (mount.fuse3's PATH)
 # tools/check_fresh_debian.sh proves it in a chroot made from Debian's base packages only.
@@ -37,6 +38,7 @@ has git || want git
 has rsync || want rsync
 { has getfacl && has setfacl; } || want acl
 { has mount && has umount; } || want mount
+has etcd || want etcd-server
 if [ ${#need[@]} -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${need[*]}" >&2
     SUDO=""
