@@ -128,12 +128,15 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
             try:
                 if ch is None:
                     ch = await self.viewservers.connect(interval * 3)
+                sent = trio.current_time()
                 with trio.fail_after(interval * 3):
                     await ch.send(wire.Ping(self.group, self.name, self.ping_view, self.boot))
                     reply = await ch.receive()
                 if not isinstance(reply, wire.ViewReply):
                     raise wire.ProtocolError(f"view server sent {reply.TAG}")
-                self.last_vs_contact = trio.current_time()
+                # the lease runs from when the ping left, not when its answer came:
+                # an answer delayed in a busy view server or network must not stretch it
+                self.last_vs_contact = sent
                 await self._on_view(View(reply.num, reply.primary, reply.backup))
             except wire.CONN_ERRORS as exc:
                 if ch is not None:
