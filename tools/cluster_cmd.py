@@ -148,7 +148,6 @@ def cmd_viewserver(args) -> int:
     if name not in cfg.viewservers:
         raise ReplfsError(f"no view server {name!r} in {cfg.dir} (view servers: "
                           f"{', '.join(cfg.viewservers)})")
-    _take_faults(cfg, name)
     if cfg.etcd:
         store = EtcdStore(cfg.etcd, cfg.etcd_prefix, name)
         log.info("%s: views in etcd (%s) under %s; standing by until elected", name,
@@ -156,9 +155,12 @@ def cmd_viewserver(args) -> int:
     else:
         store = FileStore(os.path.join(cfg.dir, "views.json"))
     host, port = cfg.direct(name)
+
+    def elected() -> ViewService:
+        _take_faults(cfg, name)     # a standby was told of no fault since it started
+        return ViewService(cfg.ping_interval, cfg.dead_pings)
     trio.run(_until_signal, lambda ts: run_viewserver(
-        port, cfg.secret(), lambda: ViewService(cfg.ping_interval, cfg.dead_pings), store,
-        host=host, name=name, task_status=ts))
+        port, cfg.secret(), elected, store, host=host, name=name, task_status=ts))
     return 0
 
 
