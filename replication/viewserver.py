@@ -272,7 +272,7 @@ class ViewService:
 
 async def serve_viewserver(port: int, secret: bytes, service: ViewService,
                            restore: dict[int, View] | None = None, *, store=None,
-                           host: str = "127.0.0.1",
+                           host: str = "127.0.0.1", name: str = "vs",
                            task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve `service` on host:port until cancelled, resuming from `restore`. With a
     `store` (replication/viewstore.py), every change of a view or of its acknowledgement
@@ -319,7 +319,7 @@ async def serve_viewserver(port: int, secret: bytes, service: ViewService,
                 reply = await step(lambda: _reply(service, msg.group, service.get(msg.group)))
             elif isinstance(msg, wire.StatusRequest):
                 reply = await step(lambda: wire.StatusReply(dict(
-                    groups=service.status(trio.current_time()),
+                    name=name, groups=service.status(trio.current_time()),
                     ping_interval=service.ping_interval, dead_pings=service.dead_pings)))
             else:
                 raise wire.ProtocolError(f"the view server does not take {msg.TAG}")
@@ -369,7 +369,8 @@ async def run_viewserver(port: int, secret: bytes, make_service, store, *,
                     log.info("%s: active, resuming from %d group(s): %s", name, len(table),
                              "; ".join(f"group {g}: view {r['num']} {r['primary']}/"
                                        f"{r['backup'] or '-'}" for g, r in table.items()))
-                    await serve_viewserver(port, secret, service, store=store, host=host)
+                    await serve_viewserver(port, secret, service, store=store, host=host,
+                                           name=name)
             except* (Fenced, OSError) as group:
                 log.warning("%s: standing by: %s", name,
                             "; ".join(str(e) for e in group.exceptions))

@@ -22,6 +22,7 @@ from clusterhelp import Running, done_after, wait_for
 from etcdhelp import etcd_cluster
 
 from replfs.replication.viewstore import EtcdStore, Fenced
+from replfs.tools.cluster import REPLFS
 
 pytestmark = [pytest.mark.timeout(240)]
 
@@ -120,6 +121,10 @@ def test_view_service_on_etcd_survives_its_failures(tmp_path):
                      "appends after the view server's death")
             assert writer.poll() is None
             print(f"standby {new} active {took_over:.2f} s after kill -9 of {active[0]}")
+            report = " ".join(subprocess.run([*REPLFS, "status", cfg.dir], text=True,
+                                             capture_output=True, timeout=60).stdout.split())
+            assert f"view servers: {new} active, " in report, report
+            assert f"view server {active[0]} not running: 2 of 3 left" in report, report
 
             # a primary killed afterwards fails over, the new view committed in etcd
             old = running.primary(0)
