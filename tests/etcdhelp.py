@@ -29,6 +29,7 @@ class Etcd:
         self.peer = {n: free_port() for n in self.names}
         self.tmp = tmp
         self.procs: dict[str, subprocess.Popen] = {}
+        self.killed: set[str] = set()
 
     @property
     def endpoints(self) -> list[str]:
@@ -58,18 +59,16 @@ class Etcd:
 
     def wait_healthy(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while not all(self.healthy(n) for n in self.procs if self.procs[n].poll() is None):
+        while not all(self.healthy(n) for n in self.procs if n not in self.killed):
             for n, p in self.procs.items():
                 assert p.poll() is None or n in self.killed, \
                     f"etcd {n} exited: {(self.tmp / f'etcd-{n}.log').read_text()[-2000:]}"
             assert time.monotonic() < deadline, f"etcd not healthy after {timeout} s"
             time.sleep(0.1)
 
-    killed: set = set()
-
     def kill(self, name: str) -> None:
         """kill -9 one member."""
-        self.killed = self.killed | {name}
+        self.killed.add(name)
         self.procs[name].send_signal(signal.SIGKILL)
         self.procs[name].wait(10)
 

@@ -7,7 +7,6 @@ processes on one etcd can never fork the sequence of views."""
 
 import base64
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -76,6 +75,14 @@ def accepts(addr) -> bool:
         return False
 
 
+def one_active(cfg, names: list[str]) -> list[str]:
+    """[the one of `names` that listens], or [] while none or more than one does (an
+    old active process closes its listener a moment after its lease ran out; it
+    answers nobody meanwhile)."""
+    active = [v for v in names if accepts(cfg.direct(v))]
+    return active if len(active) == 1 else []
+
+
 def etcd_views(etcd, cfg) -> dict:
     r = requests.post(f"http://{etcd.endpoints[-1]}/v3/kv/range", timeout=5,
                       json={"key": base64.b64encode(f"{cfg.etcd_prefix}/views".encode()).decode()})
@@ -106,16 +113,14 @@ def test_view_service_on_etcd_survives_its_failures(tmp_path):
             writer = subprocess.Popen([sys.executable, "-c", WRITER, str(running.mnt / "log"),
                                        str(progress), str(stop)])
             wait_for(lambda: done_after(progress, 0) >= 10, 60, "the writer going")
-            active = wait_for(lambda: [v for v in cfg.viewservers if accepts(cfg.direct(v))],
-                              30, "an active view server")
-            assert len(active) == 1, active
+            active = wait_for(lambda: one_active(cfg, cfg.viewservers), 30,
+                              "one active view server")
 
             # kill -9 the active view server: the mount keeps serving, a standby takes over
             c.signal(active[0])
             killed = time.monotonic()
             others = [v for v in cfg.viewservers if v != active[0]]
-            new = wait_for(lambda: [v for v in others if accepts(cfg.direct(v))], 30,
-                           "a standby taking over")[0]
+            new = wait_for(lambda: one_active(cfg, others), 30, "a standby taking over")[0]
             took_over = time.monotonic() - killed
             wait_for(lambda: done_after(progress, killed) >= 10, 60,
                      "appends after the view server's death")
@@ -123,7 +128,7 @@ def test_view_service_on_etcd_survives_its_failures(tmp_path):
             print(f"standby {new} active {took_over:.2f} s after kill -9 of {active[0]}")
             report = " ".join(subprocess.run([*REPLFS, "status", cfg.dir], text=True,
                                              capture_output=True, timeout=60).stdout.split())
-            assert f"view servers: {new} active, " in report, report
+            assert any(f"view servers: {v} active, " in report for v in others), report
             assert f"view server {active[0]} not running: 2 of 3 left" in report, report
 
             # a primary killed afterwards fails over, the new view committed in etcd
@@ -142,8 +147,10 @@ def test_view_service_on_etcd_survives_its_failures(tmp_path):
             c.wait_protected(timeout=60)
             wait_for(lambda: done_after(progress, lost) >= 10, 60,
                      "appends after an etcd member's death")
-            view = c.status()["viewserver"]["groups"]["0"]
-            assert etcd_views(etcd, cfg)["0"]["num"] == view["view"]
+            # what the view service answers is what etcd holds
+            wait_for(lambda: etcd_views(etcd, cfg)["0"]["num"]
+                     == c.status()["viewserver"]["groups"]["0"]["view"], 30,
+                     "the view in etcd and the view server's alike")
             assert writer.poll() is None
         finally:
             stop.touch()
