@@ -45,7 +45,7 @@ from functools import partial
 import trio
 
 from replfs.replication import wire
-from replfs.replication.viewstore import Fenced
+from replfs.replication.viewstore import Fenced, Unavailable
 
 log = logging.getLogger("replfs.viewserver")
 
@@ -371,7 +371,7 @@ async def run_viewserver(port: int, secret: bytes, make_service, store, *,
                                        f"{r['backup'] or '-'}" for g, r in table.items()))
                     await serve_viewserver(port, secret, service, store=store, host=host,
                                            name=name)
-            except* (Fenced, OSError) as group:
+            except* (Fenced, Unavailable) as group:
                 log.warning("%s: standing by: %s", name,
                             "; ".join(str(e) for e in group.exceptions))
             await store.resign()
@@ -380,6 +380,7 @@ async def run_viewserver(port: int, secret: bytes, make_service, store, *,
         with trio.CancelScope(shield=True):
             with trio.move_on_after(2):
                 await store.resign()
+        store.close()
 
 
 def _reply(service: ViewService, group: int, v: View) -> wire.ViewReply:

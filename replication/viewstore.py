@@ -16,7 +16,8 @@ A store answers three things, all async:
   someone else is (or was) active, this process must stop serving.
 
 `keep(nursery_scope)` runs while the process is active (etcd: renews the lease, and
-cancels `nursery_scope` once it cannot).
+cancels `nursery_scope` once it cannot); `resign()` gives the election up, `close()`
+the connections.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ log = logging.getLogger("replfs.viewstore")
 
 class Fenced(Exception):
     """This view server process is no longer (surely) the active one."""
+
+
+class Unavailable(Exception):
+    """No etcd endpoint answered."""
 
 
 class FileStore:
@@ -70,6 +75,9 @@ class FileStore:
         os.replace(tmp, self.path)
 
     async def resign(self) -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
 
@@ -115,13 +123,12 @@ class EtcdStore:
             c = self.clients[k]
             try:
                 r = c.post(c.get_url(path), json=body)
-            except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError,
-                    exceptions.InternalServerError) as exc:
+            except (exceptions.Etcd3Exception, ValueError) as exc:   # down, no leader, ...
                 last = exc
                 continue
             self._good = k
             return r
-        raise OSError(f"no etcd endpoint answered ({type(last).__name__}: {last})")
+        raise Unavailable(f"no etcd endpoint answered ({type(last).__name__}: {last})")
 
     async def _call(self, path: str, body: dict) -> dict:
         return await trio.to_thread.run_sync(self._post, path, body, abandon_on_cancel=True)
@@ -135,7 +142,7 @@ class EtcdStore:
                     log.info("%s is the active view server (lease %x)", self.me,
                              self.lease_id)
                     return
-            except OSError as exc:
+            except Unavailable as exc:
                 log.warning("etcd: %s", exc)
             await trio.sleep(self.poll)
 
@@ -181,7 +188,7 @@ class EtcdStore:
             with trio.move_on_at(self.valid_until - 0.05 * self.ttl):
                 try:
                     await self._refresh()
-                except OSError as exc:
+                except Unavailable as exc:
                     log.warning("etcd: cannot renew the lease: %s", exc)
             if not self.active():
                 log.warning("%s: lease lost: standing by", self.me)
@@ -199,6 +206,10 @@ class EtcdStore:
                 await self._call("/kv/lease/revoke", {"ID": lease})
             except Exception as exc:        # best effort: it expires anyway
                 log.debug("etcd: revoke: %s", exc)
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.session.close()
 
     # ---------------------------------------------------------------- the table
     async def load(self) -> dict[int, dict]:
@@ -223,7 +234,7 @@ class EtcdStore:
                 "success": [{"request_put": {"key": _b64(self.views_key),
                                              "value": _b64(value)}}],
                 "failure": []})
-        except OSError as exc:
+        except Unavailable as exc:
             raise Fenced(f"cannot save the views: {exc}") from None
         if not r.get("succeeded"):
             raise Fenced("the views or the election changed under this view server")

@@ -42,6 +42,13 @@ WRITER = textwrap.dedent("""
 def test_two_view_servers_never_fork_the_views(tmp_path):
     async def main(endpoints):
         a, b = (EtcdStore(endpoints, "/t", n) for n in "ab")
+        try:
+            await both(a, b)
+        finally:
+            a.close()
+            b.close()
+
+    async def both(a, b):
         await a.lead()
         assert await a.load() == {}
         await a.save({0: dict(num=1, primary="s0", backup="", acked=False, given={})})
