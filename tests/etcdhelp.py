@@ -35,6 +35,10 @@ class Etcd:
     def endpoints(self) -> list[str]:
         return [f"127.0.0.1:{self.client[n]}" for n in self.names]
 
+    def live_endpoint(self) -> str:
+        """The client address of a member not killed."""
+        return next(ep for n, ep in zip(self.names, self.endpoints) if n not in self.killed)
+
     def start(self, name: str) -> None:
         cluster = ",".join(f"{n}=http://127.0.0.1:{self.peer[n]}" for n in self.names)
         logf = open(self.tmp / f"etcd-{name}.log", "ab")

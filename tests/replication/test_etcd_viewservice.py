@@ -91,7 +91,7 @@ def one_active(cfg, names: list[str]) -> list[str]:
 
 
 def etcd_views(etcd, cfg) -> dict:
-    r = requests.post(f"http://{etcd.endpoints[-1]}/v3/kv/range", timeout=5,
+    r = requests.post(f"http://{etcd.live_endpoint()}/v3/kv/range", timeout=5,
                       json={"key": base64.b64encode(f"{cfg.etcd_prefix}/views".encode()).decode()})
     return json.loads(base64.b64decode(r.json()["kvs"][0]["value"]))
 
