@@ -1,6 +1,7 @@
 """A cluster directory: `cluster.json` (who listens where), `secret` (mode 0600), one
 folder per replica with its array, `faults.json` (the network faults in force, see
-`read_faults`), `run/` (pid files) and `logs/`.
+`read_faults`), `views.json` (the view table, unless it is kept in etcd: `etcd`),
+`run/` (pid files) and `logs/`.
 
 Every node is reached at its own port; an address (`addr`) carries the name of the node
 it reaches, so that the dialler's connection layer can inject the network faults between

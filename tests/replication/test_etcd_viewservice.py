@@ -23,7 +23,7 @@ from etcdhelp import etcd_cluster
 from replfs.replication.viewstore import EtcdStore, Fenced
 from replfs.tools.cluster import REPLFS
 
-pytestmark = [pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 WRITER = textwrap.dedent("""
     import os, sys, time
