@@ -69,6 +69,14 @@ def test_two_view_servers_never_fork_the_views(tmp_path):
         with pytest.raises(Fenced):
             await b.save({0: dict(table[0], num=3)})
         assert (await a.load())[0]["primary"] == "s1"
+        # b stalls (renews nothing, as when frozen): it knows when its lease may have
+        # run out, a is elected only once etcd expired it, and b's next save fails
+        b.table_rev += 1
+        await a.lead()
+        assert not b.active()
+        with pytest.raises(Fenced):
+            await b.save({0: dict(table[0], num=3)})
+        assert await a.load() == await b.load()
     with etcd_cluster(tmp_path, 3) as etcd:
         trio.run(main, etcd.endpoints)
 
