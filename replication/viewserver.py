@@ -2,7 +2,8 @@
 
 `ViewService` is the pure state machine (time comes in as an argument, so each rule is
 a fast unit test); `serve_viewserver` puts it on the wire and calls `tick` every ping
-interval. The rules (6.033 L19 / the classic primary-backup view service):
+interval, saving every change in a store (replication/viewstore.py) before answering;
+`run_viewserver` is one process of several, active while the store elects it. The rules (6.033 L19 / the classic primary-backup view service):
 
 - the first server to ping becomes primary of view 1; the next idle one becomes backup;
 - a server that missed `dead_pings` pings is dead; a dead primary is replaced by the
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-
 from functools import partial
 
 import trio
