@@ -48,9 +48,10 @@ from replfs.fs.core import Attr
 from replfs.fs.errors import FsError, ForeignInode
 from replfs.fs.layout import ino_group
 from replfs.replication import wire
-from replfs.replication.config import CLIENT, VIEWSERVER, ClusterConfig
+from replfs.replication.config import CLIENT, ClusterConfig
 from replfs.replication.postop import NoXattrs, PostOpAttrs, changed_inodes
 from replfs.replication.viewserver import View
+from replfs.replication.vsdial import ViewServers
 
 log = logging.getLogger("replfs.client")
 
@@ -116,6 +117,7 @@ class RemoteFS:
         self.cfg = cfg
         self.secret = cfg.secret()
         self.name = name
+        self.viewservers = ViewServers(cfg, name, self.secret)
         self.client_id = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.request_timeout = request_timeout
         self.deadline = deadline
@@ -193,8 +195,7 @@ class RemoteFS:
             try:
                 with trio.fail_after(max(0.3, self.cfg.ping_interval * 3)):
                     if self._vs is None:
-                        self._vs = await wire.connect(self.cfg.addr(self.name, VIEWSERVER),
-                                                      self.secret, self.name)
+                        self._vs = await self.viewservers.connect(self.cfg.ping_interval * 3)
                     await self._vs.send(wire.GetView(group))
                     r = await self._vs.receive()
                 if (isinstance(r, wire.ViewReply) and r.group == group
@@ -211,6 +212,7 @@ class RemoteFS:
                 if self._vs is not None:
                     await self._vs.aclose()
                     self._vs = None
+                    self.viewservers.failed()
             return self.views[group]
 
     def _rto(self, attempt: int) -> float:

@@ -1,7 +1,8 @@
 """A cluster directory: `cluster.json` (the cluster's description: its nodes with their
 roles and addresses, its replica groups and settings), `secret` (mode 0600), one folder
 per replica with its array, `faults.json` (the network faults in force, see
-`read_faults`), `run/` (pid files) and `logs/`.
+`read_faults`), `views.json` (the view table, unless it is kept in etcd: `etcd`),
+`run/` (pid files) and `logs/`.
 
 A cluster is a set of named nodes (`Node`): view-server nodes and servers, each with the
 host and port it listens on, and clients, which only dial out. On one machine (`replfs
@@ -23,7 +24,7 @@ import json
 import os
 import secrets
 import socket
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from replfs.errors import ReplfsError
 from replfs.fs.layout import ino_group
@@ -154,6 +155,28 @@ def write_secret(dirpath: str) -> str:
     return path
 
 
+def check_endpoint(ep: str) -> str:
+    """An etcd endpoint, host:port (a clear error otherwise)."""
+    host, sep, port = ep.strip().rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ReplfsError(f"etcd endpoint {ep!r}: want HOST:PORT (its client URL, "
+                          f"e.g. 127.0.0.1:2379)")
+    return f"{host}:{int(port)}"
+
+
+def viewserver_names(count: int, etcd: list[str]) -> list[str]:
+    """vs, vs1, vs2, ...: several view server processes need etcd (views.json is one
+    process's)."""
+    if count < 1:
+        raise ReplfsError(f"a cluster needs at least one view server (asked for {count})")
+    if count > 1 and not etcd:
+        raise ReplfsError(f"{count} view servers need etcd to share their views: give "
+                          f"--etcd HOST:PORT[,HOST:PORT...]")
+    for ep in etcd:
+        check_endpoint(ep)
+    return [VIEWSERVER] + [f"{VIEWSERVER}{i}" for i in range(1, count)]
+
+
 # Each disk image of a new cluster: sparse (ftruncate), so it costs only what is written;
 # 4 of them make a 6 GiB array per server, ~6 GiB of filesystem per group.
 DEFAULT_DISK_SIZE = 2 * 2**30
@@ -170,6 +193,10 @@ class ClusterConfig:
     disk_size: int = DEFAULT_DISK_SIZE
     placement: str = "spread"      # where mkdir puts a new directory: see place_dir
     durability: str = "written"    # when an update is answered: see check_durability
+    # etcd endpoints host:port, where the view servers (the nodes of role viewserver: one
+    # active, the others standing by) keep the views; none: views.json, one view server
+    etcd: list[str] = field(default_factory=list)
+    etcd_prefix: str = ""          # this cluster's keys in etcd
 
     # ---------------------------------------------------------------- creation
     @classmethod
@@ -177,13 +204,21 @@ class ClusterConfig:
                disks: int = 4, disk_size: int = DEFAULT_DISK_SIZE,
                ping_interval: float = 0.1, dead_pings: int = 5,
                placement: str = "spread", durability: str = "written",
-               viewserver: tuple[str, int] | None = None,
-               servers: list[tuple[str, str, int]] | None = None) -> "ClusterConfig":
+               viewserver: list[tuple[str, str, int]] | None = None,
+               servers: list[tuple[str, str, int]] | None = None,
+               viewservers: int = 1, etcd: list[str] | None = None) -> "ClusterConfig":
         """Without `servers`: the one-machine default, every node on 127.0.0.1 at a free
-        port, servers s0..s{groups*replicas-1} (replicas default 2). With `servers`
-        [(name, host, port), ...] and `viewserver` (host, port): those addresses, the
-        servers split in their order into `groups` groups of equal size. Group g is the
-        g-th run of `replicas` servers: s{g*replicas}..s{g*replicas+replicas-1}."""
+        port, servers s0..s{groups*replicas-1} (replicas default 2) and `viewservers`
+        view servers vs, vs1, ... With `servers` [(name, host, port), ...] and
+        `viewserver` [(name, host, port), ...]: those addresses, the servers split in
+        their order into `groups` groups of equal size. Group g is the g-th run of
+        `replicas` servers: s{g*replicas}..s{g*replicas+replicas-1}. More than one view
+        server needs `etcd` (its endpoints, host:port), which then keeps the views."""
+        etcd = [check_endpoint(e) for e in etcd or []]
+        if viewserver is None:
+            viewserver = [(n, HOST, 0) for n in viewserver_names(viewservers, etcd)]
+        else:
+            viewserver_names(len(viewserver), etcd)
         if servers is None:
             replicas = 2 if replicas is None else replicas
             servers = [(f"s{i}", HOST, 0) for i in range(groups * replicas)]
@@ -199,13 +234,12 @@ class ClusterConfig:
                               f"(asked for {groups} groups of {replicas})")
         placement = check_placement(placement, groups)
         durability = check_durability(durability)
-        names = [VIEWSERVER, CLIENT, *(n for n, _, _ in servers)]
+        names = [*(n for n, _, _ in viewserver), CLIENT, *(n for n, _, _ in servers)]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ReplfsError(f"node name {dup[0]} is given twice (the view server is "
-                              f"{VIEWSERVER}, the clients {CLIENT}); name each server once")
-        vs_host, vs_port = viewserver or (HOST, 0)
-        nodes = {VIEWSERVER: Node("viewserver", vs_host, vs_port or free_port()),
+            raise ReplfsError(f"node name {dup[0]} is given twice (the clients are "
+                              f"{CLIENT}); name each node once")
+        nodes = {**{n: Node("viewserver", h, p or free_port()) for n, h, p in viewserver},
                  **{n: Node("server", h, p or free_port()) for n, h, p in servers},
                  CLIENT: Node("client")}
         taken = [(n.host, n.port) for n in nodes.values() if n.port]
@@ -216,7 +250,8 @@ class ClusterConfig:
         layout = {g: [n for n, _, _ in servers[g * replicas:(g + 1) * replicas]]
                   for g in range(groups)}
         cfg = cls(os.path.abspath(dirpath), layout, nodes, ping_interval, dead_pings, disks,
-                  disk_size, placement, durability)
+                  disk_size, placement, durability, etcd,
+                  f"/replfs/{secrets.token_hex(8)}" if etcd else "")
         os.makedirs(dirpath, exist_ok=True)
         write_secret(dirpath)
         cfg.save()
@@ -227,7 +262,7 @@ class ClusterConfig:
                  groups={str(g): s for g, s in self.groups.items()},
                  ping_interval=self.ping_interval, dead_pings=self.dead_pings,
                  disks=self.disks, disk_size=self.disk_size, placement=self.placement,
-                 durability=self.durability)
+                 durability=self.durability, etcd=self.etcd, etcd_prefix=self.etcd_prefix)
         tmp = os.path.join(self.dir, CONFIG + ".tmp")
         with open(tmp, "w") as f:
             json.dump(d, f, indent=2)
@@ -276,13 +311,18 @@ class ClusterConfig:
         return cfg
 
     def _check_nodes(self, where: str) -> None:
-        """Every server of a group a server node, each in one group; the view server
-        (VIEWSERVER, the one this replfs dials) a view-server node."""
-        vs = self.nodes.get(VIEWSERVER)
-        if vs is None or vs.role != "viewserver":
-            raise ReplfsError(f"{where}: no view-server node named {VIEWSERVER!r}; add "
-                              f"\"{VIEWSERVER}\": {{\"role\": \"viewserver\", \"host\": ..., "
-                              f"\"port\": ...}} to nodes")
+        """Every server of a group a server node, each in one group; at least one
+        view-server node, and more than one only with etcd (they share the views)."""
+        vss = self.viewservers
+        if not vss:
+            raise ReplfsError(f"{where}: no view-server node; add \"{VIEWSERVER}\": "
+                              f"{{\"role\": \"viewserver\", \"host\": ..., \"port\": ...}} "
+                              f"to nodes")
+        if len(vss) > 1 and not self.etcd:
+            raise ReplfsError(f"{where}: {len(vss)} view-server nodes need etcd to share "
+                              f"their views; add \"etcd\": [\"HOST:PORT\", ...] or keep one")
+        for ep in self.etcd:
+            check_endpoint(ep)
         seen: set[str] = set()
         for g, members in self.groups.items():
             for s in members:

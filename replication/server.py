@@ -31,11 +31,12 @@ from replfs.raid.healing import HealingDevice
 from replfs.replication import amo, postop, wire
 from replfs.replication.backup import FLUSH_BEHIND, BackupRole
 from replfs.replication.heal import HealRole
-from replfs.replication.config import VIEWSERVER, ClusterConfig
+from replfs.replication.config import ClusterConfig
 from replfs.replication.primary import (READS, UPDATES, Gate, Inflight, NotPrimaryError,
                                         Primary, PrimaryRole)
 from replfs.replication.twopc import TX_METHODS, TwoPhase
 from replfs.replication.viewserver import View
+from replfs.replication.vsdial import ViewServers
 
 log = logging.getLogger("replfs.server")
 
@@ -46,6 +47,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
         self.name = name
         self.group = cfg.group_of(name)
         self.secret = cfg.secret()
+        self.viewservers = ViewServers(cfg, name, self.secret)
         self.array = array
         # the filesystem's device: the array, with unreadable blocks healed from the
         # partner replica (replication/heal.py)
@@ -130,15 +132,16 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
             t0 = trio.current_time()
             try:
                 if ch is None:
-                    with trio.fail_after(interval * 3):
-                        ch = await wire.connect(self.cfg.addr(self.name, VIEWSERVER),
-                                                self.secret, self.name)
+                    ch = await self.viewservers.connect(interval * 3)
+                sent = trio.current_time()
                 with trio.fail_after(interval * 3):
                     await ch.send(wire.Ping(self.group, self.name, self.ping_view, self.boot))
                     reply = await ch.receive()
                 if not isinstance(reply, wire.ViewReply):
                     raise wire.ProtocolError(f"view server sent {reply.TAG}")
-                self.last_vs_contact = trio.current_time()
+                # the lease runs from when the ping left, not when its answer came:
+                # an answer delayed in a busy view server or network must not stretch it
+                self.last_vs_contact = sent
                 await self._on_view(View(reply.num, reply.primary, reply.backup))
             except wire.CONN_ERRORS as exc:
                 if ch is not None:
@@ -148,6 +151,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
                     self.last_vs_contact = -1e9
                     await ch.aclose()
                     ch = None
+                    self.viewservers.failed()
                 log.debug("ping failed: %s", exc)
             with trio.move_on_at(t0 + interval):
                 await self._ping_now.wait()
@@ -261,13 +265,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
 
     async def _refresh_view(self) -> None:
         try:
-            with trio.fail_after(self.cfg.ping_interval * 3):
-                ch = await wire.connect(self.cfg.addr(self.name, VIEWSERVER), self.secret, self.name)
-                try:
-                    await ch.send(wire.GetView(self.group))
-                    r = await ch.receive()
-                finally:
-                    await ch.aclose()
+            r = await self.viewservers.ask(wire.GetView(self.group), self.cfg.ping_interval * 3)
             if isinstance(r, wire.ViewReply):
                 await self._on_view(View(r.num, r.primary, r.backup))
         except wire.CONN_ERRORS:

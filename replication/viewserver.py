@@ -2,7 +2,9 @@
 
 `ViewService` is the pure state machine (time comes in as an argument, so each rule is
 a fast unit test); `serve_viewserver` puts it on the wire and calls `tick` every ping
-interval. The rules (6.033 L19 / the classic primary-backup view service):
+interval, saving every change in a store (replication/viewstore.py) before answering;
+`run_viewserver` is one process of several, active while the store elects it. The
+rules (6.033 L19 / the classic primary-backup view service):
 
 - the first server to ping becomes primary of view 1; the next idle one becomes backup;
 - a server that missed `dead_pings` pings is dead, and so is one whose ping connection
@@ -39,13 +41,14 @@ interval. The rules (6.033 L19 / the classic primary-backup view service):
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
 from replfs.replication import wire
+from replfs.replication.viewstore import Fenced, Unavailable
 
 log = logging.getLogger("replfs.viewserver")
 
@@ -79,6 +82,7 @@ class ViewService:
         self.dead_pings = dead_pings
         self.groups: dict[int, GroupState] = {}
         self.save = save
+        self.version = 0        # bumped by every change of a view or its acknowledgement
 
     @property
     def grace(self) -> float:
@@ -91,6 +95,33 @@ class ViewService:
         for group, v in views.items():
             if v.num:
                 self.groups[group] = GroupState(view=v, acked=False, recovered_at=now)
+
+    def resume(self, table: dict[int, dict], now: float) -> None:
+        """Start from a store's table ({group: {num, primary, backup}}, and from etcd
+        also {acked, given}). A record without `given` (views.json) is `restore`d; a
+        whole one is taken as it stands, as if its members had just pinged: the previous
+        view server process saved every change before telling anyone, so the view, its
+        acknowledgement and the incarnations it was given to are exact, and a member
+        that does not ping is dead after `dead_pings` intervals from now (no sooner:
+        its lease from the previous process may still run)."""
+        for group, r in table.items():
+            v = View(int(r["num"]), str(r["primary"]), str(r["backup"]))
+            if not v.num:
+                continue
+            if "given" not in r:
+                self.restore({group: v}, now)
+                continue
+            given = {str(s): str(b) for s, b in dict(r["given"]).items()}
+            members = [s for s in (v.primary, v.backup) if s]
+            self.groups[group] = GroupState(view=v, acked=bool(r.get("acked")),
+                                            last_ping={s: now for s in members},
+                                            boots=dict(given), given=given)
+
+    def table(self) -> dict[int, dict]:
+        """What a store keeps: every group's view, acknowledgement and incarnations."""
+        return {group: dict(num=g.view.num, primary=g.view.primary, backup=g.view.backup,
+                            acked=g.acked, given=dict(g.given))
+                for group, g in self.groups.items() if g.view.num}
 
     def _group(self, group: int) -> GroupState:
         return self.groups.setdefault(group, GroupState())
@@ -159,8 +190,10 @@ class ViewService:
                 g.recovered_at = None
                 self._new_view(group, g, server, "", "resumes after a view-server restart")
             return g.view
-        if server == v.primary and viewnum == v.num and server not in g.restarted:
+        if server == v.primary and viewnum == v.num and server not in g.restarted \
+                and not g.acked:
             g.acked = True
+            self.version += 1
         self._advance(group, g, now)
         return View() if self._hidden(g, server) else g.view
 
@@ -246,6 +279,7 @@ class ViewService:
         g.acked = False
         g.given = {s: g.boots.get(s, "") for s in (p, b) if s}
         g.restarted.clear()
+        self.version += 1
         if self.save is not None:
             self.save({n: st.view for n, st in self.groups.items()})
         log.info("group %d: view %d: primary %s, backup %s%s%s", group, g.view.num, p,
@@ -265,11 +299,38 @@ class ViewService:
 
 
 async def serve_viewserver(port: int, secret: bytes, service: ViewService,
-                           restore: dict[int, View] | None = None, host: str = "127.0.0.1",
+                           restore: dict[int, View] | None = None, *, store=None,
+                           host: str = "127.0.0.1", name: str = "vs",
                            task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `service` on host:port until cancelled, resuming from `restore`."""
+    """Serve `service` on host:port until cancelled, resuming from `restore`. With a
+    `store` (replication/viewstore.py), every change of a view or of its acknowledgement
+    is saved before anyone hears of it (one step at a time), and the server stops with
+    `Fenced` once the store says this process is no longer the active view server."""
     if restore:
         service.restore(restore, trio.current_time())
+    lock = trio.Lock()
+    saved = [service.version]
+    fenced: list[Exception] = []
+
+    async def step(fn):
+        """`fn()` on the service, its change saved before the answer leaves."""
+        async with lock:
+            if store is not None and not store.active():
+                fenced.append(Fenced("the etcd lease may have run out"))
+            if not fenced:
+                out = fn()
+                version = service.version
+                if store is not None and version != saved[0]:
+                    try:
+                        await store.save(service.table())
+                        saved[0] = version
+                    except Fenced as exc:
+                        fenced.append(exc)
+            if fenced:
+                scope.cancel()
+                raise wire.ProtocolError("this view server is not active")
+            return out
+
     async def on_connection(ch: wire.Channel) -> None:
         pinger = None       # (group, server, boot) of the pings on this connection
         while True:
@@ -279,33 +340,33 @@ async def serve_viewserver(port: int, secret: bytes, service: ViewService,
                 if pinger is not None and wire.hung_up(exc):
                     await hung_up(*pinger)
                 raise
-            now = trio.current_time()
             if isinstance(msg, wire.Ping):
                 if not (isinstance(msg.group, int) and isinstance(msg.server, str)
                         and isinstance(msg.view, int)):
                     raise wire.ProtocolError("malformed ping")
                 boot = msg.boot if isinstance(msg.boot, str) else ""
                 pinger = (msg.group, msg.server, boot)
-                v = service.ping(msg.group, msg.server, msg.view, now, boot)
-                await ch.send(_reply(service, msg.group, v))
+                reply = await step(lambda: _reply(service, msg.group, service.ping(
+                    msg.group, msg.server, msg.view, trio.current_time(), boot)))
             elif isinstance(msg, wire.GetView):
                 if not isinstance(msg.group, int):
                     raise wire.ProtocolError("malformed get-view")
-                await ch.send(_reply(service, msg.group, service.get(msg.group)))
+                reply = await step(lambda: _reply(service, msg.group, service.get(msg.group)))
             elif isinstance(msg, wire.StatusRequest):
-                await ch.send(wire.StatusReply(dict(groups=service.status(now),
-                                                    ping_interval=service.ping_interval,
-                                                    dead_pings=service.dead_pings)))
+                reply = await step(lambda: wire.StatusReply(dict(
+                    name=name, groups=service.status(trio.current_time()),
+                    ping_interval=service.ping_interval, dead_pings=service.dead_pings)))
             else:
                 raise wire.ProtocolError(f"the view server does not take {msg.TAG}")
+            await ch.send(reply)
 
     async def hung_up(group: int, server: str, boot: str) -> None:
         """A server's ping connection was closed by its end: dead unless it pings again
         within an interval -- decided then, not at the next tick."""
         log.info("group %d: %s closed its connection", group, server)
-        service.hung_up(group, server, boot, trio.current_time())
+        await step(lambda: service.hung_up(group, server, boot, trio.current_time()))
         await trio.sleep(service.ping_interval)
-        service.tick(trio.current_time())
+        await step(lambda: service.tick(trio.current_time()))
 
     async def ticker() -> None:
         while True:
@@ -316,39 +377,54 @@ async def serve_viewserver(port: int, secret: bytes, service: ViewService,
                 log.warning("the view server was stalled for %.2f s; not counting it "
                             "against the servers", late)
                 service.stalled(late)
-            service.tick(trio.current_time())
+            try:
+                await step(lambda: service.tick(trio.current_time()))
+            except wire.ProtocolError:
+                return
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(ticker)
-        port = await nursery.start(functools.partial(wire.serve, port, secret, on_connection,
-                                                     host=host))
-        task_status.started(port)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            port = await nursery.start(partial(wire.serve, host=host), port, secret,
+                                       on_connection)
+            task_status.started(port)
+    if fenced:
+        raise fenced[0]
+
+
+async def run_viewserver(port: int, secret: bytes, make_service, store, *,
+                         host: str = "127.0.0.1", name: str = "vs",
+                         task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """One view server process: stand by until `store` elects it, then serve (listening
+    on host:port only while active: a standby refuses connections, and the dialler tries
+    the next view server), and stand by again when it loses the election. Resigns on
+    the way out, so that a standby takes over at once."""
+    task_status.started()
+    try:
+        while True:
+            await store.lead()
+            service = make_service()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(store.keep, nursery.cancel_scope)
+                    table = await store.load()
+                    service.resume(table, trio.current_time())
+                    log.info("%s: active, resuming from %d group(s): %s", name, len(table),
+                             "; ".join(f"group {g}: view {r['num']} {r['primary']}/"
+                                       f"{r['backup'] or '-'}" for g, r in table.items()))
+                    await serve_viewserver(port, secret, service, store=store, host=host,
+                                           name=name)
+            except* (Fenced, Unavailable) as group:
+                log.warning("%s: standing by: %s", name,
+                            "; ".join(str(e) for e in group.exceptions))
+            await store.resign()
+            await trio.sleep(service.ping_interval)
+    finally:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(2):
+                await store.resign()
+        store.close()
 
 
 def _reply(service: ViewService, group: int, v: View) -> wire.ViewReply:
     return wire.ViewReply(group, v.num, v.primary, v.backup, service._group(group).acked)
-
-
-def load_views(path: str) -> dict[int, View]:
-    import json
-    try:
-        with open(path) as f:
-            d = json.load(f)
-        return {int(g): View(int(v[0]), str(v[1]), str(v[2])) for g, v in d.items()}
-    except (FileNotFoundError, ValueError, TypeError, IndexError):
-        return {}
-
-
-def saver(path: str):
-    """A `save` callback writing the views to `path` atomically."""
-    import json
-    import os
-
-    def save(views: dict[int, View]) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({str(g): [v.num, v.primary, v.backup] for g, v in views.items()}, f)
-        # no fsync: it could stall the pings for long under load (a view server crash
-        # is not a power loss; and the views only pick who resumes)
-        os.replace(tmp, path)
-    return save

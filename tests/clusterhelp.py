@@ -20,9 +20,11 @@ DISK_SIZE = 32 * 2**20
 
 
 def make_cluster(path: Path, disk_size: int = DISK_SIZE, *, groups: int = 2,
-                 placement: str = "spread", durability: str = "written") -> Cluster:
+                 placement: str = "spread", durability: str = "written",
+                 viewservers: int = 1, etcd: list[str] | None = None) -> Cluster:
     trio.run(lambda: init_cluster(str(path), groups=groups, disk_size=disk_size,
                                   placement=placement, durability=durability,
+                                  viewservers=viewservers, etcd=etcd,
                                   progress=lambda *a: None))
     return Cluster(str(path))
 
@@ -33,9 +35,11 @@ class Running:
     commit)."""
 
     def __init__(self, path: Path, mnt: Path, *, groups: int = 2, placement: str = "spread",
-                 durability: str = "written"):
+                 durability: str = "written", viewservers: int = 1,
+                 etcd: list[str] | None = None):
         self.cluster = make_cluster(path, groups=groups, placement=placement,
-                                    durability=durability)
+                                    durability=durability, viewservers=viewservers,
+                                    etcd=etcd)
         self.cfg: ClusterConfig = self.cluster.cfg
         self.mnt = mnt
 
@@ -143,6 +147,15 @@ def compare_replicas(cfg: ClusterConfig) -> tuple[dict, int]:
 def followers(cfg: ClusterConfig) -> list[str]:
     """Every server but each group's first (the keys of compare_replicas's answer)."""
     return [s for ss in cfg.groups.values() for s in ss[1:]]
+
+
+def done_after(progress: Path, t: float) -> int:
+    """Operations a writer logged (`INDEX MONOTONIC-TIME` lines in `progress`) as finished
+    after monotonic time `t`."""
+    if not progress.exists():
+        return 0
+    return sum(1 for ln in progress.read_text().splitlines()
+               if ln.count(" ") == 1 and float(ln.split()[1]) > t)
 
 
 def wait_for(pred, timeout: float, what: str, poll: float = 0.05):

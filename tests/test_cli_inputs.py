@@ -119,6 +119,22 @@ def test_a_failed_init_or_mkfs_leaves_nothing(tmp_path, command):
     assert os.listdir(empty) == []
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--viewservers", "2"], "2 view servers need etcd to share their views: give --etcd"),
+    (["--viewservers", "0"], "a cluster needs at least one view server"),
+    (["--etcd", "localhost"], "etcd endpoint 'localhost': want HOST:PORT"),
+])
+def test_view_service_options_checked(tmp_path, args, says):
+    d = tmp_path / "c"
+    refused(replfs("init", d, "--size", "16M", *args, check=False), says)
+    assert not d.exists()
+
+
+def test_a_view_server_that_is_not_in_the_cluster(cluster):
+    refused(replfs("viewserver", cluster, "--name", "vs7", check=False),
+            "no view server 'vs7' in")
+
+
 @pytest.mark.parametrize("how", ["up", "mount", "mount --local"])
 def test_missing_mountpoint_named_as_such(cluster, tmp_path, how):
     src = cluster

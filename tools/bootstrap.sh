@@ -5,7 +5,9 @@
 #     gcc libc6-dev pkg-config fuse3 libfuse3-dev (pyfuse3 has no wheels: pip compiles it
 #     against libfuse3), ca-certificates (pip over https), and what the tests run:
 #     git rsync acl mount iproute2 util-linux (ip netns and nsenter: one network
-#     namespace per node in tests/replication/test_netns.py)
+#     namespace per node in tests/replication/test_netns.py), etcd-server (the view
+#     service's store in many-machine mode; the tests start their own etcd members,
+#     never the service the package installs)
 #   - a virtualenv in .venv with `pip install -e .[test]`
 #   - /usr/local/bin/replfs -> .venv/bin/replfs, for mount -t fuse.replfs (mount.fuse3's PATH)
 # tools/check_fresh_debian.sh proves it in a chroot made from Debian's base packages only.
@@ -40,6 +42,7 @@ has rsync || want rsync
 { has mount && has umount; } || want mount
 has ip || want iproute2
 has nsenter || want util-linux
+has etcd || want etcd-server
 if [ ${#need[@]} -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${need[*]}" >&2
     SUDO=""

@@ -77,7 +77,7 @@ if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
 fi
 absent=()
 for p in python3 python3-venv python3-dev gcc libc6-dev pkg-config fuse3 libfuse3-dev \
-         ca-certificates git rsync acl mount iproute2 util-linux; do
+         ca-certificates git rsync acl mount iproute2 util-linux etcd-server; do
     chroot "$root" dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q ' installed$' \
         || absent+=("$p")
 done
@@ -133,10 +133,10 @@ inside() {
     tag=$(run "grep -h '^Tag:' .venv/lib/python3*/site-packages/pyfuse3-*.dist-info/WHEEL" 2>&1) \
         || { echo "$tag" >&2; fail "pyfuse3's WHEEL file"; }
     say "    pyfuse3 $out importable, compiled here (${tag#Tag: })"
-    for m in git rsync getfacl setfacl fusermount3 mount umount setpriv tar diff cp; do
+    for m in git rsync getfacl setfacl fusermount3 mount umount setpriv tar diff cp etcd; do
         run "command -v $m >/dev/null" || fail "the tests' command $m is missing"
     done
-    say "    the tests' commands are there: git rsync getfacl setfacl fusermount3 mount umount setpriv tar diff cp"
+    say "    the tests' commands are there: git rsync getfacl setfacl fusermount3 mount umount setpriv tar diff cp etcd"
     [ "$(run 'readlink /usr/local/bin/replfs')" = /root/replfs/.venv/bin/replfs ] \
         || fail "/usr/local/bin/replfs not linked"
     if [ -n "$tests" ]; then   # the README's test command itself, on a few real-mount tests

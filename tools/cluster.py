@@ -28,8 +28,8 @@ REPLFS = [sys.executable, "-m", "replfs.tools.cli"]
 
 async def init_cluster(dirpath: str, *, groups: int = 2, replicas: int = 2, disks: int = 4,
                        disk_size: int = DEFAULT_DISK_SIZE, placement: str = "spread",
-                       durability: str = "written",
-                       progress=print) -> ClusterConfig:
+                       durability: str = "written", viewservers: int = 1,
+                       etcd: list[str] | None = None, progress=print) -> ClusterConfig:
     """Write a new cluster in `dirpath`: config, secret, an array and a filesystem per
     replica, each made for the replica's group (its inode numbers carry the group); the
     filesystem leaves the replicated tail of the array outside it."""
@@ -37,7 +37,7 @@ async def init_cluster(dirpath: str, *, groups: int = 2, replicas: int = 2, disk
         raise ReplfsError(f"{dirpath} already holds a cluster; remove it first to start over")
     cfg = ClusterConfig.create(dirpath, groups=groups, replicas=replicas, disks=disks,
                                disk_size=disk_size, placement=placement,
-                               durability=durability)
+                               durability=durability, viewservers=viewservers, etcd=etcd)
     for s in cfg.servers:
         await make_server_array(cfg, s, progress)
     return cfg
@@ -114,14 +114,15 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
-    def start_viewserver(self):
-        return self.start(VIEWSERVER, ["viewserver", self.dir])
+    def start_viewserver(self, name: str = VIEWSERVER):
+        return self.start(name, ["viewserver", self.dir, "--name", name])
 
     def start_server(self, name: str):
         return self.start(name, ["server", self.dir, "--name", name])
 
     def start_all(self) -> None:
-        self.start_viewserver()
+        for v in self.cfg.viewservers:
+            self.start_viewserver(v)
         for s in self.cfg.servers:
             self.start_server(s)
 
@@ -169,7 +170,7 @@ class Cluster:
                 pass
 
     def stop_all(self) -> None:
-        names = ["mount", *self.cfg.servers, VIEWSERVER]
+        names = ["mount", *self.cfg.servers, *self.cfg.viewservers]
         for name in names:
             self.stop(name)
         for name in names:
@@ -185,15 +186,18 @@ class Cluster:
     def wait_until(self, pred, timeout: float = 30.0, what: str = "the cluster",
                    fail_fast: bool = False) -> dict:
         """Poll `status()` until `pred(status)`; raise ReplfsError on timeout or when the
-        view server (with `fail_fast`, any process this object started) died, with the
+        view servers (with `fail_fast`, any process this object started) died, with the
         reason from its exit status and log."""
         deadline = time.monotonic() + timeout
         while True:
             st = self.status(timeout=1.0)
             if pred(st):
                 return st
+            vss = [self.procs[v] for v in self.cfg.viewservers if v in self.procs]
+            no_vs = all(p.poll() is not None for p in vss)      # every view server died
             for name, proc in self.procs.items():
-                if proc.poll() is not None and (fail_fast or name == VIEWSERVER):
+                if proc.poll() is not None and (fail_fast or name in self.cfg.viewservers
+                                                and no_vs):
                     logpath = os.path.join(self.cfg.log_dir(), f"{name}.log")
                     raise ReplfsError(f"{name} {describe_exit(proc.returncode, logpath)} "
                                       f"(log {logpath})")
@@ -254,12 +258,12 @@ async def gather_status(cfg: ClusterConfig, timeout: float = 2.0) -> dict:
 
     async def one(name):
         info = await _ask(cfg.direct(name), secret, timeout)
-        if name == VIEWSERVER:
-            out["viewserver"] = info
-        else:
+        if name not in cfg.viewservers:
             out["servers"][name] = info
+        elif info:                  # the active one (standbys refuse)
+            out["viewserver"] = info
     async with trio.open_nursery() as nursery:
-        for name in [VIEWSERVER, *cfg.servers]:
+        for name in [*cfg.viewservers, *cfg.servers]:
             nursery.start_soon(one, name)
     out["viewserver"] = out["viewserver"] or {}
     out["servers"] = {k: v or {} for k, v in out["servers"].items()}
@@ -362,6 +366,8 @@ def _parse_cmdline(cmd: list[str], cwd: str) -> tuple[str, str, str | None, bool
         if not name:
             return None
         return name, absolute[0], None, daemon
+    if sub == "viewserver":
+        return name or VIEWSERVER, absolute[0], None, daemon
     return sub, absolute[0], absolute[1] if len(absolute) > 1 else None, daemon
 
 
@@ -542,8 +548,8 @@ class Supervisor:
                 del self.dead_since[name]
                 self.started[name] = now
                 self.state["restarts"][name] = self.state["restarts"].get(name, 0) + 1
-                if name == VIEWSERVER:
-                    self.cluster.start_viewserver()
+                if name in self.cluster.cfg.viewservers:
+                    self.cluster.start_viewserver(name)
                 else:
                     self.cluster.start_server(name)
                 write_run_state(self.cluster.cfg, self.state)

@@ -28,11 +28,12 @@ def register(sub) -> None:
     p.add_argument("--replicas", type=int, default=None,
                    help="servers per group (default 2; with --server, their number "
                         "divided by --groups)")
-    p.add_argument("--viewserver", metavar="HOST:PORT", default=None,
+    p.add_argument("--viewserver", action="append", metavar="[NAME=]HOST:PORT",
                    help="a cluster over several machines: where the view server listens "
                         "(with --server; init then writes only the description and the "
                         "secret, and `init DIR --here S` makes each server's array on its "
-                        "own machine)")
+                        "own machine); once per view server (NAME defaults to vs, vs1, "
+                        "...; more than one needs --etcd)")
     p.add_argument("--server", action="append", metavar="[NAME=]HOST:PORT",
                    help="a server of a cluster over several machines and where it "
                         "listens, once per server, in group order (NAME defaults to s0, "
@@ -47,6 +48,12 @@ def register(sub) -> None:
                    help="when an update is answered: once written (in the image files) on "
                         "both replicas, forced within 1 s (the default), or once forced "
                         "(fsynced) on both (see docs/durability.md)")
+    p.add_argument("--viewservers", type=int, default=1,
+                   help="view server processes, one active and the others standing by "
+                        "(default 1; more than one needs --etcd)")
+    p.add_argument("--etcd", default="", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="keep the views in this etcd cluster (its client URLs) instead "
+                        "of DIR/views.json (see docs/architecture.md)")
     p.add_argument("--disks", type=int, default=4, help="disks per array (default 4)")
     p.add_argument("--size", default="2G",
                    help="size of each disk image, sparse: it takes disk space only as "
@@ -77,8 +84,10 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("viewserver", help="run the view server of the cluster in DIR")
+    p = sub.add_parser("viewserver", help="run a view server of the cluster in DIR")
     p.add_argument("dir")
+    p.add_argument("--name", default=VIEWSERVER,
+                   help="which view server (vs, vs1, ...; default vs)")
     p.set_defaults(func=cmd_viewserver)
 
     p = sub.add_parser("server", help="run one replica server of the cluster in DIR")
@@ -113,11 +122,16 @@ def cmd_init(args) -> int:
                                             replicas=2 if args.replicas is None else args.replicas,
                                             disks=args.disks,
                                             disk_size=disk_size, placement=args.placement,
-                                            durability=args.durability))
+                                            durability=args.durability,
+                                            viewservers=args.viewservers,
+                                            etcd=[e for e in args.etcd.split(",") if e]))
     except BaseException:
         remove_new_files(args.dir, before)     # no half-made cluster left behind
         raise
-    print(f"replfs: cluster in {cfg.dir}: view server on {cfg.ports[VIEWSERVER]}; "
+    print(f"replfs: cluster in {cfg.dir}: view server"
+          + ("s " if len(cfg.viewservers) > 1 else " ")
+          + ", ".join(f"{v} on {cfg.ports[v]}" for v in cfg.viewservers)
+          + (f" (views in etcd {', '.join(cfg.etcd)})" if cfg.etcd else "") + "; "
           + "; ".join(f"group {g}: " + ", ".join(f"{s} on {cfg.ports[s]}" for s in ss)
                       for g, ss in cfg.groups.items())
           + f"; directories placed by {cfg.placement}; updates answered once "
@@ -133,20 +147,24 @@ def _init_nodes(args) -> int:
         raise ReplfsError("a cluster over several machines needs both --viewserver "
                           "HOST:PORT and a --server [NAME=]HOST:PORT per server")
     _check_new_dir(args.dir)
-    _, vs_host, vs_port = parse_endpoint(args.viewserver, VIEWSERVER, "--viewserver")
+    vss = [parse_endpoint(text, VIEWSERVER + (str(i) if i else ""), "--viewserver")
+           for i, text in enumerate(args.viewserver)]
     servers = [parse_endpoint(text, f"s{i}", "--server") for i, text in enumerate(args.server)]
     cfg = ClusterConfig.create(args.dir, groups=args.groups, replicas=args.replicas,
                                disks=args.disks, disk_size=parse_size(args.size),
                                placement=args.placement, durability=args.durability,
-                               viewserver=(vs_host, vs_port), servers=servers)
+                               viewserver=vss, servers=servers,
+                               etcd=[e for e in args.etcd.split(",") if e])
     print(f"replfs: cluster description in {os.path.join(cfg.dir, CONFIG)}, secret in "
-          f"{os.path.join(cfg.dir, 'secret')} (mode 0600): view server at "
-          f"{cfg.where(VIEWSERVER)}; "
+          f"{os.path.join(cfg.dir, 'secret')} (mode 0600): view server"
+          f"{'s' if len(cfg.viewservers) > 1 else ''} at "
+          + ", ".join(f"{v} {cfg.where(v)}" for v in cfg.viewservers)
+          + (f" (views in etcd {', '.join(cfg.etcd)})" if cfg.etcd else "") + "; "
           + "; ".join(f"group {g}: " + ", ".join(f"{s} at {cfg.where(s)}" for s in ss)
                       for g, ss in cfg.groups.items()))
     print(f"replfs: next, copy both files into {cfg.dir} on every machine; there run "
           f"`replfs init {cfg.dir} --here S` and `replfs server {cfg.dir} S` for each "
-          f"server S, `replfs viewserver {cfg.dir}` on the view server's, then "
+          f"server S, `replfs viewserver {cfg.dir} --name V` on each view server V's, then "
           f"`replfs mount {cfg.dir} MNT` anywhere")
     return 0
 
@@ -189,7 +207,8 @@ def _new_secret(dirpath: str) -> int:
     from replfs.replication.config import write_secret
     from replfs.tools.cluster import Cluster
     cluster = Cluster(dirpath)
-    running = [n for n in [VIEWSERVER, "mount", *cluster.cfg.servers] if cluster.alive(n)]
+    running = [n for n in [*cluster.cfg.viewservers, "mount", *cluster.cfg.servers]
+               if cluster.alive(n)]
     if running:
         raise ReplfsError(f"the cluster in {cluster.dir} is running ({', '.join(running)}); "
                           f"stop it with `replfs down {dirpath}` first")
@@ -200,19 +219,28 @@ def _new_secret(dirpath: str) -> int:
 
 # ---------------------------------------------------------------- daemons
 def cmd_viewserver(args) -> int:
-    from replfs.replication.viewserver import ViewService, load_views, saver, serve_viewserver
+    from replfs.replication.viewserver import ViewService, run_viewserver
+    from replfs.replication.viewstore import EtcdStore, FileStore
     _logging()
     cfg = ClusterConfig.load(args.dir)
-    _take_faults(cfg, VIEWSERVER)
-    path = os.path.join(cfg.dir, "views.json")
-    service = ViewService(cfg.ping_interval, cfg.dead_pings, save=saver(path))
-    views = load_views(path)
-    if views:
-        log.info("resuming from the views in %s: %s", path, views)
-    _check_address(cfg, VIEWSERVER)
-    me = cfg.direct(VIEWSERVER)
-    trio.run(_until_signal, lambda ts: serve_viewserver(me[1], cfg.secret(), service, views,
-                                                          host=me[0], task_status=ts))
+    name = args.name
+    if name not in cfg.viewservers:
+        raise ReplfsError(f"no view server {name!r} in {cfg.dir} (view servers: "
+                          f"{', '.join(cfg.viewservers)})")
+    if cfg.etcd:
+        store = EtcdStore(cfg.etcd, cfg.etcd_prefix, name)
+        log.info("%s: views in etcd (%s) under %s; standing by until elected", name,
+                 ", ".join(cfg.etcd), cfg.etcd_prefix)
+    else:
+        store = FileStore(os.path.join(cfg.dir, "views.json"))
+    _check_address(cfg, name)
+    host, port = cfg.direct(name)
+
+    def elected() -> ViewService:
+        _take_faults(cfg, name)     # a standby was told of no fault since it started
+        return ViewService(cfg.ping_interval, cfg.dead_pings)
+    trio.run(_until_signal, lambda ts: run_viewserver(
+        port, cfg.secret(), elected, store, host=host, name=name, task_status=ts))
     return 0
 
 
@@ -415,7 +443,7 @@ def _run_up(cluster, args) -> int:
             os.write(args.ready_fd, b"ready\n")
             os.close(args.ready_fd)
             args.ready_fd = None
-        watch = Supervisor(cluster, [] if args.no_restart else [VIEWSERVER, *cfg.servers],
+        watch = Supervisor(cluster, [] if args.no_restart else [*cfg.viewservers, *cfg.servers],
                            state)
         while not stop[0]:
             time.sleep(0.2)
@@ -454,7 +482,7 @@ def _clear_the_way(cluster) -> None:
                           f"{ups[0].pid}); `replfs down {cfg.dir}` stops it")
     run = read_run_state(cfg)
     killed = run.get("pid") or cfg.read_pid("up")
-    left = ({cfg.read_pid(n) for n in ["mount", VIEWSERVER, *cfg.servers]} - {None}
+    left = ({cfg.read_pid(n) for n in ["mount", *cfg.viewservers, *cfg.servers]} - {None}
             if killed else set())
     strangers = [f for f in found if f.pid not in left]
     if strangers:
@@ -479,7 +507,7 @@ def _stop_leftovers(cluster, found, run: dict) -> str:
     and `run` name, delete the run files; what was done, for one line of output."""
     from replfs.tools.cluster import remove_run_files, stop_pids
     from replfs.tools.mountpoints import is_mounted
-    rank = {"up": 0, "mount": 1, VIEWSERVER: 3}
+    rank = {"up": 0, "mount": 1, **{v: 3 for v in cluster.cfg.viewservers}}
     found = sorted(found, key=lambda f: (rank.get(f.name, 2), f.name))
     for r in sorted({rank.get(f.name, 2) for f in found}):
         stop_pids([f.pid for f in found if rank.get(f.name, 2) == r],

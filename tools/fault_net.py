@@ -33,8 +33,8 @@ def _cluster(dirpath: str):
 
 
 def _check_nodes(cfg, a: str, b: str) -> None:
-    from replfs.replication.config import CLIENT, VIEWSERVER
-    known = {VIEWSERVER, CLIENT, *cfg.servers}
+    from replfs.replication.config import CLIENT
+    known = {*cfg.viewservers, CLIENT, *cfg.servers}
     for n in (a, b):
         if n not in known:
             raise ReplfsError(f"no node {n!r} in {cfg.dir} (nodes: {', '.join(sorted(known))})")
@@ -51,10 +51,10 @@ def _involving(faults: dict, node: str) -> tuple:
 
 def apply_faults(cluster, change, timeout: float = APPLY_TIMEOUT) -> dict[str, str]:
     """Edit the cluster's network faults with `change(faults)` (read_faults's shape), write
-    them, and tell every running node whose faults changed; returns {node: "applied" or
-    "down"} once each has applied them (a node down reads them when it starts).
+    them, and tell every running node whose faults changed; returns {node: "applied",
+    "down" or "standing by"} once each has applied them (a node down reads them when it
+    starts, a view server standing by when it is elected).
     ReplfsError if a running node does not answer within `timeout`."""
-    from replfs.replication.config import VIEWSERVER
     cfg = cluster.cfg
     try:
         before, damaged = cfg.read_faults(), False
@@ -64,7 +64,7 @@ def apply_faults(cluster, change, timeout: float = APPLY_TIMEOUT) -> dict[str, s
                  loss=dict(before["loss"]))
     change(after)
     gen = cfg.write_faults(after)
-    nodes = [n for n in [VIEWSERVER, *cfg.servers]
+    nodes = [n for n in [*cfg.viewservers, *cfg.servers]
              if damaged or _involving(before, n) != _involving(after, n)]
     return trio.run(_tell, cluster, after, gen, nodes, timeout)
 
@@ -90,6 +90,9 @@ async def _tell(cluster, faults: dict, gen: int, nodes: list[str],
             except OSError as exc:      # refused: down, or not listening yet
                 if not cluster.alive(node):
                     done[node] = "down"
+                    return
+                if node in cfg.viewservers and len(cfg.viewservers) > 1:
+                    done[node] = "standing by"      # it reads them once elected
                     return
                 why[node] = str(exc)
             except wire.CONN_ERRORS as exc:
@@ -130,8 +133,10 @@ def _stopped(cluster, node: str) -> bool:
 def _told(done: dict[str, str]) -> str:
     up = [n for n, s in done.items() if s == "applied"]
     down = [n for n, s in done.items() if s == "down"]
+    standby = [n for n, s in done.items() if s == "standing by"]
     parts = ([f"applied by {', '.join(up)}"] if up else []) + \
-        ([f"{', '.join(down)} down: at its start"] if down else [])
+        ([f"{', '.join(down)} down: at its start"] if down else []) + \
+        ([f"{', '.join(standby)} standing by: once elected"] if standby else [])
     return f" ({'; '.join(parts)})" if parts else ""
 
 

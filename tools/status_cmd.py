@@ -26,7 +26,6 @@ import threading
 
 import psutil
 
-from replfs.replication.config import VIEWSERVER
 
 HEALTHY, DEGRADED, UNPROTECTED, UNAVAILABLE, NOT_RUNNING = (
     "healthy", "degraded", "unprotected", "unavailable", "not running")
@@ -59,7 +58,7 @@ def collect(cluster) -> dict:
     cfg = cluster.cfg
     found = find_processes(cluster.dir)
     procs = {}
-    for name in ["up", VIEWSERVER, "mount", *cfg.servers]:
+    for name in ["up", *cfg.viewservers, "mount", *cfg.servers]:
         pids = [f.pid for f in found if f.name == name and not f.daemon]
         pid = pids[0] if pids else None
         info = dict(pid=pid, running=pid is not None)
@@ -77,8 +76,11 @@ def collect(cluster) -> dict:
         st = trio.run(gather_status, cfg, 2.0)
     if not cfg.one_machine:
         # over several machines a node that does not run here runs where it answers from
-        for name in [VIEWSERVER, *cfg.servers]:
-            info = st["viewserver"] if name == VIEWSERVER else st["servers"].get(name)
+        # (of the view servers only the active one answers: standbys refuse)
+        active = (st["viewserver"] or {}).get("name")
+        for name in [*cfg.viewservers, *cfg.servers]:
+            info = ((st["viewserver"] if name == active else None)
+                    if name in cfg.viewservers else st["servers"].get(name))
             if not procs[name]["running"]:
                 procs[name] = dict(pid=(info or {}).get("pid"), running=bool(info), remote=True)
     st["processes"] = procs
@@ -173,7 +175,13 @@ def verdict(cfg, st: dict, found) -> tuple[str, list[str]]:
     vs = st.get("viewserver") or {}
     if not vs:
         bad(DEGRADED, "the view server does not answer: no failover is possible"
-            + ("" if procs[VIEWSERVER]["running"] else " (not running)"))
+            + ("" if any(procs[v]["running"] for v in cfg.viewservers) else " (not running)"))
+    if len(cfg.viewservers) > 1:
+        down = [v for v in cfg.viewservers if not procs[v]["running"]]
+        if down:
+            bad(DEGRADED, f"view server{'s' if len(down) > 1 else ''} {', '.join(down)} "
+                          f"not running: {len(cfg.viewservers) - len(down)} of "
+                          f"{len(cfg.viewservers)} left to take over")
     views = vs.get("groups") or {}
     for g, members in cfg.groups.items():
         v = views.get(str(g))
@@ -295,7 +303,14 @@ def render(cfg, st: dict) -> list[str]:
                            f"of {_size(m['size'])}", "")
         else:
             lines += _wrap(f"{where}: {m.get('error', '?')}", "")
-    views = (st.get("viewserver") or {}).get("groups") or {}
+    vs = st.get("viewserver") or {}
+    if len(cfg.viewservers) > 1 or cfg.etcd:
+        active = vs.get("name", "")
+        standby = [v for v in cfg.viewservers if v != active and procs[v]["running"]]
+        lines += _wrap(f"view servers: {active or 'none'} active"
+                       + (f", {', '.join(standby)} standing by" if standby else "")
+                       + (f"; views in etcd {', '.join(cfg.etcd)}" if cfg.etcd else ""), "")
+    views = vs.get("groups") or {}
     for g in sorted(cfg.groups):
         v = views.get(str(g))
         if v is None:

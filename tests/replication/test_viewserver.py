@@ -176,6 +176,41 @@ def test_restarted_view_server_lets_the_backup_resume_if_the_primary_stays_away(
     assert vs.ping(0, "b", 0, 60.0) == View(8, "b", "")
 
 
+def test_a_standby_resumes_the_stored_table_as_it_stands():
+    """A view server taking over from etcd's table (view, acknowledgement, incarnations)
+    changes no view; a silent primary is replaced only after dead_pings from the
+    takeover, and a member whose process changed meanwhile counts as restarted."""
+    old = ViewService(PI, 5)
+    old.ping(0, "a", 0, 0.0, boot="A1")
+    old.ping(0, "a", 1, 0.0, boot="A1")
+    old.ping(0, "b", 0, 0.0, boot="B1")
+    old.ping(0, "a", 2, 0.1, boot="A1")
+    old.ping(1, "x", 0, 0.1, boot="X1")
+    table = old.table()
+    assert table[0] == dict(num=2, primary="a", backup="b", acked=True,
+                            given={"a": "A1", "b": "B1"})
+    vs = ViewService(PI, 5)
+    vs.resume(table, 50.0)
+    assert vs.ping(0, "b", 2, 50.1, boot="B1") == View(2, "a", "b")
+    t = 50.1
+    while t < 50.0 + 5 * PI - 0.01:          # a silent, but not yet for dead_pings
+        t += PI / 2
+        assert vs.ping(0, "b", 2, t, boot="B1") == View(2, "a", "b")
+    t = 50.0 + DEAD
+    vs.ping(0, "b", 2, t, boot="B1")
+    assert vs.get(0) == View(3, "b", "")
+    # group 1's primary restarted in between: its view goes to the new process
+    assert vs.ping(1, "x", 0, 50.2, boot="X2") == View(2, "x", "")
+    assert vs.table()[1]["given"] == {"x": "X2"}
+
+
+def test_views_json_records_resume_conservatively():
+    vs = ViewService(PI, 5)
+    vs.resume({0: dict(num=7, primary="a", backup="b")}, 50.0)
+    assert vs.ping(0, "b", 0, 50.1) == View(7, "a", "b")      # as restore: wait for a
+    assert vs.ping(0, "a", 0, 50.2) == View(8, "a", "")
+
+
 def test_repeated_ping_0_from_the_same_process_is_not_a_restart():
     vs = make()
     vs.ping(0, "a", 0, 0.0, boot="A1")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from clusterhelp import wait_for
+from clusterhelp import done_after, wait_for
 
 from replfs.replication.config import VIEWSERVER
 
@@ -34,14 +34,6 @@ WRITER = textwrap.dedent("""
             log.write("%d %.3f\\n" % (i, time.monotonic()))
             i += 1
 """)
-
-
-def done_after(progress, t: float) -> int:
-    """Operations a writer finished after monotonic time `t`."""
-    if not progress.exists():
-        return 0
-    return sum(1 for ln in progress.read_text().splitlines()
-               if ln.count(" ") == 1 and float(ln.split()[1]) > t)
 
 
 def test_mount_serves_on_while_the_view_server_is_dead(running, tmp_path):

@@ -1,0 +1,241 @@
+"""Where the view server keeps its view table: the built-in `FileStore` (DIR/views.json,
+the one-machine default) or `EtcdStore` (etcd, an existing consensus engine, for several
+view server processes on several machines).
+
+A store answers three things, all async:
+
+- `lead()` returns once this process may act as the view server (at once for the file
+  store; for etcd once it holds the election key under its own lease), and
+  `active()` says whether it still may (False once the etcd lease may have expired);
+- `load()` the table the previous active view server left: {group: record}, a record
+  being {num, primary, backup} and, from etcd, {acked, given} too (see
+  ViewService.resume);
+- `save(table)` the table after a change; for etcd a transaction conditioned on the
+  revision the change was computed from and on this process's election, so that two
+  view server processes can never fork the sequence of views. `Fenced` when it failed:
+  someone else is (or was) active, this process must stop serving.
+
+`keep(nursery_scope)` runs while the process is active (etcd: renews the lease, and
+cancels `nursery_scope` once it cannot); `resign()` gives the election up, `close()`
+the connections.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+
+import trio
+
+log = logging.getLogger("replfs.viewstore")
+
+
+class Fenced(Exception):
+    """This view server process is no longer (surely) the active one."""
+
+
+class Unavailable(Exception):
+    """No etcd endpoint answered."""
+
+
+class FileStore:
+    """DIR/views.json: the views only (no acknowledgements): a restarted view server
+    resumes conservatively (ViewService.restore)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    async def lead(self) -> None:
+        return None
+
+    def active(self) -> bool:
+        return True
+
+    async def keep(self, scope: trio.CancelScope) -> None:
+        await trio.sleep_forever()
+
+    async def load(self) -> dict[int, dict]:
+        try:
+            with open(self.path) as f:
+                d = json.load(f)
+            return {int(g): dict(num=int(v[0]), primary=str(v[1]), backup=str(v[2]))
+                    for g, v in d.items()}
+        except (FileNotFoundError, ValueError, TypeError, IndexError, AttributeError):
+            return {}
+
+    async def save(self, table: dict[int, dict]) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({str(g): [r["num"], r["primary"], r["backup"]]
+                       for g, r in table.items()}, f)
+        # no fsync: it could stall the pings for long under load (a view server crash
+        # is not a power loss; and the views only pick who resumes)
+        os.replace(tmp, self.path)
+
+    async def resign(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+class EtcdStore:
+    """The view table in etcd, under `prefix`: `prefix/views` (one JSON value, the whole
+    table) and `prefix/leader` (the election key, under the active process's lease).
+
+    Talks to etcd's v3 JSON gateway through etcd3gw (OpenStack's client; one endpoint per
+    client object, so it keeps one per endpoint and tries the next when one fails). Its
+    calls block, so they run in a worker thread."""
+
+    def __init__(self, endpoints: list[str], prefix: str, me: str, *, ttl: int = 2,
+                 timeout: float = 0.5, poll: float = 0.1):
+        import etcd3gw
+        self.me = me
+        self.ttl = ttl
+        self.poll = poll
+        self.views_key = f"{prefix}/views"
+        self.leader_key = f"{prefix}/leader"
+        self.clients = []
+        for ep in endpoints:
+            host, _, port = ep.rpartition(":")
+            self.clients.append(etcd3gw.Etcd3Client(host=host, port=int(port),
+                                                    timeout=timeout, api_path="/v3/"))
+        self._good = 0                  # the endpoint that answered last
+        self.lease_id: int | None = None
+        self.election_rev = 0           # create_revision of our leader key
+        self.table_rev = 0              # mod_revision of the views we computed from
+        self.valid_until = float("-inf")   # trio time until which the lease surely holds
+
+    # ---------------------------------------------------------------- plumbing
+    def _post(self, path: str, body: dict) -> dict:
+        """POST `body` to the first endpoint that answers, starting with the last good."""
+        from etcd3gw import exceptions
+        last = None
+        n = len(self.clients)
+        for i in range(n):
+            k = (self._good + i) % n
+            c = self.clients[k]
+            try:
+                r = c.post(c.get_url(path), json=body)
+            except (exceptions.Etcd3Exception, ValueError) as exc:   # down, no leader, ...
+                last = exc
+                continue
+            self._good = k
+            return r
+        raise Unavailable(f"no etcd endpoint answered ({type(last).__name__}: {last})")
+
+    async def _call(self, path: str, body: dict) -> dict:
+        return await trio.to_thread.run_sync(self._post, path, body, abandon_on_cancel=True)
+
+    # ---------------------------------------------------------------- election
+    async def lead(self) -> None:
+        """Campaign until elected: the leader key created under a fresh lease."""
+        while True:
+            try:
+                if await self._campaign():
+                    log.info("%s is the active view server (lease %x)", self.me,
+                             self.lease_id)
+                    return
+            except Unavailable as exc:
+                log.warning("etcd: %s", exc)
+            await trio.sleep(self.poll)
+
+    async def _campaign(self) -> bool:
+        if self.lease_id is None:
+            t0 = trio.current_time()
+            r = await self._call("/lease/grant", {"TTL": self.ttl})
+            self.lease_id = int(r["ID"])
+            self.valid_until = t0 + int(r["TTL"])
+        else:
+            await self._refresh()
+            if self.lease_id is None:
+                return False
+        r = await self._call("/kv/txn", {
+            "compare": [{"key": _b64(self.leader_key), "target": "CREATE",
+                         "result": "EQUAL", "create_revision": 0}],
+            "success": [{"request_put": {"key": _b64(self.leader_key),
+                                         "value": _b64(self.me), "lease": self.lease_id}}],
+            "failure": []})
+        if not r.get("succeeded"):
+            return False
+        self.election_rev = int(r["header"]["revision"])
+        return True
+
+    async def _refresh(self) -> None:
+        t0 = trio.current_time()
+        r = await self._call("/lease/keepalive", {"ID": self.lease_id})
+        ttl = int(r.get("result", {}).get("TTL", -1))
+        if ttl <= 0:
+            log.warning("etcd: lease %x expired", self.lease_id)
+            self.lease_id = None
+            self.valid_until = float("-inf")
+        else:
+            self.valid_until = t0 + ttl
+
+    def active(self) -> bool:
+        # a margin for the clock rates of this machine and etcd's
+        return trio.current_time() < self.valid_until - 0.05 * self.ttl
+
+    async def keep(self, scope: trio.CancelScope) -> None:
+        """Renew the lease every ttl/4; cancel `scope` once it may have run out."""
+        while True:
+            with trio.move_on_at(self.valid_until - 0.05 * self.ttl):
+                try:
+                    await self._refresh()
+                except Unavailable as exc:
+                    log.warning("etcd: cannot renew the lease: %s", exc)
+            if not self.active():
+                log.warning("%s: lease lost: standing by", self.me)
+                self.lease_id = None
+                scope.cancel()
+                return
+            await trio.sleep(self.ttl / 4)
+
+    async def resign(self) -> None:
+        """Give up the lease (the leader key goes with it), so a standby takes over now."""
+        if self.lease_id is not None:
+            lease, self.lease_id = self.lease_id, None
+            self.valid_until = float("-inf")
+            try:
+                await self._call("/kv/lease/revoke", {"ID": lease})
+            except Exception as exc:        # best effort: it expires anyway
+                log.debug("etcd: revoke: %s", exc)
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.session.close()
+
+    # ---------------------------------------------------------------- the table
+    async def load(self) -> dict[int, dict]:
+        r = await self._call("/kv/range", {"key": _b64(self.views_key)})
+        kvs = r.get("kvs") or []
+        if not kvs:
+            self.table_rev = 0
+            return {}
+        self.table_rev = int(kvs[0]["mod_revision"])
+        d = json.loads(base64.b64decode(kvs[0].get("value", "")) or b"{}")
+        return {int(g): rec for g, rec in d.items()}
+
+    async def save(self, table: dict[int, dict]) -> None:
+        value = json.dumps({str(g): rec for g, rec in table.items()}, sort_keys=True)
+        try:
+            r = await self._call("/kv/txn", {
+                "compare": [
+                    {"key": _b64(self.views_key), "target": "MOD", "result": "EQUAL",
+                     "mod_revision": self.table_rev},
+                    {"key": _b64(self.leader_key), "target": "CREATE", "result": "EQUAL",
+                     "create_revision": self.election_rev}],
+                "success": [{"request_put": {"key": _b64(self.views_key),
+                                             "value": _b64(value)}}],
+                "failure": []})
+        except Unavailable as exc:
+            raise Fenced(f"cannot save the views: {exc}") from None
+        if not r.get("succeeded"):
+            raise Fenced("the views or the election changed under this view server")
+        self.table_rev = int(r["header"]["revision"])
