@@ -57,10 +57,11 @@ class RebuildMixin:
 
     def rebuild_steps(self, k: int, image: str | None = None,
                       batch_rows: int | None = None) -> Generator[tuple[int, int], None, dict]:
-        """`rebuild` one batch of rows per step: yields (rows done, rows) after each batch
-        (between two steps the array's lock is free) and returns the summary. Closing
-        the generator early stops the rebuild where it stands: what was rebuilt is
-        fsynced and its position recorded, so a later `rebuild(k)` resumes there."""
+        """`rebuild` one batch of rows per step. The checks (RaidError) and the switch to
+        the new member happen now; the generator returned yields (rows done, rows) after
+        each batch (between two steps the array's lock is free) and returns the summary.
+        Closing it early stops the rebuild where it stands: what was rebuilt is fsynced
+        and its position recorded, so a later `rebuild(k)` resumes there."""
         g = self.geo
         with self._lock:
             self._check_open()
@@ -82,7 +83,12 @@ class RebuildMixin:
                 disk.problem = ""
             else:
                 self._start_member(disk, path, image is not None)
-        batch = batch_rows or max(1, REBUILD_BATCH // g.chunk)
+        return self._rebuild_loop(disk, path, batch_rows or max(1, REBUILD_BATCH // g.chunk))
+
+    def _rebuild_loop(self, disk, path: str, batch: int
+                      ) -> Generator[tuple[int, int], None, dict]:
+        g = self.geo
+        k = disk.index
         lost_total = 0
         t0 = time.monotonic()
         first = disk.rebuild_pos

@@ -27,7 +27,9 @@ import trio
 
 from replfs.fs.mkfs import open_fs
 from replfs.raid.healing import HealingDevice
+from replfs.raid.jobs import ArrayJobs
 from replfs.replication import amo, postop, wire
+from replfs.replication.arrayops import ArrayOpsRole
 from replfs.replication.backup import FLUSH_BEHIND, BackupRole
 from replfs.replication.heal import HealRole
 from replfs.replication.config import VIEWSERVER, ClusterConfig
@@ -39,7 +41,7 @@ from replfs.replication.viewserver import View
 log = logging.getLogger("replfs.server")
 
 
-class ReplicaServer(PrimaryRole, BackupRole, HealRole):
+class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
     def __init__(self, cfg: ClusterConfig, name: str, array):
         self.cfg = cfg
         self.name = name
@@ -49,6 +51,8 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
         # the filesystem's device: the array, with unreadable blocks healed from the
         # partner replica (replication/heal.py)
         self.device = HealingDevice(array, self._heal)
+        # background rebuild and scrub of the array (replication/arrayops.py)
+        self.jobs = ArrayJobs(array)
         self.fs = None
         self.view = View()
         self.ping_view = 0          # the view number we acknowledge in pings
@@ -101,6 +105,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
                 port = await nursery.start(wire.serve, self.cfg.ports[self.name], self.secret,
                                            self._on_connection)
                 await self.twopc.start(nursery)
+                await nursery.start(self.jobs.run)
                 nursery.start_soon(self._pinger)
                 nursery.start_soon(self._applier)
                 nursery.start_soon(self._backup_flusher)
@@ -262,7 +267,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
         link = {wire.SyncStart: self._on_sync_start, wire.Forward: self._on_forward,
                 wire.Snapshot: self._on_snapshot, wire.SyncDone: self._on_sync_done,
                 wire.Flush: self._on_flush, wire.Renew: self._on_renew}
-        other = {wire.HealRequest: self._on_heal_request}
+        other = {wire.HealRequest: self._on_heal_request, wire.ArrayOp: self._on_array_op}
         async with trio.open_nursery() as nursery:
             while True:
                 msg = await ch.receive()
@@ -321,6 +326,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
                    txn=mgr.stats() if mgr is not None else {},
                    backup_synced=self.backup_synced,
                    lost_blocks=list(self.device.lost),
+                   array_job=self.jobs.status(),
                    **self.twopc.status())
         if p is not None:
             out.update(incarnation=p.incarnation, committed_lsn=p.committed_lsn,

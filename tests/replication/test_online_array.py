@@ -1,0 +1,180 @@
+"""A running server's array repaired while it serves: `replfs fault fail-disk`, `raid
+rebuild`, `raid scrub`, `raid pause|resume|cancel|speed` and `raid status` with
+`--server S`, as a user runs them (real processes, a real FUSE mount, a shell workload).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clusterhelp import compare_replicas, followers, wait_for
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.placement("parent")]
+
+REPLFS = os.path.join(os.path.dirname(sys.executable), "replfs")
+
+# files written, overwritten and checked against a copy on the host's disk, until told to
+# stop; any error (EIO, a short read, a mismatch) ends it with a non-zero status
+WORKLOAD = r"""
+mkdir -p w
+i=0
+while [ ! -e "$REF/stop" ]; do
+  head -c $(( (RANDOM % 64 + 1) * 4096 - RANDOM % 4096 )) /dev/urandom > "$REF/f$i"
+  cp "$REF/f$i" "w/f$i"
+  cmp "$REF/f$i" "w/f$i"
+  if [ $((i % 5)) -eq 4 ]; then
+    j=$((i - 3))
+    head -c 20000 /dev/urandom > "$REF/part"
+    dd if="$REF/part" of="$REF/f$j" bs=4096 seek=1 conv=notrunc status=none
+    dd if="$REF/part" of="w/f$j" bs=4096 seek=1 conv=notrunc status=none
+    cmp "$REF/f$j" "w/f$j"
+  fi
+  if [ $i -ge 8 ]; then cmp "$REF/f$((i - 8))" "w/f$((i - 8))"; fi
+  i=$((i + 1))
+  echo $i > "$REF/count.tmp"; mv "$REF/count.tmp" "$REF/count"
+done
+"""
+
+
+def replfs(*args, ok=True, timeout=120):
+    p = subprocess.run([REPLFS, *args], capture_output=True, text=True, timeout=timeout)
+    assert "Traceback" not in p.stderr, p.stderr
+    if ok:
+        assert p.returncode == 0, f"replfs {' '.join(args)}: {p.stdout}{p.stderr}"
+    return p
+
+
+def array_info(cdir, server) -> dict:
+    return json.loads(replfs("raid", "status", cdir, "--server", server, "--json").stdout)
+
+
+def job(cdir, server) -> dict:
+    return array_info(cdir, server)["job"] or {}
+
+
+class Workload:
+    def __init__(self, running, ref):
+        self.ref = ref
+        ref.mkdir()
+        self.proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", WORKLOAD],
+                                     cwd=running.mnt, env={**os.environ, "REF": str(ref)},
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def count(self) -> int:
+        assert self.proc.poll() is None, f"the workload failed: {self.proc.communicate()}"
+        try:
+            return int((self.ref / "count").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def stop(self) -> tuple[int, str]:
+        (self.ref / "stop").touch()
+        try:
+            out, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        return self.proc.returncode, err
+
+
+def test_rebuild_and_scrub_a_serving_primary_under_a_workload(running, tmp_path):
+    cdir = running.cfg.dir
+    p = running.primary(0)
+    work = Workload(running, tmp_path / "ref")
+    try:
+        wait_for(lambda: work.count() >= 5, 60, "the workload's first files")
+        out = replfs("fault", "fail-disk", cdir, "--server", p, "--disk", "2", "--remove").stdout
+        assert "marked failed" in out
+        a = array_info(cdir, p)["array"]
+        assert a["health"] == "degraded" and a["disks"][2]["state"] == "failed"
+        n = work.count()
+        wait_for(lambda: work.count() >= n + 3, 60, "the workload on a degraded primary")
+        new = os.path.join(cdir, p, "new2.img")
+        before = work.count()
+        r = replfs("raid", "rebuild", cdir, "--server", p, "--disk", "2", "--image", new)
+        during = work.count() - before
+        assert f"{p}: rebuild of disk 2: done" in r.stdout
+        a = array_info(cdir, p)["array"]
+        assert a["health"] == "healthy" and a["disks"][2]["path"] == new
+        # the rebuilt array scrubs clean, online
+        r = replfs("raid", "scrub", cdir, "--server", p)
+        assert "0 checksum errors repaired, 0 parity blocks rewritten, 0 unrecoverable" \
+            in r.stdout, r.stdout
+        n = work.count()
+        wait_for(lambda: work.count() >= n + 3, 60, "the workload after the rebuild")
+    finally:
+        code, err = work.stop()
+    assert code == 0, f"the workload saw an error: {err}"
+    assert during > 0 or work.count() > before, "the workload did not run during the rebuild"
+    diff = subprocess.run(["bash", "-c", f"cd {tmp_path / 'ref'} && for f in f*; do "
+                           f"cmp $f {running.mnt}/w/$f || exit 1; done"],
+                          capture_output=True, text=True, timeout=120)
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+    running.stop()
+    differ, compared = compare_replicas(running.cfg)
+    assert compared > 0 and all(not differ[s] for s in followers(running.cfg)), differ
+
+
+def test_pause_resume_and_resume_after_restart(running):
+    cdir = running.cfg.dir
+    p = running.primary(0)
+    replfs("fault", "fail-disk", cdir, "--server", p, "--disk", "1")
+    slow = ["--speed-min", "2M", "--speed-max", "2M"]
+    r = replfs("raid", "rebuild", cdir, "--server", p, "--disk", "1", "--no-wait", *slow)
+    assert "rebuild of disk 1: running" in r.stderr
+    wait_for(lambda: job(cdir, p)["row"] > 0, 60, "the rebuild's first rows")
+    assert "paused" in replfs("raid", "pause", cdir, "--server", p).stdout
+    # the step under way when it was paused lands; then it stands still
+    row = wait_for(lambda: job(cdir, p)["waiting"] and job(cdir, p)["row"], 30,
+                   "the paused rebuild's last step")
+    j = job(cdir, p)
+    assert j["state"] == "paused" and j["row"] == row and j["eta_seconds"] is None
+    replfs("raid", "resume", cdir, "--server", p)
+    wait_for(lambda: job(cdir, p)["row"] > row, 60, "the resumed rebuild moving on")
+    # another job is refused while this one runs, in one line
+    r = replfs("raid", "scrub", cdir, "--server", p, ok=False)
+    assert r.returncode != 0 and "rebuild of disk 1 is running" in r.stderr
+    # stopped and started again in the middle: it goes on from where it stood
+    at = job(cdir, p)["row"]
+    running.cluster.stop(p)
+    st = json.loads(replfs("raid", "status", os.path.join(cdir, p), "--json").stdout)
+    assert st["disks"][1]["state"] == "rebuilding" and 0 < st["disks"][1]["rebuild_progress"] < 1
+    running.cluster.start_server(p)
+    wait_for(lambda: (job(cdir, p) if running.cluster.alive(p) else {}).get("state")
+             == "running", 60, "the rebuild resumed after the restart")
+    j = job(cdir, p)
+    assert j["first_row"] > 0 and j["first_row"] <= at + 1 and j["speed_max"] == 2 << 20
+    replfs("raid", "speed", cdir, "--server", p, "--speed-min", "0", "--speed-max", "0")
+    wait_for(lambda: job(cdir, p)["state"] == "done", 120, "the rebuild's end")
+    assert array_info(cdir, p)["array"]["health"] == "healthy"
+    # a scrub can be cancelled; nothing is left running
+    replfs("raid", "scrub", cdir, "--server", p, "--no-wait", *slow)
+    r = replfs("raid", "cancel", cdir, "--server", p)
+    assert "scrub: cancelled" in r.stdout
+    r = replfs("raid", "pause", cdir, "--server", p, ok=False)
+    assert "nothing to pause" in r.stderr and r.stderr.count("\n") == 1
+    running.cluster.wait_protected(timeout=60)
+
+
+def test_bad_input_gets_one_line(running, tmp_path):
+    cdir = running.cfg.dir
+    p = running.primary(0)
+    for args, words in [
+        (["raid", "rebuild", cdir, "--server", "s9", "--disk", "1"], "no server 's9'"),
+        (["raid", "rebuild", cdir, "--server", p, "--disk", "7"], "no disk 7"),
+        (["raid", "rebuild", cdir, "--server", p, "--disk", "1",
+          "--image", os.path.join(cdir, p, "disk0.img")], "is disk 0 of this array"),
+        (["fault", "fail-disk", cdir, "--server", p, "--disk", "-1"], "no disk -1"),
+        (["raid", "scrub", str(tmp_path / "nothing"), "--speed-min", "5M"], "running server"),
+        (["raid", "cancel", cdir, "--server", p], "nothing to cancel"),
+    ]:
+        r = replfs(*args, ok=False)
+        assert r.returncode != 0 and words in r.stderr and r.stderr.count("\n") == 1, \
+            (args, r.stderr)
+    a = array_info(cdir, p)["array"]
+    assert a["health"] == "healthy", a
