@@ -84,7 +84,7 @@ class ArrayJob:
         return dict(kind=self.kind, disk=self.disk, state=self.state, row=self.row,
                     rows=self.rows, first_row=self.first_row, waiting=self.waiting, progress=round(self.row / self.rows, 4) if self.rows else 1,
                     bytes_per_sec=round(rate), eta_seconds=round(left / rate, 1) if rate and
-                    self.state in ACTIVE else None, speed_min=self.speed_min,
+                    self.state == "running" else None, speed_min=self.speed_min,
                     speed_max=self.speed_max, throttled=self.throttled, error=self.error,
                     started=self.started, result=self.result)
 
