@@ -167,6 +167,9 @@ def test_pause_resume_and_resume_after_restart(running):
     j = job(cdir, p)
     assert at <= j["first_row"] and j["speed_max"] == 1 << 20
     assert round(j["first_row"] / j["rows"], 4) == st["disks"][1]["rebuild_progress"]
+    # `replfs status` shows it, with its progress
+    out = replfs("status", cdir, ok=False).stdout
+    assert f"{p}: rebuild of disk 1: running, " in out, out
     replfs("raid", "speed", cdir, "--server", p, "--speed-min", "0", "--speed-max", "0")
     wait_for(lambda: job(cdir, p)["state"] == "done", 120, "the rebuild's end")
     assert array_info(cdir, p)["array"]["health"] == "healthy"
