@@ -182,15 +182,14 @@ class ArrayJobs:
         return j
 
     def pause(self) -> dict:
-        j = self._current("pause")
-        j.state = "paused"
-        j.notify()
-        self._save()
-        return j.status()
+        return self._set_state("pause", "paused")
 
     def resume(self) -> dict:
-        j = self._current("resume")
-        j.state = "running"
+        return self._set_state("resume", "running")
+
+    def _set_state(self, verb: str, state: str) -> dict:
+        j = self._current(verb)
+        j.state = state
         j.notify()
         self._save()
         return j.status()

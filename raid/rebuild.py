@@ -33,6 +33,19 @@ REBUILD_PERSIST_SECS = 2.0  # how often a rebuild records its progress in the su
 REBUILD_BATCH = 8 << 20  # bytes per member per rebuild/scrub step (one lock hold)
 
 
+def run_steps(steps: Generator[tuple[int, int], None, dict],
+              progress: Callable[[int, int], None] | None) -> dict:
+    """Run a step generator (`rebuild_steps`, `scrub_steps`) to its end, telling
+    `progress(rows done, rows)` after each step; its result."""
+    while True:
+        try:
+            row, rows = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if progress:
+            progress(row, rows)
+
+
 class RebuildMixin:
     """Part of `Array` (array.py): `rebuild`. Uses the array's `geo`, `disks`, `dir`,
     `cfg`, `notices`, `_lock`, member I/O, checksum, bitmap and superblock writes and
@@ -46,14 +59,7 @@ class RebuildMixin:
         that path (created if missing) and the config updated; a member already
         "rebuilding" (an interrupted rebuild) without a new image resumes at the position
         its superblocks recorded. Returns a summary."""
-        steps = self.rebuild_steps(k, image, batch_rows)
-        while True:
-            try:
-                row, rows = next(steps)
-            except StopIteration as stop:
-                return stop.value
-            if progress:
-                progress(row, rows)
+        return run_steps(self.rebuild_steps(k, image, batch_rows), progress)
 
     def rebuild_steps(self, k: int, image: str | None = None,
                       batch_rows: int | None = None) -> Generator[tuple[int, int], None, dict]:

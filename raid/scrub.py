@@ -18,7 +18,7 @@ import numpy as np
 
 from .dirfiles import update_state
 from .layout import BLOCK_SIZE
-from .rebuild import REBUILD_BATCH
+from .rebuild import REBUILD_BATCH, run_steps
 
 
 class ScrubMixin:
@@ -30,14 +30,7 @@ class ScrubMixin:
               repair: bool = True, batch_rows: int | None = None) -> dict:
         """Read every stripe, verify every checksum and the parity, repair what can be.
         Returns what was found. Runs online (per batch of rows under the lock)."""
-        steps = self.scrub_steps(repair, batch_rows)
-        while True:
-            try:
-                row, rows = next(steps)
-            except StopIteration as stop:
-                return stop.value
-            if progress:
-                progress(row, rows)
+        return run_steps(self.scrub_steps(repair, batch_rows), progress)
 
     def scrub_steps(self, repair: bool = True, batch_rows: int | None = None
                     ) -> Generator[tuple[int, int], None, dict]:

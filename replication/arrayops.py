@@ -2,9 +2,9 @@
 mixed into `ReplicaServer`).
 
 `replfs raid rebuild|scrub|status|pause|resume|cancel|speed --server S` and `replfs fault
-fail-disk --server S` send an `ArrayOp` to server S instead of opening the array (which
-S holds); S answers `ArrayOpReply` with its array's status and background job
-(raid/jobs.py), or one sentence saying why it did not do it. The rebuild and scrub run
+fail-disk --server S` send an `ArrayOp` (a wire message, defined here) to server S
+instead of opening the array (which S holds); S answers `ArrayOpReply` with its array's
+status and background job (raid/jobs.py), or one sentence saying why it did not do it. The rebuild and scrub run
 in the background inside S while it keeps serving; the command only starts, steers and
 watches them. Paths (`--image`) are paths on S's machine.
 """
@@ -12,6 +12,7 @@ watches them. Paths (`--image`) are paths on S's machine.
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import trio
 
@@ -19,6 +20,25 @@ from replfs.raid.errors import RaidError
 from replfs.replication import wire
 
 log = logging.getLogger("replfs.server")
+
+@wire.message
+class ArrayOp:
+    """`replfs raid ... --server S` / `fault fail-disk --server S`: `action` is one of
+    ACTIONS, `params` its arguments (disk, image, speed_min, speed_max). (Registered with
+    the wire's other messages; defined here, beside its only handler.)"""
+    TAG: ClassVar[str] = "array-op"
+    action: str
+    params: dict
+
+
+@wire.message
+class ArrayOpReply:
+    """The array's status and its background job after the action, or `error`: one
+    sentence saying why the action was not done."""
+    TAG: ClassVar[str] = "array-op-reply"
+    info: dict
+    error: str = ""
+
 
 ACTIONS = ("status", "rebuild", "scrub", "pause", "resume", "cancel", "speed", "fail-disk")
 _TYPES = {"disk": int, "image": str, "speed_min": int, "speed_max": int}
@@ -42,7 +62,7 @@ class ArrayOpsRole:
     """Part of `ReplicaServer`: `_on_array_op`. Uses its `array` and `jobs`
     (raid.jobs.ArrayJobs, run in the server's nursery)."""
 
-    async def _on_array_op(self, ch: wire.Channel, msg: wire.ArrayOp) -> None:
+    async def _on_array_op(self, ch: wire.Channel, msg: ArrayOp) -> None:
         if not (isinstance(msg.action, str) and isinstance(msg.params, dict)):
             raise wire.ProtocolError("malformed array-op")
         check_params(msg.action, msg.params)
@@ -69,7 +89,7 @@ class ArrayOpsRole:
                 await self._fail_disk(p["disk"])
         except RaidError as exc:
             error = str(exc)
-        await ch.send(wire.ArrayOpReply(self.array_info(), error))
+        await ch.send(ArrayOpReply(self.array_info(), error))
 
     async def _fail_disk(self, k: int) -> None:
         j = self.jobs.job

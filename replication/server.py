@@ -29,7 +29,7 @@ from replfs.fs.mkfs import open_fs
 from replfs.raid.healing import HealingDevice
 from replfs.raid.jobs import ArrayJobs
 from replfs.replication import amo, postop, wire
-from replfs.replication.arrayops import ArrayOpsRole
+from replfs.replication.arrayops import ArrayOp, ArrayOpsRole
 from replfs.replication.backup import FLUSH_BEHIND, BackupRole
 from replfs.replication.heal import HealRole
 from replfs.replication.config import VIEWSERVER, ClusterConfig
@@ -267,7 +267,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         link = {wire.SyncStart: self._on_sync_start, wire.Forward: self._on_forward,
                 wire.Snapshot: self._on_snapshot, wire.SyncDone: self._on_sync_done,
                 wire.Flush: self._on_flush, wire.Renew: self._on_renew}
-        other = {wire.HealRequest: self._on_heal_request, wire.ArrayOp: self._on_array_op}
+        other = {wire.HealRequest: self._on_heal_request, ArrayOp: self._on_array_op}
         async with trio.open_nursery() as nursery:
             while True:
                 msg = await ch.receive()

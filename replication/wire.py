@@ -312,25 +312,6 @@ class HealReply:
     reason: str = ""
 
 
-# operator -> server: its array, while it serves (replication/arrayops.py)
-@message
-class ArrayOp:
-    """`replfs raid ... --server S` / `fault fail-disk --server S`: `action` is one of
-    arrayops.ACTIONS, `params` its arguments (disk, image, speed_min, speed_max)."""
-    TAG: ClassVar[str] = "array-op"
-    action: str
-    params: dict
-
-
-@message
-class ArrayOpReply:
-    """The array's status and its background job after the action, or `error`: one
-    sentence saying why the action was not done."""
-    TAG: ClassVar[str] = "array-op-reply"
-    info: dict
-    error: str = ""
-
-
 # ---------------------------------------------------------------- encoding
 
 def _default(obj):

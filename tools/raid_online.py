@@ -70,12 +70,13 @@ def ask(cfg, server: str, action: str, **params) -> dict:
     """Send `action` to `server`; its ArrayOpReply's info. ReplfsError when the server
     cannot be reached or refuses (with its reason)."""
     from replfs.replication import wire
+    from replfs.replication.arrayops import ArrayOp, ArrayOpReply
 
     async def go():
         with trio.fail_after(ASK_TIMEOUT):
             ch = await wire.connect(cfg.direct(server), cfg.secret(), "raid")
             try:
-                await ch.send(wire.ArrayOp(action, {k: v for k, v in params.items()
+                await ch.send(ArrayOp(action, {k: v for k, v in params.items()
                                                     if v is not None}))
                 return await ch.receive()
             finally:
@@ -85,7 +86,7 @@ def ask(cfg, server: str, action: str, **params) -> dict:
     except (OSError, trio.TooSlowError, *wire.CONN_ERRORS) as exc:
         raise ReplfsError(f"server {server} of {cfg.dir} does not answer ({exc or 'timeout'});"
                           f" is it running? (`replfs status {cfg.dir}`)", exit_code=4) from None
-    if not isinstance(r, wire.ArrayOpReply):
+    if not isinstance(r, ArrayOpReply):
         raise ReplfsError(f"server {server} answered {r.TAG} to {action}: an older replfs?")
     if r.error:
         raise ReplfsError(f"{server}: {r.error}")
