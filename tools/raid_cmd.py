@@ -95,7 +95,9 @@ def _speed(text: str | None) -> int | None:
 
 
 def cmd_status(args) -> int:
-    where = _online(args)
+    # DIR/S of a running server stays the superblocks' view (read-only, as before);
+    # --server asks the server itself
+    where = _online(args) if args.server else None
     if where is not None:
         return _status_online(args, *where)
     st = inspect_array(args.dir)
@@ -293,7 +295,7 @@ def register(sub) -> None:
     s = rsub.add_parser("status", help="show each disk's state and counters")
     s.add_argument("dir")
     s.add_argument("--json", action="store_true")
-    _server_arg(s)
+    _server_arg(s, implied=False)
     s.set_defaults(func=cmd_status)
 
     for name, func, helptext in (("scrub", cmd_scrub, "verify checksums and parity, repair"),
@@ -336,10 +338,10 @@ def register(sub) -> None:
     w.set_defaults(func=cmd_write)
 
 
-def _server_arg(p) -> None:
+def _server_arg(p, implied: bool = True) -> None:
     p.add_argument("--server", help="act through this running server of the cluster DIR "
-                                    "(while it serves); also implied by DIR/S of a running "
-                                    "server")
+                                    "(while it serves)" + ("; also implied by DIR/S of a "
+                                                           "running server" if implied else ""))
 
 
 def _speed_args(p) -> None:
