@@ -1,8 +1,8 @@
 """`replfs raid ... --server S` and `fault fail-disk --server S`: the array of a running
 server, operated through that server (replication/arrayops.py) while it keeps serving.
 
-The target is a cluster directory with `--server S`, or a server's own array directory
-(DIR/S) that its running server holds: then the command goes to S instead of refusing
+The target is a cluster directory (or a mount of the cluster) with `--server S`, or a
+server's own array directory (DIR/S) that its running server holds: then the command goes to S instead of refusing
 ("the array is in use"). A rebuild or scrub runs in the background inside S; the
 command waits for it with a progress bar (Ctrl-C stops the waiting, not the job), or
 returns at once with `--no-wait`.
@@ -28,6 +28,13 @@ def target(args) -> tuple[object, str] | None:
     from replfs.replication.config import ClusterConfig
     server = getattr(args, "server", None)
     d = os.path.abspath(args.dir)
+    mounted = cluster_of_mount(d)
+    if mounted is not None:
+        if not server:
+            cfg = ClusterConfig.load(mounted)
+            raise ReplfsError(f"{args.dir} is a mount of the cluster {mounted}: say whose "
+                              f"array with --server S (servers: {', '.join(cfg.servers)})")
+        d = mounted
     if server:
         if not os.path.exists(os.path.join(d, "cluster.json")) and os.path.exists(
                 os.path.join(d, "array.json")):
@@ -47,6 +54,16 @@ def target(args) -> tuple[object, str] | None:
     if name not in cfg.servers:
         return None
     return cfg, name
+
+
+def cluster_of_mount(path: str) -> str | None:
+    """The cluster directory mounted on `path` (a `replfs mount`), or None."""
+    import psutil
+    for p in psutil.disk_partitions(all=True):
+        if p.mountpoint == path and p.fstype == "fuse.replfs" and os.path.exists(
+                os.path.join(p.device, "cluster.json")):
+            return p.device
+    return None
 
 
 def _held(arraydir: str) -> bool:

@@ -112,7 +112,9 @@ def test_rebuild_and_scrub_a_serving_primary_under_a_workload(running, tmp_path)
     work = Workload(running, tmp_path / "ref")
     try:
         wait_for(lambda: work.count() >= 5, 60, "the workload's first files")
-        out = replfs("fault", "fail-disk", cdir, "--server", p, "--disk", "2", "--remove").stdout
+        # (the mount names the cluster as well as its directory does)
+        out = replfs("fault", "fail-disk", str(running.mnt), "--server", p, "--disk", "2",
+                     "--remove").stdout
         assert "marked failed" in out
         a = array_info(cdir, p)["array"]
         assert a["health"] == "degraded" and a["disks"][2]["state"] == "failed"
@@ -167,6 +169,7 @@ def test_pause_resume_restart_cancel_and_bad_input(running, tmp_path):
         (["fault", "fail-disk", cdir, "--server", p, "--disk", "-1"], "no disk -1"),
         (["raid", "scrub", str(tmp_path / "nothing"), "--speed-min", "5M"], "running server"),
         (["raid", "cancel", cdir, "--server", p], "nothing to cancel"),
+        (["raid", "rebuild", str(running.mnt), "--disk", "1"], "with --server S"),
     ]:
         r = replfs(*args, ok=False)
         assert r.returncode != 0 and words in r.stderr and r.stderr.count("\n") == 1, \
