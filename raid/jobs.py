@@ -119,11 +119,12 @@ class ArrayJobs:
             if d.state != "rebuilding":
                 continue
             mine = saved.get("kind") == "rebuild" and saved.get("disk") == d.index
-            if mine and saved.get("state") not in ACTIVE:
+            if mine and saved.get("state") == "cancelled":
                 log.warning("disk %d is partly rebuilt (row %d of %d); its rebuild was %s: "
                             "start it again to resume", d.index, d.durable_pos,
                             self.array.geo.rows, saved.get("state"))
                 continue
+            mine = mine and saved.get("state") in ACTIVE
             sp = (saved.get("speed_min"), saved.get("speed_max")) if mine else (None, None)
             try:
                 await self.start_rebuild(d.index, speed_min=sp[0], speed_max=sp[1],
