@@ -5,7 +5,9 @@ later layers add theirs (`kill`, `partition`, `heal`) the same way, to `FAULTS`.
 
 - `corrupt IMAGE`: flip bits or zero byte ranges in chosen areas of one disk image,
   reproducibly from `--seed`, and print every block it hit.
-- `fail-disk DIR --disk K [--remove]`: mark a member failed (and delete its image).
+- `fail-disk DIR --disk K [--remove]`: mark a member failed (and delete its image); with
+  a cluster (or its mount) and `--server S`, or DIR/S of a running server, S does it
+  while it serves (tools/raid_online.py).
 """
 
 from __future__ import annotations
