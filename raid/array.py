@@ -19,6 +19,7 @@ flush and clean close, status, and failing a member.
     writes.py       the write path (full-stripe, RMW, reconstruct-write; degraded)
     rebuild.py      rebuilding a member, online
     scrub.py        verifying every stripe, online, and repairing
+    jobs.py         rebuild and scrub as paced background trio tasks (pause, cancel)
     assemble.py     creating and opening arrays; resync after an unclean stop
 
 Checksum blocks are written at `flush()`, before its fsync; until then their rows are
@@ -116,6 +117,9 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
         self._skip = bytearray(0)  # where healthy reads put parity chunks they pass
         self.stats = {"bitmap_syncs": 0, "flushes": 0, "resynced_rows": 0,
                       "recent_hits": 0}
+        # reads and writes through the async API: a background rebuild or scrub slows
+        # to its minimum speed while this moves (raid/jobs.py, as md's is_mddev_idle)
+        self.io_calls = 0
         # member blocks this array itself wrote lately, (member, entry) -> bytes: the
         # reads a partial-stripe write needs for parity, answered without reading and
         # verifying again (the log rewrites its tail block, and that row's parity, at
@@ -285,10 +289,12 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
 
     async def read_blocks(self, start: int, count: int) -> bytes:
         await trio.lowlevel.checkpoint()
+        self.io_calls += 1
         return self.read_sync(start, count)
 
     async def write_blocks(self, blocks: Mapping[int, bytes]) -> None:
         await trio.lowlevel.checkpoint()
+        self.io_calls += 1
         check_write(self, blocks)
         dpr = self.geo.data_per_row
         if len(blocks) <= SMALL_WRITE:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 
 from .errors import RaidError
 
@@ -63,13 +64,20 @@ def read_state(dirpath: str) -> dict:
         return {}
 
 
+_state_lock = threading.Lock()
+
+
 def update_state(dirpath: str, **kw) -> None:
-    st = read_state(dirpath)
-    st.update(kw)
-    try:
-        write_json(os.path.join(dirpath, STATE_NAME), st)
-    except OSError:
-        pass
+    """Set keys of the state file. A scrub's step (in a worker thread) and a background
+    job's record (raid/jobs.py, on the trio thread) both write it: one at a time, or
+    one would undo the other's keys (or both write the same temporary file)."""
+    with _state_lock:
+        st = read_state(dirpath)
+        st.update(kw)
+        try:
+            write_json(os.path.join(dirpath, STATE_NAME), st)
+        except OSError:
+            pass
 
 
 def lock_dir(dirpath: str) -> int:

@@ -28,7 +28,9 @@ import trio
 
 from replfs.fs.mkfs import open_fs
 from replfs.raid.healing import HealingDevice
+from replfs.raid.jobs import ArrayJobs
 from replfs.replication import amo, postop, wire
+from replfs.replication.arrayops import ArrayOp, ArrayOpsRole
 from replfs.replication.backup import FLUSH_BEHIND, BackupRole
 from replfs.replication.heal import HealRole
 from replfs.replication.config import ClusterConfig
@@ -41,7 +43,7 @@ from replfs.replication.vsdial import ViewServers
 log = logging.getLogger("replfs.server")
 
 
-class ReplicaServer(PrimaryRole, BackupRole, HealRole):
+class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
     def __init__(self, cfg: ClusterConfig, name: str, array):
         self.cfg = cfg
         self.name = name
@@ -52,6 +54,8 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
         # the filesystem's device: the array, with unreadable blocks healed from the
         # partner replica (replication/heal.py)
         self.device = HealingDevice(array, self._heal)
+        # background rebuild and scrub of the array (replication/arrayops.py)
+        self.jobs = ArrayJobs(array)
         self.fs = None
         self.view = View()
         self.ping_view = 0          # the view number we acknowledge in pings
@@ -108,6 +112,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
                 port = await nursery.start(functools.partial(
                     wire.serve, me[1], self.secret, self._on_connection, host=me[0]))
                 await self.twopc.start(nursery)
+                await nursery.start(self.jobs.run)
                 nursery.start_soon(self._pinger)
                 nursery.start_soon(self._applier)
                 nursery.start_soon(self._backup_flusher)
@@ -278,7 +283,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
         link = {wire.SyncStart: self._on_sync_start, wire.Forward: self._on_forward,
                 wire.Snapshot: self._on_snapshot, wire.SyncDone: self._on_sync_done,
                 wire.Flush: self._on_flush, wire.Renew: self._on_renew}
-        other = {wire.HealRequest: self._on_heal_request}
+        other = {wire.HealRequest: self._on_heal_request, ArrayOp: self._on_array_op}
         async with trio.open_nursery() as nursery:
             while True:
                 try:
@@ -345,6 +350,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
                    txn=mgr.stats() if mgr is not None else {},
                    backup_synced=self.backup_synced,
                    lost_blocks=list(self.device.lost),
+                   array_job=self.jobs.status(),
                    **self.twopc.status())
         if p is not None:
             out.update(incarnation=p.incarnation, committed_lsn=p.committed_lsn,

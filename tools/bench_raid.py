@@ -10,6 +10,12 @@ reads come from the disk for the baseline and the array alike.
 Ratios: write/read/degraded read against the baseline's write/read MB/s of logical bytes;
 rebuild as bytes written to the new disk per second against the baseline write; scrub as
 bytes read from all members per second against the baseline read.
+
+The online rebuild (bench_raid_online.py; `--no-online` skips it): in each round, after
+the offline phases, disk 1 of a serving primary of a mounted cluster is failed and
+rebuilt through the server while a shell workload writes to the mount, at the speed
+limits `--speed-min`/`--speed-max`; its bytes per second go against the same round's raw
+write.
 """
 
 from __future__ import annotations
@@ -133,14 +139,28 @@ def _one_round(workdir: str, mv: memoryview, size: int, ndisks: int, chunk: int)
 
 
 def run_bench(workdir: str, size: int, ndisks: int, chunk: int, rounds: int,
-              console: Console) -> list[dict]:
+              console: Console, online: tuple[int, int] | None = None) -> list[dict]:
+    """The table's rows; with `online` (speed_min, speed_max), the online rebuild's too."""
     rows_bytes = chunk * (ndisks - 1)
     size = max(rows_bytes, size // rows_bytes * rows_bytes)
     data = np.random.default_rng(0).bytes(size)
     mv = memoryview(data)
     console.print(f"bench raid: {size >> 20} MiB, {ndisks} disks, chunk {chunk >> 10} KiB, "
                   f"{rounds} rounds (median), in {workdir}")
-    runs = [_one_round(workdir, mv, size, ndisks, chunk) for _ in range(rounds)]
+    cluster = None
+    runs = []
+    try:
+        if online is not None:
+            from replfs.tools.bench_raid_online import OnlineRebuild
+            cluster = OnlineRebuild(workdir, size // (ndisks - 1))
+        for _ in range(rounds):
+            r = _one_round(workdir, mv, size, ndisks, chunk)
+            if cluster is not None:
+                r.update(cluster.round(*online))
+            runs.append(r)
+    finally:
+        if cluster is not None:
+            cluster.close()
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     raw_wbps, raw_rbps = size / med["raw_w"], size / med["raw_r"]
     # what a rebuild moves, done as plain sequential I/O on one file: read n-1 disks'
@@ -154,6 +174,14 @@ def run_bench(workdir: str, size: int, ndisks: int, chunk: int, rounds: int,
                 "ratio": ratio if ratio is not None else bps / base, "goal": goal,
                 "basis": basis}
 
+    extra = []
+    if online is not None:
+        lim = "/".join(f"{v >> 20}M" if v else "no limit" for v in online)
+        extra = [row("online rebuild, workload on mount", med["online_bytes"],
+                     med["online_rebuild"], raw_wbps, 0.5, "raw write"),
+                 {"operation": f"online rebuild: speed limits min/max {lim}; workload files "
+                               f"(256 KiB) written during it: {med['online_files']:.0f}",
+                  "note": True}]
     return [
         row("raw write (1 file)", size, med["raw_w"], raw_wbps, None, "baseline"),
         row("raw read (1 file)", size, med["raw_r"], raw_rbps, None, "baseline"),
@@ -165,7 +193,7 @@ def run_bench(workdir: str, size: int, ndisks: int, chunk: int, rounds: int,
             f"raw r {ndisks - 1}x + w 1x", ratio=rebuild_equiv / med["rebuild"]),
         row("array scrub (bytes read)", med["scrubbed_bytes"], med["scrub"], raw_rbps, None,
             "raw read"),
-    ]
+    ] + extra
 
 
 def cmd_bench(args) -> int:
@@ -176,7 +204,10 @@ def cmd_bench(args) -> int:
     os.makedirs(base, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="replfs-bench-", dir=base)
     try:
-        results = run_bench(workdir, size, args.disks, chunk, args.rounds, console)
+        online = None if args.no_online else (
+            parse_size(args.speed_min) if args.speed_min != "0" else 0,
+            parse_size(args.speed_max) if args.speed_max != "0" else 0)
+        results = run_bench(workdir, size, args.disks, chunk, args.rounds, console, online)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     np_speed, int_speed = _xor_speeds()
@@ -186,6 +217,8 @@ def cmd_bench(args) -> int:
                      no_wrap=col in ("operation", "vs"))
     failed = 0
     for r in results:
+        if r.get("note"):
+            continue
         goal = r["goal"]
         met = "" if goal is None else ("[green]yes" if r["ratio"] >= goal else "[red]no")
         failed += goal is not None and r["ratio"] < goal
@@ -193,6 +226,9 @@ def cmd_bench(args) -> int:
                   f"{r['MBps']:.0f}", f"{r['ratio']:.2f}x", r["basis"],
                   "" if goal is None else f">= {goal}x", met)
     console.print(t)
+    for r in results:
+        if r.get("note"):
+            console.print(r["operation"].strip())
     console.print(f"parity XOR of 1 MiB buffers: numpy {np_speed / 1e9:.1f} GB/s, Python int "
                   f"{int_speed / 1e9:.2f} GB/s -> numpy is used")
     return 1 if failed and args.strict else 0
@@ -206,4 +242,10 @@ def register(bsub) -> None:
     p.add_argument("--rounds", type=int, default=3, help="repeat, report medians (3)")
     p.add_argument("--dir", help="where to put the images (default: the temp dir)")
     p.add_argument("--strict", action="store_true", help="exit 1 if a goal is not met")
+    p.add_argument("--no-online", action="store_true",
+                   help="skip the online rebuild (a mounted cluster under a workload)")
+    p.add_argument("--speed-min", default="0", help="the online rebuild's speed limit while "
+                   "the array serves I/O (default 0: none; a server's own default is 32M)")
+    p.add_argument("--speed-max", default="0", help="... and when it is idle (default 0: "
+                   "none)")
     p.set_defaults(func=cmd_bench)

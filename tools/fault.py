@@ -5,7 +5,9 @@ later layers add theirs (`kill`, `partition`, `heal`) the same way, to `FAULTS`.
 
 - `corrupt IMAGE`: flip bits or zero byte ranges in chosen areas of one disk image,
   reproducibly from `--seed`, and print every block it hit.
-- `fail-disk DIR --disk K [--remove]`: mark a member failed (and delete its image).
+- `fail-disk DIR --disk K [--remove]`: mark a member failed (and delete its image); with
+  a cluster (or its mount) and `--server S`, or DIR/S of a running server, S does it
+  while it serves (tools/raid_online.py).
 """
 
 from __future__ import annotations
@@ -140,6 +142,16 @@ def _register_corrupt(fsub) -> None:
 
 
 def _run_fail_disk(args) -> int:
+    from replfs.tools import raid_online
+    where = raid_online.target(args)
+    if where is not None:
+        cfg, server = where
+        info = raid_online.ask(cfg, server, "fail-disk", disk=args.disk)
+        path = info["array"]["disks"][args.disk]["path"]
+        print(f"{server}: disk {args.disk} ({path}) marked failed; the array runs degraded "
+              f"and the server goes on serving")
+        _remove(args, path)
+        return 0
     arr = open_array(args.dir)
     try:
         disk = arr.member(args.disk)
@@ -148,20 +160,27 @@ def _run_fail_disk(args) -> int:
     finally:
         arr.close()
     print(f"disk {args.disk} ({path}) marked failed; the array runs degraded")
+    _remove(args, path)
+    return 0
+
+
+def _remove(args, path: str) -> None:
     if args.remove:
         try:
             os.remove(path)
         except FileNotFoundError:
             pass
         print(f"removed {path}")
-    return 0
 
 
 def _register_fail_disk(fsub) -> None:
     p = fsub.add_parser("fail-disk", help="mark an array member failed")
-    p.add_argument("dir", help="array directory")
+    p.add_argument("dir", help="array directory (or a cluster directory with --server)")
     p.add_argument("--disk", type=int, required=True, help="member index")
     p.add_argument("--remove", action="store_true", help="also delete its image")
+    p.add_argument("--server", help="fail the disk in this running server of the cluster DIR "
+                                    "(while it serves); also implied by DIR/S of a running "
+                                    "server")
     p.set_defaults(func=_run_fail_disk)
 
 

@@ -8,6 +8,7 @@ so it works while another process holds the array and changes nothing.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 
@@ -73,7 +74,32 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _online(args):
+    """(cluster config, server) when DIR is a running server's array (or `--server`),
+    else None; options that only a running server takes are refused for an offline
+    array."""
+    from replfs.tools import raid_online
+    where = raid_online.target(args)
+    if where is None:
+        for opt in ("speed_min", "speed_max"):
+            if getattr(args, opt, None) is not None:
+                raise ReplfsError(f"--{opt.replace('_', '-')} paces a rebuild or scrub in a "
+                                  f"running server: give the cluster and --server S (an "
+                                  f"array opened here is rebuilt at full speed)")
+    return where
+
+
+def _speed(text: str | None) -> int | None:
+    """'50M' -> bytes per second; '0' means no limit."""
+    return None if text is None else 0 if str(text).strip() == "0" else parse_size(text)
+
+
 def cmd_status(args) -> int:
+    # DIR/S of a running server stays the superblocks' view (read-only, as before);
+    # --server asks the server itself
+    where = _online(args) if args.server else None
+    if where is not None:
+        return _status_online(args, *where)
     st = inspect_array(args.dir)
     if args.json:
         print(json.dumps(st, indent=2))
@@ -113,7 +139,57 @@ def cmd_status(args) -> int:
     return 0 if st["health"] != "failed" else 3
 
 
+def _status_online(args, cfg, server) -> int:
+    from replfs.tools import raid_online
+    info = raid_online.ask(cfg, server, "status")
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0 if info["array"]["health"] != "failed" else 3
+    a = info["array"]
+    print(f"{server}: array {a['dir']}: {a['health']}, {a['ndisks']} disks")
+    for d in a["disks"]:
+        note = d["problem"]
+        if "rebuild_progress" in d:
+            note = f"rebuilt {d['rebuild_progress']:.1%}" + (f"; {note}" if note else "")
+        print(f"  disk {d['index']} ({d['path']}): {d['state']}, {d['cksum_errors']} checksum "
+              f"errors repaired, {d['unrecoverable']} unrecoverable{'; ' + note if note else ''}")
+    print(f"  {raid_online.job_line(info.get('job'))}")
+    return 0 if a["health"] != "failed" else 3
+
+
+def _start_online(args, cfg, server, action: str, **params) -> int:
+    from replfs.tools import raid_online
+    info = raid_online.ask(cfg, server, action, speed_min=_speed(args.speed_min),
+                           speed_max=_speed(args.speed_max), **params)
+    print(f"{server}: {raid_online.job_line(info.get('job'))}", file=sys.stderr)
+    if args.no_wait:
+        return 0
+    return raid_online.finished(server, raid_online.wait(cfg, server, action))
+
+
+def cmd_control(args) -> int:
+    """pause | resume | cancel | speed: steer a running server's rebuild or scrub."""
+    from replfs.tools import raid_online
+    where = raid_online.target(args)
+    if where is None:
+        raise ReplfsError(f"{args.dir} is not held by a running server: `raid {args.raid}` "
+                          f"steers a running server's rebuild or scrub (give the cluster "
+                          f"and --server S)")
+    cfg, server = where
+    params = {}
+    if args.raid == "speed":
+        if args.speed_min is None and args.speed_max is None:
+            raise ReplfsError("give --speed-min and/or --speed-max (e.g. 50M; 0: no limit)")
+        params = dict(speed_min=_speed(args.speed_min), speed_max=_speed(args.speed_max))
+    info = raid_online.ask(cfg, server, args.raid, **params)
+    print(f"{server}: {raid_online.job_line(info.get('job'))}")
+    return 0
+
+
 def cmd_scrub(args) -> int:
+    where = _online(args)
+    if where is not None:
+        return _start_online(args, *where, "scrub")
     console = Console(stderr=True)
     with _opened(args) as arr:
         total = arr.geo.rows
@@ -140,6 +216,10 @@ def cmd_scrub(args) -> int:
 
 
 def cmd_rebuild(args) -> int:
+    where = _online(args)
+    if where is not None:
+        image = os.path.abspath(args.image) if args.image else None
+        return _start_online(args, *where, "rebuild", disk=args.disk, image=image)
     console = Console(stderr=True)
     with _opened(args) as arr:
         geo = arr.geo
@@ -215,6 +295,7 @@ def register(sub) -> None:
     s = rsub.add_parser("status", help="show each disk's state and counters")
     s.add_argument("dir")
     s.add_argument("--json", action="store_true")
+    _server_arg(s, implied=False)
     s.set_defaults(func=cmd_status)
 
     for name, func, helptext in (("scrub", cmd_scrub, "verify checksums and parity, repair"),
@@ -226,7 +307,22 @@ def register(sub) -> None:
             q.add_argument("--image", help="rebuild onto this new image (replaces the member)")
         q.add_argument("--force", action="store_true",
                        help="start a dirty degraded array (see open_array)")
+        _server_arg(q)
+        _speed_args(q)
+        q.add_argument("--no-wait", action="store_true",
+                       help="with a running server: start it and return at once")
         q.set_defaults(func=func)
+
+    for name, helptext in (("pause", "pause a running server's rebuild or scrub"),
+                           ("resume", "resume a paused rebuild or scrub"),
+                           ("cancel", "stop a rebuild (it keeps its position) or scrub"),
+                           ("speed", "change the speed limits of a rebuild or scrub")):
+        q = rsub.add_parser(name, help=helptext)
+        q.add_argument("dir", help="the cluster directory (with --server), or DIR/S")
+        _server_arg(q)
+        if name == "speed":
+            _speed_args(q)
+        q.set_defaults(func=cmd_control)
 
     r = rsub.add_parser("read", help="read the logical space to stdout")
     r.add_argument("dir")
@@ -240,3 +336,16 @@ def register(sub) -> None:
     w.add_argument("--offset", default="0")
     w.add_argument("--force", action="store_true")
     w.set_defaults(func=cmd_write)
+
+
+def _server_arg(p, implied: bool = True) -> None:
+    p.add_argument("--server", help="act through this running server of the cluster DIR "
+                                    "(while it serves)" + ("; also implied by DIR/S of a "
+                                                           "running server" if implied else ""))
+
+
+def _speed_args(p) -> None:
+    p.add_argument("--speed-min", help="bytes/s per disk while the array serves I/O "
+                                       "(default 32M; 0: no limit)")
+    p.add_argument("--speed-max", help="bytes/s per disk when it is idle (default 0: no "
+                                       "limit)")

@@ -346,6 +346,11 @@ def render(cfg, st: dict) -> list[str]:
         if live > saved:
             lines += _wrap(f"{s}: {live - saved} more checksum errors repaired since its "
                            f"array last wrote its counters (at its next flush)", "")
+    from replfs.tools.raid_online import job_line
+    for s in cfg.servers:
+        job = (st["servers"].get(s) or {}).get("array_job")
+        if job and (job["state"] in ("running", "paused", "failed")):
+            lines += _wrap(f"{s}: {job_line(job)}", "")
     if any((st["servers"].get(s) or {}).get("role") == "primary"
            and not (st["servers"].get(s) or {}).get("serving", True) for s in cfg.servers):
         lines += _wrap("primary! = primary of its last view, but not serving (cut off "
