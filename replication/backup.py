@@ -218,6 +218,9 @@ class BackupRole:
         async with self.apply_lock:
             await self._force_applied()
         await self._abort_local_in_doubt()
+        # from here on this server follows another primary: its own dirty map (from a
+        # time it was primary) no longer describes its state
+        self.dirtymap.invalidate()
         await ch.send(wire.SyncPosition(*self.position))
         self.sync_incarnation = msg.incarnation
         self._enqueue(("unsync", msg.incarnation), 0)   # no position until SyncDone
