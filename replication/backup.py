@@ -148,7 +148,12 @@ class BackupRole:
         for item in group:
             kind = item[0]
             if kind == "unsync":
-                synced, inc, pos = False, item[1], ("", 0)
+                # a transfer begins; a full one makes the position meaningless at once,
+                # an incremental one leaves it (every block it changes is in the
+                # primary's dirty map until it is done)
+                synced, inc = False, item[1]
+                if item[2]:
+                    pos = ("", 0)
             elif kind == "fwd":
                 changes.extend(item[1])
                 if synced:
@@ -223,8 +228,9 @@ class BackupRole:
         self.dirtymap.invalidate()
         await ch.send(wire.SyncPosition(*self.position))
         self.sync_incarnation = msg.incarnation
-        self._enqueue(("unsync", msg.incarnation), 0)   # no position until SyncDone
+        self._enqueue(("unsync", msg.incarnation, False), 0)    # no new position until SyncDone
         self.sync_progress = (0, 0)
+        self.sync_kind = ""
 
     async def _refuse(self, ch: wire.Channel, msg) -> bool:
         refused = self._backup_check(msg.view, msg.primary)
@@ -274,6 +280,10 @@ class BackupRole:
     async def _on_snapshot(self, ch: wire.Channel, msg: wire.Snapshot) -> None:
         if await self._refuse(ch, msg):
             return
+        if not self.sync_kind:
+            self.sync_kind = msg.kind if isinstance(msg.kind, str) and msg.kind else "full"
+            if self.sync_kind != "incremental":
+                self._enqueue(("unsync", self.sync_incarnation, True), 0)
         self._enqueue(("snap", [(b, 0, d) for b, d in msg.blocks]), 4096 * len(msg.blocks))
         self.sync_progress = (msg.sent, msg.total)
         if msg.sent == msg.total or msg.sent % 1024 == 0:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from replfs.crash import crash_point
 from replfs.fs.core import Request, current_request
 from replfs.fs.errors import ForeignInode, FsError
 from replfs.replication import amo, wire
@@ -259,7 +260,8 @@ class PrimaryRole:
                 raise LinkError(f"backup answered {pos.TAG} to sync-start")
             p.link_durable = 0
             plan = self._plan(p, (pos.incarnation, pos.lsn))
-            log.info("%s state transfer to %s: %d blocks", p.sync_kind, v.backup, len(plan))
+            log.info("%s state transfer to %s: %d blocks (of %d allocated)", p.sync_kind,
+                     v.backup, len(plan), self.stats["last_transfer"]["allocated"])
             t0 = time.monotonic()
             p.sync_progress = (0, len(plan))
             last_lsn = p.acked_lsn
@@ -285,9 +287,10 @@ class PrimaryRole:
                 if recs:
                     last_lsn = await self._send_forward(ch, v, p, recs)
                 await self._call(ch, wire.Snapshot(v.num, self.name, list(zip(chunk, datas)),
-                                                   i + len(chunk), len(plan)))
+                                                   i + len(chunk), len(plan), p.sync_kind))
                 p.sync_progress = (i + len(chunk), len(plan))
                 self.stats["blocks_transferred"] += len(chunk)
+                crash_point("sync.chunk.sent")
             last_lsn = await self._forward_ready(ch, v, p, last_lsn)
             await self._call(ch, wire.SyncDone(v.num, self.name, p.incarnation, last_lsn))
             p.backup_synced = True

@@ -71,6 +71,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
         self.position = ("", 0)
         self.sync_incarnation = ""
         self.sync_progress = (0, 0)
+        self.sync_kind = ""         # as a backup: the transfer being received
         self.applied_lsn = 0
         self._applyq: list = []
         self._applyq_event = trio.Event()
@@ -338,7 +339,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole):
                        dirty_blocks=len(self.dirtymap),
                        dirty_base=list(self.dirtymap.base) if self.dirtymap.base else None)
         else:
-            out.update(position=list(self.position),
+            out.update(position=list(self.position), sync_kind=self.sync_kind,
                        sync_progress=list(getattr(self, "sync_progress", (0, 0))))
         return out
 
