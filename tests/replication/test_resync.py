@@ -132,6 +132,9 @@ def test_primary_restarted_meanwhile_still_incremental_and_killed_during_it(runn
         running.cluster.signal(backup, signal.SIGKILL)
         running.cluster.wait_until(unprotected, timeout=30, what="the view without the backup")
         w.wait_ops(30)
+        # blocks changed only before the restart: the map on disk must still name them
+        unique = os.urandom(65536)
+        (running.mnt / "w/while-away").write_bytes(unique)
         # the primary restarts while its backup is away: its dirty map is on its disk
         running.cluster.signal(primary, signal.SIGKILL)
         running.cluster.start_server(primary)
@@ -153,6 +156,7 @@ def test_primary_restarted_meanwhile_still_incremental_and_killed_during_it(runn
     finally:
         w.finish()
     w.check()
+    assert (running.mnt / "w/while-away").read_bytes() == unique
     running.unmount()
     running.cluster.stop_all()
     diff, compared = compare_replicas(running.cfg)
