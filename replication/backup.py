@@ -295,6 +295,9 @@ class BackupRole:
             return
         self._enqueue(("synced", msg.incarnation, msg.lsn), 0)
         await self._hold()      # the state is ours before the primary acknowledges the view
+        async with self.apply_lock:
+            # forced at once: the primary's dirty map may then forget the transfer
+            await self._force_applied()
         log.info("in sync with primary %s (incarnation %s, lsn %d)", msg.primary,
                  msg.incarnation, msg.lsn)
         await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))
