@@ -98,17 +98,26 @@ def transfers(running, server) -> list[tuple[str, int, int]]:
     return [(k, int(p), int(a)) for k, p, a in found]
 
 
-def unprotected(st):
-    return not st["viewserver"]["groups"]["0"]["backup"]
+def backup_away(running, w: Workload, ops: int) -> None:
+    """kill -9 the backup; the primary goes on alone for `ops` acknowledged writes."""
+    running.cluster.signal(running.view()["backup"], signal.SIGKILL)
+    running.cluster.wait_until(lambda st: not st["viewserver"]["groups"]["0"]["backup"],
+                               timeout=30, what="the view without the backup")
+    w.wait_ops(ops)
+
+
+def replicas_identical(running) -> None:
+    running.unmount()
+    running.cluster.stop_all()
+    diff, compared = compare_replicas(running.cfg)
+    assert compared > 6000 and diff == {s: [] for s in followers(running.cfg)}
 
 
 def test_backup_back_after_a_short_absence_gets_an_incremental_transfer(running):
     primary, backup = running.primary(), running.view()["backup"]
     w = populate(running)
     try:
-        running.cluster.signal(backup, signal.SIGKILL)
-        running.cluster.wait_until(unprotected, timeout=30, what="the view without the backup")
-        w.wait_ops(60)          # the primary goes on alone
+        backup_away(running, w, 60)
         running.cluster.start_server(backup)
         st = running.cluster.wait_protected(timeout=60)
         w.wait_ops(20)
@@ -119,19 +128,14 @@ def test_backup_back_after_a_short_absence_gets_an_incremental_transfer(running)
     assert last["kind"] == "incremental" and stats["transfers_dirty"] >= 1, last
     assert 0 < last["planned"] < 0.05 * last["allocated"], last
     w.check()
-    running.unmount()
-    running.cluster.stop_all()
-    diff, compared = compare_replicas(running.cfg)
-    assert compared > 6000 and diff == {s: [] for s in followers(running.cfg)}
+    replicas_identical(running)
 
 
 def test_primary_restarted_meanwhile_still_incremental_and_killed_during_it(running):
     primary, backup = running.primary(), running.view()["backup"]
     w = populate(running)
     try:
-        running.cluster.signal(backup, signal.SIGKILL)
-        running.cluster.wait_until(unprotected, timeout=30, what="the view without the backup")
-        w.wait_ops(30)
+        backup_away(running, w, 30)
         # blocks changed only before the restart: the map on disk must still name them
         unique = os.urandom(65536)
         (running.mnt / "w/while-away").write_bytes(unique)
@@ -157,7 +161,4 @@ def test_primary_restarted_meanwhile_still_incremental_and_killed_during_it(runn
         w.finish()
     w.check()
     assert (running.mnt / "w/while-away").read_bytes() == unique
-    running.unmount()
-    running.cluster.stop_all()
-    diff, compared = compare_replicas(running.cfg)
-    assert compared > 6000 and diff == {s: [] for s in followers(running.cfg)}
+    replicas_identical(running)
