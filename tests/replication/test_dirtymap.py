@@ -91,3 +91,18 @@ def test_a_map_of_another_array_size_is_dropped(tmp_path):
     other = DirtyMap(str(path), N * 2)
     assert other.base is None and len(other) == 0
     assert os.path.getsize(path) == HEADER + N * 2 // 8
+
+
+def test_status_names_the_kind_of_a_running_transfer_and_its_blocks():
+    from replfs.tools.status_cmd import _replication, _transfers
+    servers = {
+        "s0": dict(role="primary", sync_kind="incremental", sync_progress=[64, 210]),
+        "s1": dict(role="backup", sync_kind="incremental", sync_progress=[64, 210],
+                   backup_synced=False),
+        "s2": dict(role="primary", sync_kind="full", sync_progress=[9000, 9000], lag_bytes=0),
+    }
+    assert _replication(servers["s0"]) == "incr 30%"
+    assert _replication(servers["s1"]) == "incr 30%"
+    assert _replication(servers["s2"]).startswith("lag ")      # done: no transfer shown
+    assert _transfers(dict(servers=servers)) == [
+        "s0: incremental transfer to its backup, 64 of 210 blocks sent"]
