@@ -148,7 +148,12 @@ class BackupRole:
         for item in group:
             kind = item[0]
             if kind == "unsync":
-                synced, inc, pos = False, item[1], ("", 0)
+                # a transfer begins; a full one makes the position meaningless at once,
+                # an incremental one leaves it (every block it changes is in the
+                # primary's dirty map until it is done)
+                synced, inc = False, item[1]
+                if item[2]:
+                    pos = ("", 0)
             elif kind == "fwd":
                 changes.extend(item[1])
                 if synced:
@@ -218,10 +223,14 @@ class BackupRole:
         async with self.apply_lock:
             await self._force_applied()
         await self._abort_local_in_doubt()
+        # from here on this server follows another primary: its own dirty map (from a
+        # time it was primary) no longer describes its state
+        self.dirtymap.invalidate()
         await ch.send(wire.SyncPosition(*self.position))
         self.sync_incarnation = msg.incarnation
-        self._enqueue(("unsync", msg.incarnation), 0)   # no position until SyncDone
+        self._enqueue(("unsync", msg.incarnation, False), 0)    # no new position until SyncDone
         self.sync_progress = (0, 0)
+        self.sync_kind = ""
 
     async def _refuse(self, ch: wire.Channel, msg) -> bool:
         refused = self._backup_check(msg.view, msg.primary)
@@ -275,6 +284,10 @@ class BackupRole:
     async def _on_snapshot(self, ch: wire.Channel, msg: wire.Snapshot) -> None:
         if await self._refuse(ch, msg):
             return
+        if not self.sync_kind:
+            self.sync_kind = msg.kind if isinstance(msg.kind, str) and msg.kind else "full"
+            if self.sync_kind != "incremental":
+                self._enqueue(("unsync", self.sync_incarnation, True), 0)
         self._enqueue(("snap", [(b, 0, d) for b, d in msg.blocks]), 4096 * len(msg.blocks))
         self.sync_progress = (msg.sent, msg.total)
         if msg.sent == msg.total or msg.sent % 1024 == 0:
@@ -286,6 +299,9 @@ class BackupRole:
             return
         self._enqueue(("synced", msg.incarnation, msg.lsn), 0)
         await self._hold()      # the state is ours before the primary acknowledges the view
+        async with self.apply_lock:
+            # forced at once: the primary's dirty map may then forget the transfer
+            await self._force_applied()
         log.info("in sync with primary %s (incarnation %s, lsn %d)", msg.primary,
                  msg.incarnation, msg.lsn)
         await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))

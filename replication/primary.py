@@ -21,11 +21,11 @@ forwards it already includes. Updates keep flowing between chunks. Only after
 `SyncDone` does the primary acknowledge the view, so a backup that does not yet hold
 the state can never be promoted.
 
-A backup that comes back after a short absence: the primary remembers the blocks changed
-since the backup's last durable batch (a dirty set, kept while the backup is away); the
-backup reports its durable position (the primary's incarnation id and the LSN of the
-last batch it forced), and if it is in the current incarnation only the dirty blocks are
-sent.
+A backup that comes back after a short absence: the backup reports its durable position
+(the primary's incarnation id and the LSN of the last batch it forced); if the primary's
+persistent dirty map (replication/dirtymap.py: every block changed since a base position,
+marked before the change can reach a disk) covers that position, only the map's blocks
+are sent -- after a restart of the primary too. Otherwise every allocated block.
 
 The lease: a primary serves (reads included) only while it heard from the view server
 within `lease` (dead_pings x ping_interval) -- after that the view server may have made
@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from replfs.crash import crash_point
 from replfs.fs.core import Request, current_request
 from replfs.fs.errors import ForeignInode, FsError
 from replfs.replication import amo, wire
@@ -62,6 +63,7 @@ READS = frozenset({"lookup", "getattr", "readlink", "read", "readdir", "statfs",
 CHUNK = 64                  # blocks per state-transfer message
 ACK_TIMEOUT = 5.0
 FORWARD_MAX = 2**20     # bytes of after-images per forward batch
+REBASE_INTERVAL = 0.5   # seconds between moves of the dirty map's base (in sync)
 
 
 class NotPrimaryError(Exception):
@@ -121,15 +123,14 @@ class Primary:
     committed_lsn: int = 0
     acked_lsn: int = 0
     backup_synced: bool = False
-    dirty: set | None = None        # blocks changed since `dirty_base` (None: unknown)
-    dirty_base: int = -1
-    unacked: list | None = None     # [(lsn, blocks)] sent, not yet durable on the backup
     backup_durable: int = 0
+    link_durable: int = 0           # what the backup of the current link reported forced
     lease_from: float = -1e9        # sent time of the last request the backup acknowledged
     markers: list = field(default_factory=list)     # fsyncs waiting for the backup's flush
     pump: trio.CancelScope | None = None
     stream: trio.MemorySendChannel | None = None
     sync_progress: tuple[int, int] = (0, 0)
+    sync_kind: str = ""             # the running (or last) transfer: incremental / full
 
 
 
@@ -154,7 +155,7 @@ class PrimaryRole:
         if wait > 0:
             log.info("waiting %.2f s for the old primary's lease to run out", wait)
             await trio.sleep(wait)
-        if p.unacked is not None or p.backup_synced:
+        if p.backup_synced:
             self._lost_backup(p)
         if not v.backup:
             # everything consumed from the commit stream so far is as acknowledged as
@@ -169,7 +170,6 @@ class PrimaryRole:
                 batch = await self._next_batch(p)
                 if batch:
                     p.acked_lsn = batch[-1].lsn
-                    self._track_dirty(p, batch)
                 self._notify()
         self.serving = True
         while True:
@@ -181,22 +181,15 @@ class PrimaryRole:
                 self.backup_synced = False
                 await trio.sleep(self.cfg.ping_interval)
 
-    def _track_dirty(self, p: Primary, batch) -> None:
-        if p.dirty is not None:
-            for rec in batch:
-                p.dirty.update(c.block for c in rec.changes)
+    def _mark_dirty(self, rec) -> None:
+        """`TxnManager.on_append`: the blocks of a commit (or 2PC event) go into the dirty
+        map before the record can reach this server's disk or the backup."""
+        self.dirtymap.mark({c.block for c in rec.changes}, rec.lsn)
 
     def _lost_backup(self, p: Primary) -> None:
-        """The link failed: remember what the backup may lack, for a later short sync
-        (everything after the last batch it had made durable)."""
-        if p.backup_synced:
-            p.dirty = set()
-            p.dirty_base = p.backup_durable
-            p.backup_synced = False
-        if p.dirty is not None and p.unacked:
-            for _, blocks in p.unacked:
-                p.dirty.update(blocks)
-        p.unacked = None
+        """The link failed: the dirty map holds what the backup may lack (everything
+        after its base, a position the backup had forced)."""
+        p.backup_synced = False
 
     async def _pump(self, sub, send, scope: trio.CancelScope) -> None:
         """Commit records (commit order) into the primary's own stream, which also
@@ -265,19 +258,12 @@ class PrimaryRole:
                 await self._refused(pos)
             if not isinstance(pos, wire.SyncPosition):
                 raise LinkError(f"backup answered {pos.TAG} to sync-start")
-            p.unacked = []
-            if (pos.incarnation == p.incarnation and p.dirty is not None
-                    and pos.lsn >= p.dirty_base):
-                plan = sorted(p.dirty)
-                self.stats["transfers_dirty"] += 1
-                kind = "changed"
-            else:
-                plan = self._all_blocks()
-                self.stats["transfers_full"] += 1
-                kind = "allocated"
-            p.dirty = None
-            log.info("state transfer to %s: %d %s blocks", v.backup, len(plan), kind)
+            p.link_durable = 0
+            plan = self._plan(p, (pos.incarnation, pos.lsn))
+            log.info("%s state transfer to %s: %d blocks (of %d allocated)", p.sync_kind,
+                     v.backup, len(plan), self.stats["last_transfer"]["allocated"])
             t0 = time.monotonic()
+            p.sync_progress = (0, len(plan))
             last_lsn = p.acked_lsn
             for i in range(0, len(plan), CHUNK):
                 chunk = plan[i:i + CHUNK]
@@ -301,9 +287,10 @@ class PrimaryRole:
                 if recs:
                     last_lsn = await self._send_forward(ch, v, p, recs)
                 await self._call(ch, wire.Snapshot(v.num, self.name, list(zip(chunk, datas)),
-                                                   i + len(chunk), len(plan)))
+                                                   i + len(chunk), len(plan), p.sync_kind))
                 p.sync_progress = (i + len(chunk), len(plan))
                 self.stats["blocks_transferred"] += len(chunk)
+                crash_point("sync.chunk.sent")
             last_lsn = await self._forward_ready(ch, v, p, last_lsn)
             await self._call(ch, wire.SyncDone(v.num, self.name, p.incarnation, last_lsn))
             p.backup_synced = True
@@ -311,11 +298,18 @@ class PrimaryRole:
             # the transfer covered every commit consumed so far
             p.acked_lsn = max(p.acked_lsn, p.committed_lsn)
             p.sync_progress = (len(plan), len(plan))
+            self.stats["last_transfer"].update(seconds=round(time.monotonic() - t0, 3))
             log.info("backup %s in sync after %.2f s; acknowledging view %d", v.backup,
                      time.monotonic() - t0, v.num)
             self.ping_view = v.num
             self._notify()
+            done_lsn, rebased = last_lsn, 0.0
             while True:
+                now = trio.current_time()
+                if p.link_durable >= done_lsn and now - rebased >= REBASE_INTERVAL:
+                    # the backup forced all of the transfer and what followed up to here
+                    self.dirtymap.rebase(p.incarnation, p.link_durable)
+                    rebased = now
                 await self._flush_backup(ch, v, p)
                 with trio.move_on_after(self.lease / 3) as idle:
                     batch = await self._next_batch(p)
@@ -338,7 +332,6 @@ class PrimaryRole:
 
     async def _send_forward(self, ch, v: View, p: Primary, batch) -> int:
         lsn = batch[-1].lsn
-        p.unacked.append((lsn, {c.block for r in batch for c in r.changes}))
         records = [[r.lsn, [[c.block, c.offset, c.data, 1] if c.fresh else
                             [c.block, c.offset, c.data] for c in r.changes], r.kind,
                     r.payload if isinstance(r.payload, dict) else None, list(r.locks)]
@@ -363,10 +356,9 @@ class PrimaryRole:
         p = self.primary
         if p is not None:
             p.lease_from = max(p.lease_from, sent)
-        if p is not None and isinstance(reply.durable, int) and reply.durable > p.backup_durable:
-            p.backup_durable = reply.durable
-            if p.unacked:
-                p.unacked = [(l, b) for l, b in p.unacked if l > reply.durable]
+        if p is not None and isinstance(reply.durable, int):
+            p.backup_durable = max(p.backup_durable, reply.durable)
+            p.link_durable = max(p.link_durable, reply.durable)
 
     async def _refused(self, r: wire.Refused) -> None:
         self.stats["refused_forwards"] += 1
@@ -376,6 +368,31 @@ class PrimaryRole:
             self.serving = False
             self._notify()
         raise LinkError(f"refused: {r.reason}")
+
+    def _plan(self, p: Primary, position: tuple[str, int]) -> list[int]:
+        """The blocks to send a backup whose forced position is `position`: the dirty
+        map's, if it covers that position, else every allocated block."""
+        if self.dirtymap.covers(position):
+            plan = [b for b in self.dirtymap.blocks() if self._replicated(b)]
+            p.sync_kind = "incremental"
+            self.stats["transfers_dirty"] += 1
+        else:
+            plan = self._all_blocks()
+            p.sync_kind = "full"
+            self.stats["transfers_full"] += 1
+        sb, mem = self.fs.sb, self.fs.bmap.mem
+        allocated = (len(mem) - mem.count(0) - sb.log_blocks
+                     + len(amo.replicated_tail(self.array.nblocks)))
+        self.stats["last_transfer"] = dict(kind=p.sync_kind, planned=len(plan),
+                                           allocated=allocated, seconds=None)
+        return plan
+
+    def _replicated(self, b: int) -> bool:
+        """Is block `b` part of the replicated state (allocated, not the log)?"""
+        sb = self.fs.sb
+        if b >= sb.nblocks:
+            return b in amo.replicated_tail(self.array.nblocks)
+        return bool(self.fs.bmap.mem[b]) and not sb.log_start <= b < sb.log_start + sb.log_blocks
 
     def _all_blocks(self) -> list[int]:
         sb = self.fs.sb

@@ -34,6 +34,7 @@ from replfs.replication.arrayops import ArrayOp, ArrayOpsRole
 from replfs.replication.backup import FLUSH_BEHIND, BackupRole
 from replfs.replication.heal import HealRole
 from replfs.replication.config import ClusterConfig
+from replfs.replication.dirtymap import DirtyMap
 from replfs.replication.primary import (READS, UPDATES, Gate, Inflight, NotPrimaryError,
                                         Primary, PrimaryRole)
 from replfs.replication.twopc import TX_METHODS, TwoPhase
@@ -57,6 +58,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         # background rebuild and scrub of the array (replication/arrayops.py)
         self.jobs = ArrayJobs(array)
         self.fs = None
+        self.dirtymap: DirtyMap | None = None     # opened by `run`
         self.view = View()
         self.ping_view = 0          # the view number we acknowledge in pings
         self.role = "idle"
@@ -79,6 +81,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         self.position = ("", 0)
         self.sync_incarnation = ""
         self.sync_progress = (0, 0)
+        self.sync_kind = ""         # as a backup: the transfer being received
         self.applied_lsn = 0
         self._applyq: list = []
         self._applyq_event = trio.Event()
@@ -91,7 +94,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
                           transfers_full=0, transfers_dirty=0, blocks_transferred=0,
                           refused_forwards=0, execute_seconds=0.0, ack_wait_seconds=0.0,
                           forward_seconds=0.0, healed_blocks=0, unhealed_reads=0,
-                          heals_served=0)
+                          heals_served=0, last_transfer={})
         self.lease = cfg.dead_pings * cfg.ping_interval
         # "forced": every operation is forced on both replicas before it is answered;
         # "written" (the default): written on both, forced within FLUSH_BEHIND
@@ -103,6 +106,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.dirtymap = DirtyMap(os.path.join(self.array.dir, "dirty.map"), self.array.nblocks)
         self.fs = await open_fs(self.device, reclaim=False)
         self.position = await self._read_position()
         try:
@@ -124,6 +128,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
                     await self._drain_applyq()
                 finally:
                     await self.fs.close()
+                    self.dirtymap.close()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -192,7 +197,11 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         await self._wait_applied()      # everything the backup acknowledged, applied
         async with self.apply_lock:
             await self.fs.close()
+            if v.num == 1:      # reclaiming orphans commits before the map sees commits
+                self.dirtymap.invalidate()
             self.fs = await open_fs(self.device, reclaim=(v.num == 1), history=self._recorder())
+        self.dirtymap.settle()
+        self.fs.mgr.on_append = self._mark_dirty
         # The stream to the backup carries each commit as soon as it is appended, so
         # the primary's own log write and the round trip to the backup overlap.
         self.fs.mgr.publish_at_append = True
@@ -241,6 +250,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
     async def _demote(self) -> None:
         log.warning("no longer primary (view %d)", self.view.num)
         h, self.fs.mgr.history = self.fs.mgr.history, None     # a backup records nothing
+        self.fs.mgr.on_append = None
         if h is not None:
             h.close()
         self.serving = False
@@ -355,9 +365,11 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         if p is not None:
             out.update(incarnation=p.incarnation, committed_lsn=p.committed_lsn,
                        acked_lsn=p.acked_lsn, lag_bytes=max(0, p.committed_lsn - p.acked_lsn),
-                       sync_progress=list(p.sync_progress))
+                       sync_progress=list(p.sync_progress), sync_kind=p.sync_kind,
+                       dirty_blocks=len(self.dirtymap),
+                       dirty_base=list(self.dirtymap.base) if self.dirtymap.base else None)
         else:
-            out.update(position=list(self.position),
+            out.update(position=list(self.position), sync_kind=self.sync_kind,
                        sync_progress=list(getattr(self, "sync_progress", (0, 0))))
         return out
 

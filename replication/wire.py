@@ -244,6 +244,7 @@ class Snapshot:
     blocks: list
     sent: int
     total: int
+    kind: str = ""      # "incremental": the backup keeps its position until SyncDone
 
 
 @message

@@ -1,5 +1,6 @@
 """`replfs bench failover`: the longest stall a writer sees when the primary is killed
-(kill -9) and when it is frozen (SIGSTOP), on a replicated mount.
+(kill -9) and when it is frozen (SIGSTOP), on a replicated mount; and the resync of a
+backup back from a short absence, incremental against full (tools/bench_resync.py).
 
 A writer thread appends 4 KiB to a file on the mount in a loop and records when each
 write returned. After a steady period the primary is killed (or stopped); the stall is
@@ -24,6 +25,10 @@ def register(sub) -> None:
                    "directory under the current one)")
     p.add_argument("--seconds", type=float, default=3.0, help="writer time after the fault")
     p.add_argument("--rounds", type=int, default=2, help="runs per case (the worst is reported)")
+    p.add_argument("--resync-rounds", type=int, default=3, help="rounds of each resync kind "
+                   "(0: skip the resync)")
+    p.add_argument("--absence", type=float, default=2.0, help="seconds the backup is away "
+                   "in a resync round")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=run)
 
@@ -96,11 +101,15 @@ def run(args) -> int:
                 if worst is None or res["stall"] > worst["stall"]:
                     worst = res
             rows.append(worst)
+        resync = None
+        if args.resync_rounds > 0:
+            from replfs.tools.bench_resync import measure
+            resync = measure(os.path.join(base, "resync"), args.resync_rounds, args.absence)
     finally:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows if resync is None else rows + [dict(resync=resync)], indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -113,4 +122,22 @@ def run(args) -> int:
                   f"{row['stall'] * 1000:.0f} ms", f"{row['rate_before']:.0f}",
                   "-" if row["fault"] == "none" else ("yes" if row["stall"] <= 1.0 else "NO"))
     Console().print(t)
+    if resync is not None:
+        print_resync(Console(), resync, args)
     return 0
+
+
+def print_resync(console, resync: dict, args) -> None:
+    from rich.table import Table
+    t = Table(title=f"resync of a backup away {args.absence:g} s under a writer (median of "
+                    f"{args.resync_rounds} interleaved rounds each; full: its position "
+                    f"forgotten, as a wiped replica's)")
+    for col in ("transfer", "blocks sent", "of allocated", "seconds", "blocks / full",
+                "time / full"):
+        t.add_column(col)
+    for kind in ("incremental", "full"):
+        r = resync[kind]
+        ratio = resync["ratio"] if kind == "incremental" else dict(blocks=1.0, seconds=1.0)
+        t.add_row(kind, f"{r['blocks']:.0f}", f"{r['allocated']:.0f}", f"{r['seconds']:.3f}",
+                  f"{ratio['blocks']:.3f}x", f"{ratio['seconds']:.2f}x")
+    console.print(t)

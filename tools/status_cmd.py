@@ -264,12 +264,25 @@ def _row(cells: list[str]) -> str:
 
 def _replication(info: dict) -> str:
     done, total = info.get("sync_progress", [0, 0]) or [0, 0]
-    pct = f"sync {100 * done // total}%" if total and done < total else ""
+    kind = {"incremental": "incr ", "full": "full "}.get(info.get("sync_kind"), "sync ")
+    pct = f"{kind}{100 * done // total}%" if total and done < total else ""
     if info.get("role") == "primary":
         return pct or f"lag {_size(info.get('lag_bytes', 0))}"
     if info.get("role") == "backup":
         return "in sync" if info.get("backup_synced") else (pct or "not in sync")
     return "-"
+
+
+def _transfers(st: dict) -> list[str]:
+    """One line per state transfer running from a primary: its kind and how far."""
+    out = []
+    for name, info in sorted(st["servers"].items()):
+        info = info or {}
+        done, total = info.get("sync_progress", [0, 0]) or [0, 0]
+        if info.get("role") == "primary" and total and done < total:
+            out += _wrap(f"{name}: {info.get('sync_kind') or 'state'} transfer to its "
+                         f"backup, {done} of {total} blocks sent", "")
+    return out
 
 
 def render(cfg, st: dict) -> list[str]:
@@ -339,6 +352,7 @@ def render(cfg, st: dict) -> list[str]:
     given_up = run.get("given_up") or {}
     for s in cfg.servers:
         lines.append(_server_row(cfg, s, st, s in given_up))
+    lines += _transfers(st)
     for s in cfg.servers:
         live = ((st["servers"].get(s) or {}).get("array") or {}).get("repaired") or 0
         saved = sum(d.get("cksum_errors", 0) for d in (st["arrays"].get(s) or {}).get("disks")

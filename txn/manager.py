@@ -78,6 +78,9 @@ class TxnManager(RecoveryMixin, CheckpointMixin, TwoPhaseMixin, OrderedMixin, Pu
         self._unpublished: list[tuple[int, CommitRecord]] = []
         # True: subscribers get each record when it is appended, not when it is durable
         self.publish_at_append = False
+        # called (synchronously) with each record for subscribers as it is appended,
+        # before any log write can carry it (a primary's write-ahead dirty map)
+        self.on_append: Callable[[CommitRecord], None] | None = None
         self._ckpt_lock = trio.Lock()
         self._ckpt_done = trio.Event()
         self._ckpt_running = False

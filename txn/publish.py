@@ -58,7 +58,10 @@ class PublishMixin:
     def _queue_publish(self, end: int, rec: CommitRecord) -> None:
         """Subscribers get `rec` once the log is durable up to `end` -- or at once, in
         append (LSN) order, with `publish_at_append` (a replicating primary: its backup
-        holds a record before the primary's own disk does)."""
+        holds a record before the primary's own disk does). `on_append` sees it first,
+        before any await: no log write can carry the record before it returned."""
+        if self.on_append is not None:
+            self.on_append(rec)
         if self.publish_at_append:
             self._send(rec)
         else:
