@@ -55,6 +55,7 @@ from replfs.fs.layout import (FIRST_FREE_SLOT, INODE_SIZE, INODES_PER_BLOCK, ORP
                               ROOT_SLOT, S_IFDIR, S_IFMT, Inode, ino_group, ino_slot,
                               make_ino)
 from replfs.fs.op import Op
+from replfs.raid.blockdev import BlockIOError
 
 DT_DIR = S_IFDIR >> 12
 Entry = tuple[int, bytes, int, int]       # (dir_ino, name, child_ino, type)
@@ -124,9 +125,13 @@ class _Scan:
     used_blocks: Counter
     imap_fix: list[tuple[int, bool]]
     unreadable: list[int]            # directories whose entries could not be read
+    unmapped: list[int]              # inodes whose block map could not be read
+    owners: dict[int, int]           # block -> inode using it, for the blocks asked
 
 
-async def _scan(fs, rep: FsckReport) -> _Scan:
+async def _scan(fs, rep: FsckReport, want: frozenset[int] = frozenset()) -> _Scan:
+    """Every inode, entry and used block of the group; `owners` names the inode that
+    uses each block of `want` (fs/owners.py)."""
     sb = fs.sb
     g = sb.group
 
@@ -138,6 +143,8 @@ async def _scan(fs, rep: FsckReport) -> _Scan:
         used: Counter[int] = Counter()
         imap_fix: list[tuple[int, bool]] = []
         unreadable: list[int] = []
+        unmapped: list[int] = []
+        owners: dict[int, int] = {}
         # every slot of the inode table: a used inode the map calls free is a problem too
         for tblk in range(sb.itable_blocks):
             data = await txn.read(sb.itable_start + tblk)
@@ -164,19 +171,28 @@ async def _scan(fs, rep: FsckReport) -> _Scan:
                     rep.problems.append(f"inode {fmt(ino)} is marked allocated but is empty")
                     imap_fix.append((ino_slot(ino), False))
                 continue
-            for blk in await blockmap.all_blocks(op, node):
-                used[blk] += 1
+            try:
+                blocks = await blockmap.all_blocks(op, node)
+            except BlockIOError as exc:       # a lost block of its map (indirect)
+                rep.problems.append(f"the block map of inode {fmt(ino)} cannot be read: "
+                                    f"{exc}")
+                unmapped.append(ino)
+                blocks = [exc.block]
             if node.xattr_block:
-                used[node.xattr_block] += 1
+                blocks.append(node.xattr_block)
+            for blk in blocks:
+                used[blk] += 1
+                if blk in want:
+                    owners[blk] = ino
             if node.is_dir:
                 try:
                     ents = await directory.all_entries(op, node)
-                except FsError as exc:
+                except (FsError, BlockIOError) as exc:
                     rep.problems.append(f"directory {fmt(ino)} cannot be read: {exc.args[-1]}")
                     unreadable.append(ino)
                     continue
                 entries.extend((ino, name, child, typ) for name, child, typ, _h, _b in ents)
-        return _Scan(nodes, allocated, entries, used, imap_fix, unreadable)
+        return _Scan(nodes, allocated, entries, used, imap_fix, unreadable, unmapped, owners)
 
     return await fs.mgr.run(scan, name="fsck-scan")
 
@@ -361,6 +377,10 @@ async def fsck(fs, repair: bool = False, external: Iterable[Entry] | None = None
             rep.problems.append(f"block {blk} is in use but marked free")
     leaked = [b for b in range(sb.data_start, sb.nblocks)
               if fs.bmap.mem[b] and b not in sc.used_blocks]
+    if leaked and sc.unmapped:
+        rep.notes.append(f"{len(leaked)} blocks marked used belong to no inode found; some "
+                         "block maps could not be read, so they are kept")
+        leaked = []
     if leaked:
         rep.problems.append(f"{len(leaked)} blocks are marked used but belong to no inode "
                             f"(first: {leaked[:5]})")

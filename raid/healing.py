@@ -68,7 +68,7 @@ class HealingDevice:
             first = exc
         data = await self.heal(n)
         if data is None or len(data) != self.block_size:
-            self._lose(n)
+            self.lose(n)
             raise first
         try:
             await self.inner.write_blocks({n: bytes(data)})
@@ -83,7 +83,8 @@ class HealingDevice:
                     n, first.reason)
         return bytes(data)
 
-    def _lose(self, n: int) -> None:
+    def lose(self, n: int) -> None:
+        """Count `n` unreadable, and keep it among the last few lost blocks."""
         self.unhealed += 1
         if n not in self.lost:
             self.lost.append(n)

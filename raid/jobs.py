@@ -15,6 +15,12 @@ state, speeds, position) is kept in the array's state file, so that a server res
 the middle -- or `replfs raid status` in another process -- knows of it: `run()` resumes a
 rebuild that was running or paused when the process stopped (and any member found
 "rebuilding" without a cancelled job), at the position its superblocks recorded.
+
+A scrub lists the logical blocks it found beyond repair (`lost_blocks`, raid/scrub.py).
+Given a `heal` callback (`async heal(block) -> bool`, the layer above's: a replicated
+server fetches the block from the other replica and rewrites it through the array), the
+job asks it for each such block once the scan is done, and its result counts `healed`
+and keeps in `lost_blocks` only those that stayed lost.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import logging
 import time
 
 import trio
+
+from typing import Awaitable, Callable
 
 from .dirfiles import read_state, update_state
 from .errors import RaidError
@@ -100,8 +108,10 @@ class ArrayJobs:
     `nursery.start`); the other methods are called from trio tasks of the same run and
     raise RaidError with a sentence for the operator when they cannot do what is asked."""
 
-    def __init__(self, array, batch_bytes: int = ONLINE_BATCH):
+    def __init__(self, array, batch_bytes: int = ONLINE_BATCH,
+                 heal: Callable[[int], Awaitable[bool]] | None = None):
         self.array = array
+        self.heal = heal
         self.job: ArrayJob | None = None
         self.batch_rows = max(1, batch_bytes // array.geo.chunk)
         self._nursery: trio.Nursery | None = None
@@ -224,6 +234,28 @@ class ArrayJobs:
         if self.job is not None:
             update_state(self.array.dir, job=self.job.record())
 
+    async def _heal_lost(self, found: dict) -> None:
+        """Ask `heal` for each block the scrub found beyond repair; `found` then counts
+        the healed ones and lists those still lost (also in the state file)."""
+        lost = found.get("lost_blocks") or []
+        found["healed"] = 0
+        if self.heal is None or not lost:
+            return
+        still = []
+        for block in lost:
+            if await self.heal(block):
+                found["healed"] += 1
+            else:
+                still.append(block)
+        found["lost_blocks"] = still
+        if found["healed"]:
+            log.warning("scrub: %d blocks beyond repair here were healed from elsewhere; "
+                        "%d stay lost", found["healed"], len(still))
+        sp = self.array.scrub_progress
+        if sp is not None and "found" in sp:
+            sp["found"].update(healed=found["healed"], lost_blocks=still)
+            update_state(self.array.dir, scrub=sp)
+
     async def _drive(self, job: ArrayJob, steps) -> None:
         arr = self.array
         step = functools.partial(_step, steps)
@@ -241,6 +273,8 @@ class ArrayJobs:
                     dt = trio.current_time() - t0
                     job.active += dt
                     if done:
+                        if job.kind == "scrub":
+                            await self._heal_lost(value)
                         job.result = value
                         job.row = job.rows
                         job.state = "done"

@@ -4,7 +4,11 @@ Like a zpool scrub or md's "check"/"repair": each batch of rows is read from eve
 member under the array's lock (so the array stays in use), each block verified against
 its checksum (a damaged one is rebuilt from parity and rewritten, reconstruct.py), and
 the XOR of the stripe checked; a stripe whose parity disagrees with its verified data
-gets its parity rewritten. Progress and the last result go to the array's state file,
+gets its parity rewritten. A block that neither its checksum nor parity can restore
+(damage on two members of one stripe) is counted (`unrecoverable`) and, if it holds
+data, its logical block number listed (`lost_blocks`, at most `LOST_LISTED`): an array
+in a replicated server has those fetched from the other replica (raid/jobs.py `heal`).
+Progress and the last result go to the array's state file,
 for `replfs raid status` in other processes. `scrub_steps` is the same work one batch per
 step, for a caller that paces it (raid/jobs.py).
 """
@@ -19,6 +23,8 @@ import numpy as np
 from .dirfiles import update_state
 from .layout import BLOCK_SIZE
 from .rebuild import REBUILD_BATCH, run_steps
+
+LOST_LISTED = 4096      # lost logical blocks a scrub's result lists (all are counted)
 
 
 class ScrubMixin:
@@ -40,7 +46,8 @@ class ScrubMixin:
         batch = batch_rows or max(1, REBUILD_BATCH // g.chunk)
         before = [d.cksum_errors for d in self.disks]
         found = {"rows": g.rows, "blocks_checked": 0, "parity_mismatches": 0,
-                 "parity_repaired": 0, "unrecoverable": 0, "cksum_repaired": {},
+                 "parity_repaired": 0, "unrecoverable": 0, "lost_blocks": [],
+                 "cksum_repaired": {},
                  "started": time.time()}
         self.scrub_progress = {"state": "running", "row": 0, "rows": g.rows,
                                "started": found["started"]}
@@ -74,6 +81,15 @@ class ScrubMixin:
         update_state(self.dir, scrub=self.scrub_progress)
         return found
 
+    def _list_lost(self, d: int, e0: int, lost: list[int], out: list[int]) -> None:
+        """Add the logical blocks of member d's lost entries (e0 + i) to `out`; a lost
+        parity entry names no block of its own (healing the stripe's data rewrites it)."""
+        g = self.geo
+        for i in lost:
+            e = e0 + i
+            if len(out) < LOST_LISTED and g.role(e // g.cb, d) >= 0:
+                out.append(g.lblock_of_entry(d, e))
+
     def _scrub_rows(self, row: int, r1: int, batch: int, repair: bool, found: dict) -> None:
         """Verify rows [row, r1), repair what can be, count it in `found` (under the
         lock)."""
@@ -90,6 +106,7 @@ class ScrubMixin:
                 buf, dl = self._get(cache, d, e0, e1)
                 bufs[d] = buf
                 lost.update(dl)
+                self._list_lost(d, e0, dl, found["lost_blocks"])
                 found["blocks_checked"] += e1 - e0
         found["unrecoverable"] += len(lost)
         if len(bufs) < g.ndisks:

@@ -33,6 +33,15 @@ from a checksum-verified read of its raw array (never healing in turn).
 Blocks that are the replica's own are never healed: the log region and the
 replication-position block. A backup does not ask its primary (yet): the primary's
 copy may be newer than the batch the backup is applying, and it has no older one.
+
+Scrub (`_scrub_heal`, the array jobs' `heal`): the online scrub lists the blocks it found
+beyond repair; each is healed the way a read is. A block with a page in this replica's
+buffer cache is written back from that page (`BufferCache.rewrite`: the page is at least
+as new as the array, WAL first). Otherwise the primary loads it into its buffer cache
+(`cache.get`): the load is exclusive, goes through `HealingDevice` and so `_heal`, and
+rewrites the block -- the same path and the same counters as a read. A backup has no one
+to ask (see above): its lost blocks are noted (`lost_blocks`) and stay lost until the
+next state transfer, or a scrub after it becomes primary.
 """
 
 from __future__ import annotations
@@ -41,12 +50,14 @@ import logging
 
 import trio
 
+from replfs.fs.owners import block_owners
 from replfs.raid.blockdev import BlockIOError
 from replfs.replication import amo, wire
 
 log = logging.getLogger("replfs.heal")
 
 HEAL_TIMEOUT = 5.0
+OWNERS_TIMEOUT = 10.0       # seconds a status request may spend naming lost files
 
 
 class HealRole:
@@ -70,6 +81,50 @@ class HealRole:
         else:
             self.stats["healed_blocks"] += 1
         return data
+
+    async def lost_files(self) -> dict:
+        """The files that own the lost blocks (`lost_blocks` of the status): computed
+        when asked, with fsck's scan (fs/owners.py), and kept until the set changes."""
+        key = tuple(sorted(self.device.lost))
+        if self._lost_files is not None and self._lost_files[0] == key:
+            return self._lost_files[1]
+        if self.fs is None:
+            return dict(error="the filesystem is not open")
+        with trio.move_on_after(OWNERS_TIMEOUT):
+            try:
+                if self.role == "primary":
+                    found = await block_owners(self.fs, key)
+                else:       # a backup's pages change only under the apply lock
+                    async with self.apply_lock:
+                        found = await block_owners(self.fs, key)
+            except Exception as exc:        # status must never take the server down
+                log.error("naming the files of lost blocks failed: %r", exc)
+                return dict(error=f"the files could not be found: {exc}")
+            self._lost_files = (key, found)
+            return found
+        return dict(error=f"the files were not found within {OWNERS_TIMEOUT:g} s")
+
+    async def _scrub_heal(self, block: int) -> bool:
+        """Heal a block the scrub found beyond repair; False if it stays lost."""
+        fs = self.fs
+        if fs is None or not self._healable(block):
+            # not a filesystem block (the log's own, or beyond it): nothing to heal it from
+            self.device.lose(block)
+            return False
+        cache = fs.mgr.cache
+        if block in cache.pages:
+            async with self.apply_lock:      # a backup's pages change under it only
+                if await cache.rewrite(block):
+                    self.stats["healed_blocks"] += 1
+                    return True
+        if self.role != "primary":
+            self.device.lose(block)
+            return False
+        try:
+            await cache.get(block)
+        except BlockIOError:
+            return False
+        return True
 
     async def _heal_from_partner(self, block: int) -> tuple[bytes | None, str]:
         p = self.primary

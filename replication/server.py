@@ -55,8 +55,9 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         # the filesystem's device: the array, with unreadable blocks healed from the
         # partner replica (replication/heal.py)
         self.device = HealingDevice(array, self._heal)
-        # background rebuild and scrub of the array (replication/arrayops.py)
-        self.jobs = ArrayJobs(array)
+        # background rebuild and scrub of the array (replication/arrayops.py); what a
+        # scrub finds beyond repair is healed as reads heal it (replication/heal.py)
+        self.jobs = ArrayJobs(array, heal=self._scrub_heal)
         self.fs = None
         self.dirtymap: DirtyMap | None = None     # opened by `run`
         self.view = View()
@@ -102,6 +103,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         self.boot = secrets.token_hex(8)
         self.twopc = TwoPhase(self)
         self._unforced_position: tuple[str, int] | None = None
+        self._lost_files: tuple[tuple, dict] | None = None   # (lost set, its owners)
         self._apply_dirty = trio.Event()
 
     # ---------------------------------------------------------------- lifecycle
@@ -315,7 +317,10 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
                     _check_op(msg)
                     nursery.start_soon(self._serve_op, ch, msg)
                 elif isinstance(msg, wire.StatusRequest):
-                    await ch.send(wire.StatusReply(self.status()))
+                    st = self.status()
+                    if st["lost_blocks"]:
+                        st["lost_files"] = await self.lost_files()
+                    await ch.send(wire.StatusReply(st))
                 elif isinstance(msg, wire.CrashAt) and isinstance(msg.spec, str):
                     from replfs import crash
                     crash.arm(msg.spec)

@@ -210,7 +210,8 @@ def cmd_scrub(args) -> int:
             print(f"  not checked (not active): disks {found['skipped_disks']}")
         if found["unrecoverable"]:
             print(f"  UNRECOVERABLE blocks: {found['unrecoverable']} (reads of them fail with "
-                  f"EIO; restore from a replica or backup)")
+                  f"EIO; scrub the array while its server runs, `replfs raid scrub CLUSTER "
+                  f"--server S`, to heal them from the other replica)")
             return 1
     return 0
 

@@ -168,8 +168,12 @@ def finished(server: str, job: dict) -> int:
         repaired = sum((res.get("cksum_repaired") or {}).values())
         print(f"  {res.get('blocks_checked', 0)} blocks checked, {repaired} checksum errors "
               f"repaired, {res.get('parity_repaired', 0)} parity blocks rewritten, "
-              f"{res.get('unrecoverable', 0)} unrecoverable")
-        return 1 if res.get("unrecoverable") else 0
+              f"{res.get('unrecoverable', 0)} unrecoverable here")
+        lost = res.get("lost_blocks") or []
+        if res.get("unrecoverable"):
+            print(f"  {res.get('healed', 0)} healed from the other replica, {len(lost)} lost "
+                  f"on both (reads of them give EIO; `replfs status` names their files)")
+        return 1 if lost else 0
     if res.get("lost_blocks"):
         print(f"  {res['lost_blocks']} blocks could not be rebuilt (damaged on another disk "
               f"too)")

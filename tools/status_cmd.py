@@ -216,6 +216,9 @@ def verdict(cfg, st: dict, found) -> tuple[str, list[str]]:
         lost = sum(d.get("unrecoverable", 0) for d in a.get("disks", []))
         if lost:
             bad(DEGRADED, f"{s}: {lost} blocks of the array could not be rebuilt; see {where}")
+    for s, srv in servers.items():
+        if srv and srv.get("lost_blocks"):
+            bad(DEGRADED, lost_text(s, srv))
     if run and up_alive and not procs["mount"]["running"]:
         bad(DEGRADED, "the mount process is not running")
     for m in st["mounts"]:
@@ -226,6 +229,23 @@ def verdict(cfg, st: dict, found) -> tuple[str, list[str]]:
             bad(DEGRADED, f"{t['server']}: transaction {t['gtid']} in doubt for "
                           f"{t['age']:.0f} s")
     return worst[0], problems
+
+
+def lost_text(s: str, srv: dict) -> str:
+    """One sentence: the blocks server `s` could not read nor heal, and whose they are."""
+    lost = srv["lost_blocks"]
+    head = (f"{s}: {len(lost)} block{'s' if len(lost) > 1 else ''} held by no replica "
+            f"(reads of them give EIO)")
+    lf = srv.get("lost_files") or {}
+    if lf.get("error"):
+        return f"{head}; {lf['error']}"
+    parts = [f"{f['path']} (inode {f['inode']}, {len(f['blocks'])} block"
+             f"{'s' if len(f['blocks']) > 1 else ''})" for f in lf.get("files", [])]
+    parts += [f"{n} in the {r}" for r, n in sorted((lf.get("other") or {}).items())]
+    if lf.get("more_files"):
+        parts.append(f"and {lf['more_files']} more files")
+    return f"{head}: " + ", ".join(parts) + ("; restore those files (rewrite or remove them)"
+                                             if lf.get("files") else "")
 
 
 # ---------------------------------------------------------------- render

@@ -114,17 +114,28 @@ class BufferCache:
             self.evictions += 1
         return True
 
-    async def install(self, pages: list[Page]) -> None:
+    async def rewrite(self, block: int) -> bool:
+        """Write the cached page of `block` in place again, dirty or not (WAL first, as
+        any install): for a device that lost its copy (a scrub found it beyond repair).
+        False if `block` has no page here. A clean page holds what was last installed."""
+        page = self.pages.get(block)
+        if page is None:
+            return False
+        await self.install([page], clean_too=True)
+        return True
+
+    async def install(self, pages: list[Page], clean_too: bool = False) -> None:
         """Write `pages` in place (WAL first); mark clean those not changed meanwhile.
 
         Does not flush the device: a checkpoint flushes before it relies on the result.
         A page already being installed by another task is written again (the checkpoint
-        must know its own write returned before it flushes).
+        must know its own write returned before it flushes). `clean_too`: clean pages
+        are written as well (`rewrite`).
         """
         # Installs are serialized: two overlapping installs of one page must land in
         # snapshot order, or an older image could overwrite a newer one.
         async with self._install_lock:
-            pages = [p for p in pages if p.dirty]
+            pages = [p for p in pages if p.dirty or clean_too]
             if not pages:
                 return
             snaps = [(p, bytes(p.data), p.version) for p in pages]

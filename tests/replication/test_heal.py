@@ -1,6 +1,6 @@
 """Healing from the other replica (issue 13, point 3): damage beyond RAID-5 on one
-replica is repaired from the other on read; damage on both gives EIO for that range
-only."""
+replica is repaired from the other on read and by an online scrub; damage on both gives
+EIO for that range only, and `replfs status` names the file."""
 
 import errno
 import json
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from clusterhelp import compare_replicas, followers
+from mounthelp import replfs
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -121,6 +122,45 @@ def test_heal_from_partner_then_eio_when_both_lost(running):
     st_all = running.cluster.status()["servers"][primary]
     assert st_all["stats"]["unhealed_reads"] >= 1
     assert st_all["lost_blocks"], st_all
+    # `replfs status` names the file whose block is lost (and says the cluster degraded)
+    r = replfs("status", running.cfg.dir, check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "held by no replica" in r.stdout and "/a/g (inode" in r.stdout, r.stdout
+    assert "/a/h" not in r.stdout and "/a/other" not in r.stdout, r.stdout
+    r = replfs("status", running.cfg.dir, "--json", check=False)
+    files = json.loads(r.stdout)["servers"][primary]["lost_files"]["files"]
+    assert [f["path"] for f in files] == ["/a/g"], files
     # an overwrite in place reads the old bytes (undo): the file must go; the rest stays
     running.sh("rm a/g")
     assert (running.mnt / "a/other").read_text() == "small\n"
+
+
+def scrub(running, server) -> str:
+    """An online scrub of `server`'s array (through the running server), to its end."""
+    r = replfs("raid", "scrub", running.cfg.dir, "--server", server, check=False, timeout=120)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r.stdout + r.stderr
+
+
+@pytest.mark.placement("parent")
+def test_online_scrub_heals_from_partner(running):
+    """Two stripes of a file damaged on two disks of the primary, beyond RAID-5: the
+    online scrub heals them from the backup (as a read would), a second scrub is clean,
+    and the file reads right from the array."""
+    content = b"".join(block_bytes(i + 2000) for i in range(NBLK))
+    (running.mnt / "s").write_bytes(content)
+    running.sh("sync")
+    primary, backup = running.primary(), running.view()["backup"]
+    smash_stripe(running.cfg, primary, 2005)
+    smash_stripe(running.cfg, primary, 2050)
+    served = stats(running, backup)["heals_served"]
+    out = scrub(running, primary)
+    assert "0 lost on both" in out and " unrecoverable here" in out, out
+    st = stats(running, primary)
+    assert st["healed_blocks"] >= 2 and st["unhealed_reads"] == 0, st
+    assert stats(running, backup)["heals_served"] >= served + 2
+    assert running.cluster.status()["servers"][primary]["lost_blocks"] == []
+    out = scrub(running, primary)
+    assert "0 checksum errors repaired, 0 parity blocks rewritten, 0 unrecoverable" in out, out
+    remount(running)
+    assert (running.mnt / "s").read_bytes() == content
