@@ -235,7 +235,7 @@ def lost_text(s: str, srv: dict) -> str:
     """One sentence: the blocks server `s` could not read nor heal, and whose they are."""
     lost = srv["lost_blocks"]
     head = (f"{s}: {len(lost)} block{'s' if len(lost) > 1 else ''} held by no replica "
-            f"(reads of them give EIO)")
+            f"(reads of {'them' if len(lost) > 1 else 'it'} give EIO)")
     lf = srv.get("lost_files") or {}
     if lf.get("error"):
         return f"{head}; {lf['error']}"

@@ -79,3 +79,32 @@ async def test_fsck_finds_and_repairs_damage(fs):
         assert await fs2.read(f.ino, 0, 10) == b"y" * 10
     finally:
         await fs2.close()
+
+
+async def blocks_of(fs, ino):
+    from replfs.fs import blockmap
+
+    async def fn(txn):
+        op = Op(fs, txn)
+        return await blockmap.all_blocks(op, await op.inode(ino, "S"))
+    return await fs.mgr.run(fn, name="blocks")
+
+
+async def test_block_owners_names_files_and_regions(fs):
+    """`status` names the files of lost blocks with fsck's scan (fs/owners.py)."""
+    from replfs.fs.owners import block_owners
+    d = await fs.mkdir(ROOT, b"d", 0o755, 0, 0)
+    f = await fs.create(d.ino, b"f", 0o644, 0, 0)
+    await fs.write(f.ino, 0, b"y" * 3 * 4096)
+    g = await fs.create(ROOT, b"g", 0o644, 0, 0)
+    await fs.write(g.ino, 0, b"z" * 4096)
+    fb, gb = await blocks_of(fs, f.ino), await blocks_of(fs, g.ino)
+    unused = fs.bmap.mem.find(b"\0", fs.sb.data_start)
+    sb = fs.sb
+    found = await block_owners(fs, fb[:2] + gb + [sb.log_start + 3, unused])
+    assert [(x["path"], x["ino"], x["blocks"]) for x in found["files"]] == [
+        ("/d/f", f.ino, sorted(fb[:2])), ("/g", g.ino, gb)]
+    assert found["other"] == {"log": 1, "unused": 1} and found["more_files"] == 0
+    # bounded: the file with the most lost blocks first, the rest counted
+    found = await block_owners(fs, fb + gb, limit=1)
+    assert [x["path"] for x in found["files"]] == ["/d/f"] and found["more_files"] == 1
