@@ -13,7 +13,7 @@ from replfs.raid import open_array
 from replfs.raid.errors import RaidError
 from replfs.raid.jobs import ArrayJobs
 
-from .conftest import assert_same
+from .conftest import assert_same, disk_path
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -114,3 +114,48 @@ async def test_running_rebuild_resumes_after_reopen(new_array, array_dir):
         assert_same(arr, ref)
     finally:
         arr.close()
+
+
+def _smash(arr, array_dir, lb: int) -> None:
+    """Damage logical block `lb` and the same entry of the next member: beyond RAID-5."""
+    g = arr.geo
+    row, role, off = g.locate(lb)
+    d = g.data_disk(row, role)
+    at = (g.data_start + row * g.cb + off) * 4096
+    for k in (d, (d + 1) % g.ndisks):
+        with open(disk_path(array_dir, k), "r+b") as f:
+            f.seek(at)
+            f.write(b"\x5a" * 4096)
+
+
+async def test_scrub_asks_heal_for_blocks_beyond_repair(new_array, array_dir):
+    """A scrub lists the blocks no parity can restore and asks `heal` for each; what it
+    cannot heal stays listed; a scrub after the heal is clean."""
+    arr, ref = new_array
+    _smash(arr, array_dir, 5)
+    _smash(arr, array_dir, 300)
+    asked = []
+
+    async def heal(b):
+        asked.append(b)
+        if b == 300:
+            return False
+        await arr.write_blocks({b: bytes(ref[b * 4096:(b + 1) * 4096])})
+        return True
+    async with trio.open_nursery() as n:
+        jobs = ArrayJobs(arr, heal=heal)
+        await n.start(jobs.run)
+        await jobs.start_scrub()
+        await _until(lambda: jobs.job.stopped, "the scrub's end")
+        res = jobs.status()["result"]
+        assert 5 in asked and 300 in asked and res["unrecoverable"] >= 2
+        assert res["lost_blocks"] == [300] and res["healed"] == len(asked) - 1, res
+        assert arr.scrub_progress["found"]["lost_blocks"] == [300]
+        await arr.write_blocks({300: bytes(ref[300 * 4096:301 * 4096])})
+        await jobs.start_scrub()
+        await _until(lambda: jobs.job.stopped, "the second scrub's end")
+        res = jobs.status()["result"]
+        assert res["unrecoverable"] == 0 and res["parity_mismatches"] == 0, res
+        assert not res["cksum_repaired"] and res["lost_blocks"] == []
+        n.cancel_scope.cancel()
+    assert_same(arr, ref)
