@@ -56,6 +56,14 @@ def smash_stripe(cfg, server, i: int) -> None:
             f.write(b"\xa5" * 4096)
 
 
+def write_synced(running, name: str, first: int) -> tuple[bytes, str, str]:
+    """Write file `name` of blocks `first`.. whole and sync it: (content, primary, backup)."""
+    content = b"".join(block_bytes(i + first) for i in range(NBLK))
+    (running.mnt / name).write_bytes(content)
+    running.sh("sync")
+    return content, running.primary(), running.view()["backup"]
+
+
 def stats(running, name):
     return running.cluster.status()["servers"][name]["stats"]
 
@@ -72,11 +80,8 @@ def test_heal_from_partner_then_eio_when_both_lost(running):
     whole (fresh blocks go in place without entering the buffer cache), so the next read
     goes to the array. (Damaged while stopped, the restart's full state transfer would
     meet the damage first: see the report of issue 13.)"""
-    content = b"".join(block_bytes(i) for i in range(NBLK))
     running.sh("mkdir a; echo small > a/other")
-    (running.mnt / "a/h").write_bytes(content)
-    running.sh("sync")
-    primary, backup = running.primary(), running.view()["backup"]
+    content, primary, backup = write_synced(running, "a/h", 0)
     remount(running)
     # beyond RAID-5 on the primary only: two stripes of the file
     smash_stripe(running.cfg, primary, 3)
@@ -102,10 +107,7 @@ def test_heal_from_partner_then_eio_when_both_lost(running):
 
     # the same logical block lost on both replicas: EIO for that range only. A new file
     # (the restart's state transfer left every older block in the primary's cache)
-    content = b"".join(block_bytes(i + 1000) for i in range(NBLK))
-    (running.mnt / "a/g").write_bytes(content)
-    running.sh("sync")
-    primary, backup = running.primary(), running.view()["backup"]
+    content, primary, backup = write_synced(running, "a/g", 1000)
     smash_stripe(running.cfg, primary, 1048)
     smash_stripe(running.cfg, backup, 1048)
     remount(running)
@@ -147,10 +149,7 @@ def test_online_scrub_heals_from_partner(running):
     """Two stripes of a file damaged on two disks of the primary, beyond RAID-5: the
     online scrub heals them from the backup (as a read would), a second scrub is clean,
     and the file reads right from the array."""
-    content = b"".join(block_bytes(i + 2000) for i in range(NBLK))
-    (running.mnt / "s").write_bytes(content)
-    running.sh("sync")
-    primary, backup = running.primary(), running.view()["backup"]
+    content, primary, backup = write_synced(running, "s", 2000)
     smash_stripe(running.cfg, primary, 2005)
     smash_stripe(running.cfg, primary, 2050)
     served = stats(running, backup)["heals_served"]
