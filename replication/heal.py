@@ -57,7 +57,7 @@ from replfs.replication import amo, wire
 log = logging.getLogger("replfs.heal")
 
 HEAL_TIMEOUT = 5.0
-OWNERS_TIMEOUT = 10.0       # seconds a status request may spend naming lost files
+OWNERS_WAIT = 1.0           # seconds a status request waits for the files of lost blocks
 
 
 class HealRole:
@@ -83,26 +83,35 @@ class HealRole:
         return data
 
     async def lost_files(self) -> dict:
-        """The files that own the lost blocks (`lost_blocks` of the status): computed
-        when asked, with fsck's scan (fs/owners.py), and kept until the set changes."""
+        """The files that own the lost blocks (`lost_blocks` of the status): found when
+        asked, with fsck's scan (fs/owners.py), in the background, and kept until the
+        set changes. A scan not done within OWNERS_WAIT (status callers wait about 2 s)
+        answers that it is under way; the next status request gets the files."""
         key = tuple(sorted(self.device.lost))
-        if self._lost_files is not None and self._lost_files[0] == key:
-            return self._lost_files[1]
-        if self.fs is None:
-            return dict(error="the filesystem is not open")
-        with trio.move_on_after(OWNERS_TIMEOUT):
-            try:
-                if self.role == "primary":
+        if self._lost_files is None or self._lost_files[0] != key:
+            if self.fs is None or self._nursery is None:
+                return dict(error="the filesystem is not open")
+            self._lost_files = (key, None)
+            done = trio.Event()
+            self._nursery.start_soon(self._find_lost_files, key, done)
+            with trio.move_on_after(OWNERS_WAIT):
+                await done.wait()
+        found = self._lost_files[1] if self._lost_files[0] == key else None
+        return found or dict(error="the files are being looked for; ask again")
+
+    async def _find_lost_files(self, key: tuple, done: trio.Event) -> None:
+        try:
+            if self.role == "primary":
+                found = await block_owners(self.fs, key)
+            else:       # a backup's pages change only under the apply lock
+                async with self.apply_lock:
                     found = await block_owners(self.fs, key)
-                else:       # a backup's pages change only under the apply lock
-                    async with self.apply_lock:
-                        found = await block_owners(self.fs, key)
-            except Exception as exc:        # status must never take the server down
-                log.error("naming the files of lost blocks failed: %r", exc)
-                return dict(error=f"the files could not be found: {exc}")
+        except Exception as exc:        # status must never take the server down
+            log.error("naming the files of lost blocks failed: %r", exc)
+            found = dict(error=f"the files could not be found: {exc}")
+        if self._lost_files is not None and self._lost_files[0] == key:
             self._lost_files = (key, found)
-            return found
-        return dict(error=f"the files were not found within {OWNERS_TIMEOUT:g} s")
+        done.set()
 
     async def _scrub_heal(self, block: int) -> bool:
         """Heal a block the scrub found beyond repair; False if it stays lost."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterhelp import compare_replicas, followers
+from clusterhelp import compare_replicas, followers, wait_for
 from mounthelp import replfs
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -125,6 +125,8 @@ def test_heal_from_partner_then_eio_when_both_lost(running):
     assert st_all["stats"]["unhealed_reads"] >= 1
     assert st_all["lost_blocks"], st_all
     # `replfs status` names the file whose block is lost (and says the cluster degraded)
+    wait_for(lambda: running.cluster.status()["servers"][primary].get("lost_files", {})
+             .get("files"), 30, "the files of the lost blocks")     # found in the background
     r = replfs("status", running.cfg.dir, check=False)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "held by no replica" in r.stdout and "/a/g (inode" in r.stdout, r.stdout
