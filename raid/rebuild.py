@@ -21,7 +21,7 @@ import numpy as np
 
 from replfs.crash import crash_point
 
-from .checksums import ChecksumStore, block_crcs
+from .checksums import block_crcs
 from .dirfiles import CONFIG_NAME, write_json
 from .errors import RaidError
 from .layout import BLOCK_SIZE
@@ -65,7 +65,7 @@ class RebuildMixin:
             disk.state = "rebuilding"
             disk.problem = ""
             disk.rebuild_pos = disk.durable_pos = 0
-            disk.cs = ChecksumStore(k, g.entries, g.cs_blocks)
+            disk.cs = self._new_store(disk)  # what it held is being replaced
             if image:
                 self.cfg["disks"][k] = self._config_path(path)
                 write_json(os.path.join(self.dir, CONFIG_NAME), self.cfg)

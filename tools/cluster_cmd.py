@@ -14,6 +14,7 @@ import trio
 from replfs.errors import ReplfsError
 from replfs.replication.config import CONFIG, VIEWSERVER, ClusterConfig
 from replfs.raid import parse_size
+from replfs.tools.mount_cmd import add_checksum_cache, checksum_cache
 from replfs.tools.mountpoints import ready_failer, spawn_ready, unmount, wait_mounted
 
 log = logging.getLogger("replfs.cluster")
@@ -70,6 +71,7 @@ def register(sub) -> None:
     p = sub.add_parser("server", help="run one replica server of the cluster in DIR")
     p.add_argument("dir")
     p.add_argument("--name", required=True, help="which server (s0, s1, ...)")
+    add_checksum_cache(p)
     p.set_defaults(func=cmd_server)
 
 
@@ -147,7 +149,7 @@ def cmd_server(args) -> int:
     cfg = ClusterConfig.load(args.dir)
     cfg.group_of(args.name)
     _take_faults(cfg, args.name)
-    array = open_array(cfg.server_dir(args.name))
+    array = open_array(cfg.server_dir(args.name), checksum_cache=checksum_cache(args))
     try:
         server = ReplicaServer(cfg, args.name, array)
         trio.run(_until_signal, lambda ts: server.run(task_status=ts))
