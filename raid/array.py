@@ -22,16 +22,16 @@ flush and clean close, status, and failing a member.
     assemble.py     creating and opening arrays; resync after an unclean stop
 
 Changed checksum blocks are written when the cache evicts them or at `flush()`, before
-its fsync; until then their rows are covered by their write-intent bits. On opening an array whose superblocks say "dirty"
-(an unclean stop), every row of every set region (bitmap file OR member copies; a
-missing or damaged bitmap block counts as all set) is resynchronised before the array
-serves anything: checksums are recomputed from the data found (each block is whole, old
-or new, which the BlockDevice contract allows for writes not yet flushed) and parity is
-recomputed from the data. If a member is missing at that moment the dirty rows cannot be
-made consistent: `open_array` refuses with a message (like md's "cannot start dirty
-degraded array") unless `force=True`, in which case the blocks that would have to be
-reconstructed in those rows raise BlockIOError (and `rebuild` refuses: those blocks of
-the missing member are lost).
+its fsync; until then their rows are covered by their write-intent bits. On opening an
+array whose superblocks say "dirty" (an unclean stop), every row of every set region
+(bitmap file OR member copies; a missing or damaged bitmap block counts as all set) is
+resynchronised before the array serves anything: checksums are recomputed from the data
+found (each block is whole, old or new, which the BlockDevice contract allows for writes
+not yet flushed) and parity is recomputed from the data. If a member is missing at that
+moment the dirty rows cannot be made consistent: `open_array` refuses with a message
+(like md's "cannot start dirty degraded array") unless `force=True`, in which case the
+blocks that would have to be reconstructed in those rows raise BlockIOError (and
+`rebuild` refuses: those blocks of the missing member are lost).
 
 Concurrency: the core is synchronous (pread/pwrite) under one `threading.RLock`; rebuild
 and scrub take it per batch of rows, so they can run in a worker thread while trio tasks

@@ -162,13 +162,6 @@ class ChecksumStore:
                     self._pages[j].dirty = False
             i = k + 1
 
-    def has_dirty(self) -> bool:
-        return any(p.dirty for p in self._pages.values())
-
-    def drop(self) -> None:
-        """Forget every cached page unwritten (the member's contents are being replaced)."""
-        self._pages.clear()
-
     # ------------------------------------------------------------- the cache
 
     def _page(self, j: int, whole: bool = False) -> _Page:
