@@ -41,7 +41,11 @@ log = logging.getLogger("replfs.wire")
 
 MAX_FRAME = 8 * 2**20
 AUTH_TIMEOUT = 5.0
+# Once a frame's first bytes came, the rest must come within this (an idle connection,
+# between frames, may wait for ever: clients keep theirs open)
+FRAME_TIMEOUT = 30.0
 _LEN = struct.Struct(">I")
+_FOREVER = float("inf")
 _ATTR_EXT = 1
 _ATTR_FIELDS = [f.name for f in dataclasses.fields(Attr)]
 # an Attr travels as its fields packed in a fixed struct (a readdir reply holds one per
@@ -385,6 +389,7 @@ class Channel:
         self._open = False          # handshake done: faults and SetFaults apply
         self._buf = bytearray()
         self._send_lock = trio.Lock()
+        self._frame = trio.CancelScope()    # its deadline: FRAME_TIMEOUT into a frame
 
     @property
     def local(self) -> str:
@@ -396,6 +401,8 @@ class Channel:
             chunk = await self.stream.receive_some(max(65536, n - len(buf)))
             if not chunk:
                 raise EOFError(f"{self.peer} closed the connection")
+            if self._frame.deadline == _FOREVER:     # a frame has begun
+                self._frame.deadline = trio.current_time() + FRAME_TIMEOUT
             if not buf and len(chunk) >= n:     # the common case: no copy at all
                 if len(chunk) > n:
                     buf += memoryview(chunk)[n:]
@@ -411,11 +418,20 @@ class Channel:
         return out
 
     async def receive(self):
+        """The next message. Waits as long as it takes for a frame to begin, then at most
+        FRAME_TIMEOUT for the rest of it (ProtocolError: half a frame, then nothing)."""
         while True:
-            (n,) = _LEN.unpack(await self._exactly(4))
-            if n > MAX_FRAME:
-                raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
-            body = await self._exactly(n)
+            n = 0
+            with trio.CancelScope(deadline=trio.current_time() + FRAME_TIMEOUT
+                                  if self._buf else _FOREVER) as self._frame:
+                (n,) = _LEN.unpack(await self._exactly(4))
+                if n > MAX_FRAME:
+                    raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+                body = await self._exactly(n)
+            if self._frame.cancelled_caught:
+                got = len(self._buf) + (4 if n else 0)
+                raise ProtocolError(f"half a frame ({got} of {n + 4 if n else '?'} bytes), "
+                                    f"then nothing for {FRAME_TIMEOUT:g} s")
             if self._open and self.faults.drop_incoming(self.local, self.node):
                 continue
             msg = decode(body)
@@ -487,12 +503,15 @@ async def accept_auth(ch: Channel, secret: bytes) -> str:
     """Listener side of the handshake; returns the dialler's name or raises ProtocolError
     (or Partitioned, for a dialler across a partition, once that connection ends)."""
     nonce = os.urandom(16)
-    with trio.fail_after(AUTH_TIMEOUT):
+    with trio.move_on_after(AUTH_TIMEOUT) as limit:
         await ch.send(Challenge(nonce))
         resp = await _expect(ch, AuthResponse)
         if not (isinstance(resp.mac, bytes) and isinstance(resp.nonce, bytes)
                 and hmac.compare_digest(resp.mac, _mac(secret, b"dial", nonce))):
             raise ProtocolError("authentication failed (wrong cluster secret?)")
+    if limit.cancelled_caught:
+        raise ProtocolError(f"no authentication within {AUTH_TIMEOUT:g} s "
+                            f"({len(ch._buf)} bytes received)")
     ch.peer = f"{resp.name}@{ch.peer}" if isinstance(resp.name, str) else ch.peer
     await ch._bind("", resp.name)
     await ch.send(AuthOk(_mac(secret, b"listen", resp.nonce)))
@@ -503,7 +522,7 @@ async def accept_auth(ch: Channel, secret: bytes) -> str:
 async def dial_auth(ch: Channel, secret: bytes, name: str, node: str = "") -> None:
     """Dialler side of the handshake, as `name`, to node `node` ("" when not a node)."""
     nonce = os.urandom(16)
-    with trio.fail_after(AUTH_TIMEOUT):
+    with trio.move_on_after(AUTH_TIMEOUT) as limit:
         chal = await _expect(ch, Challenge)
         if not isinstance(chal.nonce, bytes):
             raise ProtocolError("bad challenge")
@@ -514,6 +533,9 @@ async def dial_auth(ch: Channel, secret: bytes, name: str, node: str = "") -> No
             raise ProtocolError("the listener failed to prove the cluster secret")
         # across a partition the handshake hangs, as through a cut cable
         await ch._bind(name, node)
+    if limit.cancelled_caught:
+        raise trio.TooSlowError(f"{ch.peer} did not complete the handshake within "
+                                f"{AUTH_TIMEOUT:g} s")
     ch._open = ch.faults is not None
 
 

@@ -5,7 +5,8 @@
 #     gcc libc6-dev pkg-config fuse3 libfuse3-dev (pyfuse3 has no wheels: pip compiles it
 #     against libfuse3), ca-certificates (pip over https), and what the tests run:
 #     git rsync acl mount
-#   - a virtualenv in .venv with `pip install -e .[test]`
+#   - a virtualenv in .venv with `pip install -e .[test]`, and pyfuse3 rebuilt with
+#     fallocate (tools/pyfuse3/build.sh)
 #   - /usr/local/bin/replfs -> .venv/bin/replfs, for mount -t fuse.replfs (mount.fuse3's PATH)
 # tools/check_fresh_debian.sh proves it in a chroot made from Debian's base packages only.
 set -euo pipefail
@@ -63,6 +64,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[test]' >&2
     touch "$stamp"
 fi
+# pyfuse3 with fallocate (a patched 3.5.0; does nothing when it is already there)
+tools/pyfuse3/build.sh .venv/bin/python
 
 # `mount -t fuse.replfs DIR MNT` (and an /etc/fstab line) run `replfs DIR MNT -o OPTS`
 # through mount.fuse3, whose PATH is /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:...
