@@ -1,11 +1,14 @@
 """fallocate(2) in the filesystem state machine, called in process (no FUSE): the four
-modes, a range of many transactions, ENOSPC before anything is taken, fsck clean."""
+modes, a range of many transactions, ENOSPC before anything is taken, fsck clean; and
+fallocate(1) on a real local mount (pyfuse3 with the fallocate handler)."""
 
 import errno
 import os
 
 import pytest
 
+from fallocatehelp import check_fallocate_modes
+from mounthelp import mounted_array
 from replfs.fs.data import (FALLOC_CHUNK, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
                             FALLOC_FL_ZERO_RANGE)
 from replfs.fs.errors import FsError
@@ -150,3 +153,8 @@ async def test_not_a_regular_file(fs):
     with pytest.raises(FsError) as exc:
         await fs.fallocate(d.ino, 0, 0, 10)
     assert exc.value.errno == errno.EISDIR
+
+
+def test_fallocate_on_a_local_mount(tmp_path):
+    with mounted_array(tmp_path, 4, "32M") as m:
+        check_fallocate_modes(m.mnt / "falloc")

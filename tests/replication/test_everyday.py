@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from clusterhelp import Running
+from fallocatehelp import check_fallocate_modes, fallocate
 from mounthelp import replfs
 from replfs.tools.cluster import Cluster
 from treemodes import acl_disagreements, compare_tools, make_tree
@@ -169,43 +170,9 @@ def test_default_cluster_is_large_sparse_and_light(tmp_path):
         cluster.stop_all()
 
 
-def _fallocate(*args):
-    return subprocess.run(["fallocate", *map(str, args)], capture_output=True, text=True)
-
-
 def test_fallocate_all_four_modes(cluster):
-    """fallocate(1) on the replicated mount: mode 0 (-l), KEEP_SIZE (-n), PUNCH_HOLE (-p)
-    and ZERO_RANGE (-z), each with the size, blocks and bytes ext4 would give."""
-    d = cluster.mnt / "falloc"
-    d.mkdir()
-    f = d / "mode0"
-    assert _fallocate("-l", "1MiB", f).returncode == 0
-    st = os.stat(f)
-    assert st.st_size == 1 << 20 and st.st_blocks * 512 >= 1 << 20
-    assert f.read_bytes() == bytes(1 << 20)
-
-    k = d / "keep"
-    k.write_bytes(b"abc")
-    assert _fallocate("-n", "-l", "2MiB", k).returncode == 0
-    st = os.stat(k)
-    assert st.st_size == 3 and st.st_blocks * 512 >= 2 << 20
-    assert k.read_bytes() == b"abc"
-
-    data = os.urandom(64 << 10)
-    p = d / "punch"
-    p.write_bytes(data)
-    before = os.stat(p).st_blocks
-    assert _fallocate("-p", "-o", 4096 + 10, "-l", 5 * 4096, p).returncode == 0
-    st = os.stat(p)
-    assert st.st_size == len(data) and st.st_blocks < before     # 4 whole blocks freed
-    assert p.read_bytes() == data[:4106] + bytes(5 * 4096) + data[4106 + 5 * 4096:]
-
-    z = d / "zero"
-    z.write_bytes(data)
-    r = _fallocate("-z", "-o", 100, "-l", 70000, z)
-    assert r.returncode == 0, r.stderr
-    assert os.stat(z).st_size == 70100
-    assert z.read_bytes() == data[:100] + bytes(70000)
+    """fallocate(1) on the replicated mount: mode 0, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE."""
+    check_fallocate_modes(cluster.mnt / "falloc")
 
 
 def test_fallocate_enospc_up_front(cluster):
@@ -217,13 +184,13 @@ def test_fallocate_enospc_up_front(cluster):
     f.write_bytes(b"x")
     avail = _statvfs_avail(cluster.mnt)
     free = os.statvfs(cluster.mnt).f_bfree
-    r = _fallocate("-l", avail + (64 << 20), f)
+    r = fallocate("-l", avail + (64 << 20), f)
     assert r.returncode != 0 and "No space left" in r.stderr, r.stderr
     assert os.stat(f).st_size == 1
     assert os.statvfs(cluster.mnt).f_bfree == free
     # half of what is there: taken, and then written without taking more
     half = avail // 2 // 4096 * 4096
-    assert _fallocate("-l", half, f).returncode == 0
+    assert fallocate("-l", half, f).returncode == 0
     free = os.statvfs(cluster.mnt).f_bfree
     with open(f, "r+b") as fh:
         for off in range(0, half, 8 << 20):
