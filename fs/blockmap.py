@@ -114,9 +114,7 @@ async def punch(op: Op, node: Inode, first: int, count: int) -> None:
         return
     if node.depth == 0:
         if first == 0:
-            await op.free_block(node.root)
-            node.blocks -= 1
-            node.root = 0
+            await _free_root(op, node)
         return
     for i, stop in _leaves(first, min(first + count, capacity(node.depth))):
         leaf = await _find_leaf(op, node, i)
@@ -164,15 +162,20 @@ async def ensure(op: Op, node: Inode, idx: int, near: int | None = None) -> tupl
     raise AssertionError("unreachable")
 
 
+async def _free_root(op: Op, node: Inode) -> None:
+    """Free the one data block of a depth-0 map."""
+    await op.free_block(node.root)
+    node.blocks -= 1
+    node.root = 0
+
+
 async def truncate(op: Op, node: Inode, keep: int) -> None:
     """Free every file block with index >= keep (and indirect blocks left empty)."""
     if node.root == 0:
         return
     if node.depth == 0:
         if keep == 0:
-            await op.free_block(node.root)
-            node.blocks -= 1
-            node.root = 0
+            await _free_root(op, node)
         return
     if keep >= capacity(node.depth):
         return
