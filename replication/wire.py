@@ -45,7 +45,6 @@ AUTH_TIMEOUT = 5.0
 # between frames, may wait for ever: clients keep theirs open)
 FRAME_TIMEOUT = 30.0
 _LEN = struct.Struct(">I")
-_FOREVER = float("inf")
 _ATTR_EXT = 1
 _ATTR_FIELDS = [f.name for f in dataclasses.fields(Attr)]
 # an Attr travels as its fields packed in a fixed struct (a readdir reply holds one per
@@ -389,7 +388,6 @@ class Channel:
         self._open = False          # handshake done: faults and SetFaults apply
         self._buf = bytearray()
         self._send_lock = trio.Lock()
-        self._frame = trio.CancelScope()    # its deadline: FRAME_TIMEOUT into a frame
 
     @property
     def local(self) -> str:
@@ -401,8 +399,6 @@ class Channel:
             chunk = await self.stream.receive_some(max(65536, n - len(buf)))
             if not chunk:
                 raise EOFError(f"{self.peer} closed the connection")
-            if self._frame.deadline == _FOREVER:     # a frame has begun
-                self._frame.deadline = trio.current_time() + FRAME_TIMEOUT
             if not buf and len(chunk) >= n:     # the common case: no copy at all
                 if len(chunk) > n:
                     buf += memoryview(chunk)[n:]
@@ -417,21 +413,42 @@ class Channel:
             del buf[:n]         # (a bytearray drops its head without moving the rest)
         return out
 
+    def _whole_frame(self) -> bytes | None:
+        """The next frame's body if all of it is here already, else None."""
+        buf = self._buf
+        if len(buf) < 4:
+            return None
+        (n,) = _LEN.unpack_from(buf)
+        if n > MAX_FRAME:
+            raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+        if len(buf) < 4 + n:
+            return None
+        body = bytes(memoryview(buf)[4:4 + n])
+        del buf[:4 + n]
+        return body
+
     async def receive(self):
-        """The next message. Waits as long as it takes for a frame to begin, then at most
-        FRAME_TIMEOUT for the rest of it (ProtocolError: half a frame, then nothing)."""
+        """The next message. Waits as long as it takes for a frame to begin (a connection
+        may be idle for ever), then at most FRAME_TIMEOUT for the rest of it: half a
+        frame and then nothing raises ProtocolError."""
         while True:
-            n = 0
-            with trio.CancelScope(deadline=trio.current_time() + FRAME_TIMEOUT
-                                  if self._buf else _FOREVER) as self._frame:
-                (n,) = _LEN.unpack(await self._exactly(4))
-                if n > MAX_FRAME:
-                    raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
-                body = await self._exactly(n)
-            if self._frame.cancelled_caught:
-                got = len(self._buf) + (4 if n else 0)
-                raise ProtocolError(f"half a frame ({got} of {n + 4 if n else '?'} bytes), "
-                                    f"then nothing for {FRAME_TIMEOUT:g} s")
+            if not self._buf:
+                chunk = await self.stream.receive_some(65536)
+                if not chunk:
+                    raise EOFError(f"{self.peer} closed the connection")
+                self._buf += chunk
+            body = self._whole_frame()
+            if body is None:        # (no cancel scope on the common path: they cost)
+                n = 0
+                with trio.move_on_after(FRAME_TIMEOUT) as limit:
+                    (n,) = _LEN.unpack(await self._exactly(4))
+                    if n > MAX_FRAME:
+                        raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+                    body = await self._exactly(n)
+                if limit.cancelled_caught:
+                    got = len(self._buf) + (4 if n else 0)
+                    raise ProtocolError(f"half a frame ({got} of {n + 4 if n else '?'} bytes), "
+                                        f"then nothing for {FRAME_TIMEOUT:g} s")
             if self._open and self.faults.drop_incoming(self.local, self.node):
                 continue
             msg = decode(body)
