@@ -1,11 +1,10 @@
 """The wire: length-prefixed msgpack frames over trio TCP, one dataclass per message.
 
-Frame: a 4-byte big-endian length, then a msgpack array ``[tag, field1, field2, ...]``
-(the message's fields in declaration order). A frame longer than `MAX_FRAME`, a body that
-is not such an array, an unknown tag or a wrong field count raises `ProtocolError`; the
-caller closes that one connection and logs it. Nothing is ever unpickled: the only
-msgpack extension type is `Attr` (the filesystem's attribute record), rebuilt from a
-list of ints.
+Frames and their encoding (replication/frames.py, whose names this module re-exports):
+a 4-byte length, then a msgpack array ``[tag, fields...]``; anything else raises
+`ProtocolError`, and the caller closes that one connection and logs it. Nothing is ever
+unpickled. A connection may idle between frames for ever, but not stall inside one
+(`FRAME_TIMEOUT`) nor before authenticating (`AUTH_TIMEOUT`).
 
 Authentication happens before anything else, on every connection: the listener sends
 `Challenge(nonce)`, the dialer answers `AuthResponse(hmac(secret, "dial"+nonce),
@@ -24,39 +23,22 @@ import dataclasses
 import hashlib
 import hmac
 import logging
-import operator
 import os
-import struct
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import msgpack
 import trio
 
 from replfs.errors import ReplfsError
-from replfs.fs.core import Attr
+from replfs.replication.frames import (_LEN, MAX_FRAME, MESSAGES, ProtocolError,  # noqa: F401
+                                       decode, encode, message, pack_value, unpack_value)
 from replfs.replication.netfaults import FAULTS, NetFaults  # noqa: F401 (wire.FAULTS)
 
 log = logging.getLogger("replfs.wire")
 
-MAX_FRAME = 8 * 2**20
 AUTH_TIMEOUT = 5.0
 # Once a frame's first bytes came, the rest must come within this (an idle connection,
 # between frames, may wait for ever: clients keep theirs open)
 FRAME_TIMEOUT = 30.0
-_LEN = struct.Struct(">I")
-_ATTR_EXT = 1
-_ATTR_FIELDS = [f.name for f in dataclasses.fields(Attr)]
-# an Attr travels as its fields packed in a fixed struct (a readdir reply holds one per
-# entry: decoding them was most of a listing's cost on the client):
-# ino mode nlink uid gid rdev size blocks atime_ns mtime_ns ctime_ns generation
-_ATTR_STRUCT = struct.Struct("<QIIIIQQQqqqI")
-assert len(_ATTR_FIELDS) == 12
-_attr_values = operator.attrgetter(*_ATTR_FIELDS)
-
-
-class ProtocolError(Exception):
-    """The peer sent something that is not a valid frame or message (or failed auth)."""
 
 
 class RemoteError(ReplfsError):
@@ -70,18 +52,6 @@ class Partitioned(EOFError):
 
 # ---------------------------------------------------------------- messages
 
-MESSAGES: dict[str, type] = {}
-
-
-def message(cls):
-    """Register a message dataclass under its TAG."""
-    cls = dataclass(cls)
-    assert cls.TAG not in MESSAGES, cls.TAG
-    MESSAGES[cls.TAG] = cls
-    cls._fields = [f.name for f in dataclasses.fields(cls)]
-    cls._required = sum(1 for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                        and f.default_factory is dataclasses.MISSING)
-    return cls
 
 
 # authentication
@@ -313,57 +283,6 @@ class HealReply:
     block: int
     data: bytes | None
     reason: str = ""
-
-
-# ---------------------------------------------------------------- encoding
-
-def _default(obj):
-    if isinstance(obj, Attr):
-        return msgpack.ExtType(_ATTR_EXT, _ATTR_STRUCT.pack(*_attr_values(obj)))
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"cannot send a {type(obj).__name__}")
-
-
-def _ext_hook(code: int, data: bytes):
-    if code != _ATTR_EXT:
-        raise ProtocolError(f"unknown msgpack extension type {code}")
-    if len(data) != _ATTR_STRUCT.size:
-        raise ProtocolError("malformed Attr")
-    return Attr(*_ATTR_STRUCT.unpack(data))
-
-
-def pack_value(value) -> bytes:
-    return msgpack.packb(value, default=_default, use_bin_type=True)
-
-
-def unpack_value(data: bytes):
-    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
-
-
-def encode(msg) -> bytes:
-    body = pack_value([msg.TAG, *(getattr(msg, f) for f in msg._fields)])
-    if len(body) > MAX_FRAME:
-        raise ValueError(f"{msg.TAG} frame of {len(body)} bytes exceeds {MAX_FRAME}")
-    return _LEN.pack(len(body)) + body
-
-
-def decode(body: bytes):
-    """The message in one frame body; ProtocolError if it is not one."""
-    try:
-        obj = unpack_value(body)
-    except ProtocolError:
-        raise
-    except Exception as exc:
-        raise ProtocolError(f"undecodable frame: {exc}") from None
-    if not isinstance(obj, list) or not obj or not isinstance(obj[0], str):
-        raise ProtocolError("a frame must be [tag, fields...]")
-    cls = MESSAGES.get(obj[0])
-    if cls is None:
-        raise ProtocolError(f"unknown message tag {obj[0]!r}")
-    if not cls._required <= len(obj) - 1 <= len(cls._fields):
-        raise ProtocolError(f"{obj[0]}: {len(obj) - 1} fields")
-    return cls(*obj[1:])
 
 
 # ---------------------------------------------------------------- channel
