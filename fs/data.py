@@ -24,6 +24,9 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 FALLOC_CHUNK = 256      # blocks per fallocate transaction (1 MiB of zeros to write and ship)
+# ZERO_RANGE overwrites the blocks a file has, logged with their old bytes: no more per
+# transaction than a 128 KiB write logs (a small array's log holds 2 MiB)
+ZERO_CHUNK = 32
 
 
 def _clear_setid(node: Inode) -> None:
@@ -120,7 +123,8 @@ class DataOps:
         wholly inside the range and zeroes the parts of the others; ZERO_RANGE (KEEP_SIZE
         optional) makes the range read as zeros, allocated.
 
-        One call is one transaction of at most FALLOC_CHUNK blocks (a long range is
+        One call is one transaction of at most FALLOC_CHUNK blocks (ZERO_CHUNK for
+        ZERO_RANGE; a long range is
         several calls, as a long write(2) is several FUSE writes); it returns the offset
         up to which the range is done, and the caller calls again from there with
         `reserve` False until it is offset+length. With `reserve` (the first call) the
@@ -140,7 +144,8 @@ class DataOps:
         end = offset + length
         if end > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG, f"range beyond the largest file size ({MAX_FILE_SIZE} bytes)")
-        stop = min(end, (offset // BLOCK_SIZE + FALLOC_CHUNK) * BLOCK_SIZE)
+        span = ZERO_CHUNK if zero else FALLOC_CHUNK
+        stop = min(end, (offset // BLOCK_SIZE + span) * BLOCK_SIZE)
 
         async def fn(op):
             node = await op.inode(ino, "X")

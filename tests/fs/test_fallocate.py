@@ -109,6 +109,18 @@ async def test_zero_range_zeroes_and_allocates(fs):
     await clean(fs)
 
 
+async def test_zero_range_of_many_written_blocks_fits_a_small_log(fs):
+    """Zeroing blocks a file has logs their old bytes: a long range is cut so that no
+    transaction outgrows the log (this one holds 2 MiB; the range is 2.4 MiB)."""
+    f = await fs.create(ROOT, b"f", 0o644, 0, 0)
+    size = 600 * BLOCK_SIZE
+    for off in range(0, size, 128 * 1024):
+        await fs.write(f.ino, off, os.urandom(128 * 1024))
+    await fallocate(fs, f.ino, FALLOC_FL_ZERO_RANGE, 0, size)
+    assert await fs.read(f.ino, 0, size) == bytes(size)
+    await clean(fs)
+
+
 async def test_enospc_up_front_takes_nothing(fs):
     f = await fs.create(ROOT, b"f", 0o644, 0, 0)
     await fs.write(f.ino, 0, b"y" * 5)
