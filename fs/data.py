@@ -124,10 +124,9 @@ class DataOps:
         optional) makes the range read as zeros, allocated.
 
         One call is one transaction of at most FALLOC_CHUNK blocks (ZERO_CHUNK for
-        ZERO_RANGE; a long range is
-        several calls, as a long write(2) is several FUSE writes); it returns the offset
-        up to which the range is done, and the caller calls again from there with
-        `reserve` False until it is offset+length. With `reserve` (the first call) the
+        ZERO_RANGE): a long range is several calls, as a long write(2) is several FUSE
+        writes. It returns the offset up to which the range is done, and the caller
+        calls again from there with `reserve` False until it is offset+length. With `reserve` (the first call) the
         blocks the whole range needs are counted first: ENOSPC, taking nothing, if they
         are not free -- not later at write time. Raises EOPNOTSUPP for other modes,
         EINVAL for a bad range, EFBIG past the largest file, ENODEV for a non-file."""
