@@ -56,6 +56,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pip' 2>/dev/null; 
     "$PY" -m venv --clear .venv
     rm -f .venv/.replfs-installed
 fi
+# pyfuse3 with fallocate (a patched 3.5.0; nothing to do when it is there already), first:
+# then `pip install -e .` finds it and compiles no other pyfuse3.
+tools/pyfuse3/build.sh .venv/bin/python
 # Re-install only when pyproject.toml changed since the last successful install.
 stamp=.venv/.replfs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
@@ -64,8 +67,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[test]' >&2
     touch "$stamp"
 fi
-# pyfuse3 with fallocate (a patched 3.5.0; does nothing when it is already there)
-tools/pyfuse3/build.sh .venv/bin/python
 
 # `mount -t fuse.replfs DIR MNT` (and an /etc/fstab line) run `replfs DIR MNT -o OPTS`
 # through mount.fuse3, whose PATH is /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:...
