@@ -85,7 +85,6 @@ FAULTS = {
                 "the standby's takeover (etcd's lease floor ~2 s + 0.1 s poll), then "
                 "dead_pings x ping_interval missed pings after it (0.5 s)"),
 }
-TAKEOVER_GOAL = 2.0
 
 
 def active_viewserver(cluster) -> str:
@@ -181,7 +180,7 @@ def run(args) -> int:
         goal = FAULTS[row["fault"]][1]
         row["goal"] = goal
         if goal is not None and "stall" in row:
-            row["met"] = row["stall"] <= goal and row.get("takeover", 0.0) <= TAKEOVER_GOAL
+            row["met"] = row["stall"] <= goal
     if args.json:
         print(json.dumps(rows if resync is None else rows + [dict(resync=resync)], indent=2))
         return 0
@@ -196,8 +195,9 @@ def print_stalls(console, rows: list[dict], args) -> None:
     from rich.table import Table
     bounds = "; ".join(f"{FAULTS[r['fault']][0]}: {FAULTS[r['fault']][3]}" for r in rows)
     t = Table(title=f"replfs bench failover: longest stall of a 4 KiB-append writer "
-                    f"(worst of {args.rounds} runs; view server cases: 3 view servers on "
-                    f"a 3-member etcd, takeover goal <= {TAKEOVER_GOAL:g} s)",
+                    f"(worst of {args.rounds} runs; the view server cases: 3 view servers "
+                    f"on a 3-member etcd, a standby takes over once etcd expired the "
+                    f"active one's lease: ~2 s, etcd's floor)",
               caption=f"What bounds each row -- {bounds}.")
     for col in ("fault", "longest stall", "goal", "standby took over", "writes/s before",
                 "goal met"):
