@@ -73,7 +73,7 @@ class Writer(threading.Thread):
 # fault -> (the table's words, goal on the longest stall in s, needs etcd, what bounds it)
 FAULTS = {
     "none": ("none (baseline)", None, False, "the writer's own pace"),
-    "kill": ("kill -9 of the primary", 1.0, False,
+    "kill": ("kill -9 of the primary", 0.2, False,
              "its death seen (closed connections, else dead_pings x ping_interval "
              "missed pings = 0.5 s), then the backup made primary"),
     "stop": ("SIGSTOP of the primary", 1.0, False,
