@@ -194,10 +194,11 @@ def run(args) -> int:
 def print_stalls(console, rows: list[dict], args) -> None:
     from rich.table import Table
     bounds = "; ".join(f"{FAULTS[r['fault']][0]}: {FAULTS[r['fault']][3]}" for r in rows)
+    etcd = ("; the view server cases: 3 view servers on a 3-member etcd, a standby takes "
+            "over once etcd expired the active one's lease: ~2 s, etcd's floor"
+            if any(FAULTS[r["fault"]][2] for r in rows) else "")
     t = Table(title=f"replfs bench failover: longest stall of a 4 KiB-append writer "
-                    f"(worst of {args.rounds} runs; the view server cases: 3 view servers "
-                    f"on a 3-member etcd, a standby takes over once etcd expired the "
-                    f"active one's lease: ~2 s, etcd's floor)",
+                    f"(worst of {args.rounds} runs{etcd})",
               caption=f"What bounds each row -- {bounds}.")
     for col in ("fault", "longest stall", "goal", "standby took over", "writes/s before",
                 "goal met"):
