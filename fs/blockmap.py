@@ -52,13 +52,7 @@ async def lookup_range(op: Op, node: Inode, idx: int, count: int) -> list[int]:
         if i >= cap:
             out.extend([0] * (end - i))
             break
-        # walk to the leaf indirect block covering i
-        blk = node.root
-        for level in range(node.depth - 1, 0, -1):
-            data = await op.read_block(blk)
-            blk = _ptr(data, (i // PTRS_PER_BLOCK ** level) % PTRS_PER_BLOCK)
-            if blk == 0:
-                break
+        blk = await _find_leaf(op, node, i)
         leaf_end = min(end, (i // PTRS_PER_BLOCK + 1) * PTRS_PER_BLOCK)
         if blk == 0:
             out.extend([0] * (leaf_end - i))
@@ -67,6 +61,72 @@ async def lookup_range(op: Op, node: Inode, idx: int, count: int) -> list[int]:
             out.extend(ptrs[j % PTRS_PER_BLOCK] for j in range(i, leaf_end))
         i = leaf_end
     return out
+
+
+async def _find_leaf(op: Op, node: Inode, idx: int) -> int:
+    """The level-0 indirect block covering file block idx (depth >= 1, idx within the
+    tree's capacity), or 0 where the path to it is a hole."""
+    blk = node.root
+    for level in range(node.depth - 1, 0, -1):
+        blk = _ptr(await op.read_block(blk), (idx // PTRS_PER_BLOCK ** level) % PTRS_PER_BLOCK)
+        if blk == 0:
+            return 0
+    return blk
+
+
+def _leaves(first: int, end: int):
+    """(start, stop) of each stretch of file blocks first..end-1 under one leaf."""
+    i = first
+    while i < end:
+        stop = min(end, (i // PTRS_PER_BLOCK + 1) * PTRS_PER_BLOCK)
+        yield i, stop
+        i = stop
+
+
+async def needed(op: Op, node: Inode, first: int, count: int) -> int:
+    """How many blocks `ensure_range(first, count)` would allocate: the holes, and a
+    leaf indirect block for each stretch of 1024 whose leaf is missing. Not counted: the
+    indirect blocks above the leaves and the tree's growth (one block per 4 GiB of file
+    at most)."""
+    end = first + count
+    if node.depth == 0:
+        if end <= 1:
+            return 0 if node.root else 1
+        held = 1 if node.root and first == 0 else 0
+        return count - held + len(list(_leaves(first, end)))
+    total = 0
+    cap = capacity(node.depth)
+    for i, stop in _leaves(first, end):
+        leaf = await _find_leaf(op, node, i) if i < cap and node.root else 0
+        if leaf == 0:
+            total += 1 + stop - i
+        else:
+            ptrs = memoryview(await op.read_block(leaf)).cast("I")
+            lo = i % PTRS_PER_BLOCK
+            total += ptrs[lo:lo + stop - i].tolist().count(0)
+    return total
+
+
+async def punch(op: Op, node: Inode, first: int, count: int) -> None:
+    """Free the data blocks of file blocks first..first+count-1: they become holes (read
+    as zeros, take no space). The indirect blocks stay, for a later write to fill."""
+    if node.root == 0 or count <= 0:
+        return
+    if node.depth == 0:
+        if first == 0:
+            await _free_root(op, node)
+        return
+    for i, stop in _leaves(first, min(first + count, capacity(node.depth))):
+        leaf = await _find_leaf(op, node, i)
+        if leaf == 0:
+            continue
+        lo = i % PTRS_PER_BLOCK
+        ptrs = memoryview(await op.read_block(leaf)).cast("I")[lo:lo + stop - i].tolist()
+        freed = [b for b in ptrs if b]
+        if freed:
+            await op.free_blocks(freed)
+            node.blocks -= len(freed)
+            await op.write_block(leaf, 4 * lo, bytes(4 * len(ptrs)))
 
 
 async def ensure(op: Op, node: Inode, idx: int, near: int | None = None) -> tuple[int, bool]:
@@ -102,15 +162,20 @@ async def ensure(op: Op, node: Inode, idx: int, near: int | None = None) -> tupl
     raise AssertionError("unreachable")
 
 
+async def _free_root(op: Op, node: Inode) -> None:
+    """Free the one data block of a depth-0 map."""
+    await op.free_block(node.root)
+    node.blocks -= 1
+    node.root = 0
+
+
 async def truncate(op: Op, node: Inode, keep: int) -> None:
     """Free every file block with index >= keep (and indirect blocks left empty)."""
     if node.root == 0:
         return
     if node.depth == 0:
         if keep == 0:
-            await op.free_block(node.root)
-            node.blocks -= 1
-            node.root = 0
+            await _free_root(op, node)
         return
     if keep >= capacity(node.depth):
         return

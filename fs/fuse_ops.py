@@ -376,6 +376,16 @@ class Operations(pyfuse3.Operations):
         return n
 
     @translate
+    async def fallocate(self, fh, mode, offset, length):
+        # one call per chunk, each a transaction; the first counts the whole range's
+        # blocks (ENOSPC up front), FileSystem.fallocate
+        ino = self._ino(fh)
+        end = offset + length
+        done = await self.fs.fallocate(ino, mode, offset, length)
+        while done < end:
+            done = await self.fs.fallocate(ino, mode, done, end - done, reserve=False)
+
+    @translate
     async def flush(self, fh):
         self._ino(fh)
 

@@ -1,9 +1,9 @@
 """replfs.raid: the RAID-5 array of disk images that everything else stands on."""
 
-from .array import Array, parse_size
+from .array import DEFAULT_CHECKSUM_CACHE, Array, parse_size
 from .assemble import create_array, inspect_array, open_array
 from .blockdev import BlockDevice, BlockIOError, FileDevice, MemoryDevice
 from .errors import RaidError
 
-__all__ = ["Array", "BlockDevice", "BlockIOError", "FileDevice", "MemoryDevice", "RaidError",
+__all__ = ["Array", "BlockDevice", "DEFAULT_CHECKSUM_CACHE", "BlockIOError", "FileDevice", "MemoryDevice", "RaidError",
            "create_array", "inspect_array", "open_array", "parse_size"]

@@ -12,7 +12,7 @@ flush and clean close, status, and failing a member.
 
     layout.py       where everything lives on a member; the RAID-5 block mapping
     member.py       one member disk: file, state, counters
-    checksums.py    the per-block checksum store of one member
+    checksums.py    the per-block checksum store of one member (on disk, cached)
     bitmap.py       the write-intent bitmap (the RAID-5 write hole)
     reconstruct.py  verified member contents; repair and degraded reconstruction
     reads.py        the read path (healthy fast read, else reconstruct.py)
@@ -22,17 +22,17 @@ flush and clean close, status, and failing a member.
     jobs.py         rebuild and scrub as paced background trio tasks (pause, cancel)
     assemble.py     creating and opening arrays; resync after an unclean stop
 
-Checksum blocks are written at `flush()`, before its fsync; until then their rows are
-covered by their write-intent bits. On opening an array whose superblocks say "dirty"
-(an unclean stop), every row of every set region (bitmap file OR member copies; a
-missing or damaged bitmap block counts as all set) is resynchronised before the array
-serves anything: checksums are recomputed from the data found (each block is whole, old
-or new, which the BlockDevice contract allows for writes not yet flushed) and parity is
-recomputed from the data. If a member is missing at that moment the dirty rows cannot be
-made consistent: `open_array` refuses with a message (like md's "cannot start dirty
-degraded array") unless `force=True`, in which case the blocks that would have to be
-reconstructed in those rows raise BlockIOError (and `rebuild` refuses: those blocks of
-the missing member are lost).
+Changed checksum blocks are written when the cache evicts them or at `flush()`, before
+its fsync; until then their rows are covered by their write-intent bits. On opening an
+array whose superblocks say "dirty" (an unclean stop), every row of every set region
+(bitmap file OR member copies; a missing or damaged bitmap block counts as all set) is
+resynchronised before the array serves anything: checksums are recomputed from the data
+found (each block is whole, old or new, which the BlockDevice contract allows for writes
+not yet flushed) and parity is recomputed from the data. If a member is missing at that
+moment the dirty rows cannot be made consistent: `open_array` refuses with a message
+(like md's "cannot start dirty degraded array") unless `force=True`, in which case the
+blocks that would have to be reconstructed in those rows raise BlockIOError (and
+`rebuild` refuses: those blocks of the missing member are lost).
 
 Concurrency: the core is synchronous (pread/pwrite) under one `threading.RLock`; rebuild
 and scrub take it per batch of rows, so they can run in a worker thread while trio tasks
@@ -58,7 +58,7 @@ from replfs.crash import crash_point
 from . import superblock as sbmod
 from .bitmap import WriteIntentBitmap
 from .blockdev import BlockIOError, check_write
-from .checksums import ChecksumStore
+from .checksums import PAGE_MEMORY, SCAN_BATCH, ChecksumStore
 from .dirfiles import BITMAP_NAME, read_state
 from .errors import RaidError
 from .layout import BLOCK_SIZE, Geometry
@@ -69,7 +69,12 @@ from .reconstruct import ReconstructMixin
 from .scrub import ScrubMixin
 from .writes import SMALL_WRITE, WriteMixin
 
-__all__ = ["Array", "BLOCK_SIZE", "parse_size"]
+__all__ = ["Array", "BLOCK_SIZE", "DEFAULT_CHECKSUM_CACHE", "parse_size"]
+
+# Checksum pages kept in memory per array: 16 MiB hold the checksums of 16 GiB of
+# members (a default cluster's arrays whole); beyond that the least recently used are
+# read again from the checksum area when needed (checksums.py).
+DEFAULT_CHECKSUM_CACHE = 16 << 20
 
 
 def parse_size(text: str) -> int:
@@ -94,8 +99,9 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
     `open_array` to get one and `close()` it when done (clean shutdown)."""
 
     def __init__(self, dirpath: str, cfg: dict, geo: Geometry, disks: list[Disk],
-                 events: int, lockfd: int):
+                 events: int, lockfd: int, checksum_cache: int = DEFAULT_CHECKSUM_CACHE):
         self.dir = dirpath
+        self.checksum_cache = checksum_cache  # bytes of checksum pages kept in memory
         self.cfg = cfg
         self.geo = geo
         self.uuid = cfg["uuid"]
@@ -218,26 +224,46 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
 
     # ----------------------------------------------------------------- checksums
 
-    def _load_checksums(self, disk: Disk) -> int:
-        """Read `disk`'s checksum area into a new store; entries of a damaged checksum
-        block are marked unknown (repaired later from parity). Returns the number of
-        damaged blocks."""
+    def _new_store(self, disk: Disk) -> ChecksumStore:
+        """An empty store (nothing cached) over `disk`'s checksum area."""
         g = self.geo
-        raw = self._pread(disk, g.cs_start, g.cs_blocks)
-        disk.cs = ChecksumStore(disk.index, g.entries, g.cs_blocks)
-        return disk.cs.load(raw)
+
+        def read(j: int, n: int):
+            try:
+                return self._pread(disk, g.cs_start + j, n) if disk.fd is not None else None
+            except DiskGone:
+                return None
+
+        def write(j: int, data: bytes) -> bool:
+            if not disk.writable():
+                return False
+            try:
+                self._pwrite(disk, g.cs_start + j, data)
+            except DiskGone:
+                return False
+            return True
+
+        pages = self.checksum_cache // PAGE_MEMORY // g.ndisks
+        return ChecksumStore(disk.index, g.entries, g.cs_blocks, read, write, pages)
+
+    def _load_checksums(self, disk: Disk) -> list[int]:
+        """Give `disk` a store over its checksum area, after reading the whole area once
+        (in batches, keeping nothing) to find damaged checksum blocks: their entries are
+        unknown, and the caller repairs them from parity. Returns those blocks."""
+        g = self.geo
+        store = self._new_store(disk)
+        damaged: list[int] = []
+        for j in range(0, g.cs_blocks, SCAN_BATCH):
+            n = min(SCAN_BATCH, g.cs_blocks - j)
+            damaged += store.check_pages(j, self._pread(disk, g.cs_start + j, n))
+        disk.cs = store
+        return damaged
 
     def _write_checksums(self) -> None:
         """Write every changed checksum block (no fsync)."""
         for d in self.disks:
-            if d.cs is None or not d.cs.dirty or not d.writable():
-                continue
-            try:
-                for a, b in d.cs.take_dirty_runs():
-                    self._pwrite(d, self.geo.cs_start + a,
-                                 b"".join(d.cs.block_image(j) for j in range(a, b)))
-            except DiskGone:
-                continue
+            if d.cs is not None and d.writable():
+                d.cs.write_dirty()
 
     # ----------------------------------------------------------------- bitmap
 
@@ -395,8 +421,16 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
                     "nblocks": g.nblocks, "size_bytes": g.nblocks * BLOCK_SIZE,
                     "events": self.events, "dirty_regions": int(self._bitmap.bits.sum()),
                     "disks": disks, "scrub": self.scrub_progress or state.get("scrub"),
-                    "stats": dict(self.stats),
+                    "stats": dict(self.stats), "checksum_cache": self._cache_status(),
                     "notices": list(self.notices[-20:])}
+
+    def _cache_status(self) -> dict:
+        stores = [d.cs for d in self.disks if d.cs is not None]
+        out = {"limit_bytes": self.checksum_cache,
+               "pages": sum(s.cached_pages() for s in stores)}
+        for key in ("hits", "misses", "writebacks"):
+            out[key] = sum(s.stats[key] for s in stores)
+        return out
 
     # ----------------------------------------------------------------- maintenance
 

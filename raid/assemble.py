@@ -17,8 +17,7 @@ import crc32c
 import numpy as np
 
 from . import superblock as sbmod
-from .array import Array
-from .checksums import ChecksumStore
+from .array import DEFAULT_CHECKSUM_CACHE, Array
 from .dirfiles import CONFIG_NAME, load_config, lock_dir, read_state, resolve, write_json
 from .errors import RaidError
 from .layout import BLOCK_SIZE, make_geometry
@@ -26,10 +25,12 @@ from .member import Disk, DiskGone, disk_size
 
 
 def create_array(dirpath: str | os.PathLike, ndisks: int, disk_size: int,
-                 chunk: int = 64 * 1024, disks: list[str] | None = None) -> Array:
+                 chunk: int = 64 * 1024, disks: list[str] | None = None,
+                 checksum_cache: int = DEFAULT_CHECKSUM_CACHE) -> Array:
     """Create a new array in `dirpath`: N image files `disk<i>.img` of `disk_size` bytes
     (or the given `disks` paths, e.g. block devices), superblocks, bitmaps and checksum
-    areas. Returns the open Array. Raises RaidError if it cannot (and leaves no config)."""
+    areas. Returns the open Array, keeping at most `checksum_cache` bytes of checksums in
+    memory. Raises RaidError if it cannot (and leaves no config)."""
     dirpath = os.fspath(dirpath)
     if ndisks < 3:
         raise RaidError(f"RAID-5 needs at least 3 disks, not {ndisks}")
@@ -75,12 +76,13 @@ def create_array(dirpath: str | os.PathLike, ndisks: int, disk_size: int,
                     off += os.pwrite(d.fd, zero[:end - off], off)
             d.state = "active"
             members.append(d)
-        arr = Array(dirpath, cfg, geo, members, events=0, lockfd=lockfd)
+        arr = Array(dirpath, cfg, geo, members, events=0, lockfd=lockfd,
+                    checksum_cache=checksum_cache)
         zero_crc = crc32c.crc32c(bytes(BLOCK_SIZE))
         for d in members:
-            d.cs = ChecksumStore(d.index, geo.entries, geo.cs_blocks)
-            d.cs.fill(zero_crc)
-        arr._write_checksums()
+            d.cs = arr._new_store(d)
+            if not d.cs.format(zero_crc):
+                raise RaidError(f"cannot write the checksum area of {d.path}: {d.problem}")
         arr._write_bitmap(sync=False)
         arr._write_superblocks(state="dirty", sync=True)
         write_json(os.path.join(dirpath, CONFIG_NAME), cfg)
@@ -158,11 +160,13 @@ def _examine(dirpath: str, cfg: dict, writable: bool) -> tuple[list[_Member], di
     return members, fresh
 
 
-def open_array(dirpath: str | os.PathLike, *, force: bool = False) -> Array:
+def open_array(dirpath: str | os.PathLike, *, force: bool = False,
+               checksum_cache: int = DEFAULT_CHECKSUM_CACHE) -> Array:
     """Assemble the array in `dirpath` for reading and writing. Missing, damaged, foreign,
     misplaced or stale members are named in `status()["notices"]`; with one of them the
     array runs degraded; with more, RaidError says which and why. After an unclean stop
-    the write-intent bitmap's rows are resynchronised before this returns."""
+    the write-intent bitmap's rows are resynchronised before this returns. At most
+    `checksum_cache` bytes of checksums are kept in memory (checksums.py)."""
     dirpath = os.fspath(dirpath)
     cfg = load_config(dirpath)
     lockfd = lock_dir(dirpath)
@@ -204,7 +208,8 @@ def open_array(dirpath: str | os.PathLike, *, force: bool = False) -> Array:
                     os.close(m.fd)
                     m.fd = None
             disks.append(d)
-        arr = Array(dirpath, cfg, geo, disks, events=fresh["events"], lockfd=lockfd)
+        arr = Array(dirpath, cfg, geo, disks, events=fresh["events"], lockfd=lockfd,
+                    checksum_cache=checksum_cache)
         lockfd = -1
     except BaseException:
         for m in members:
@@ -241,18 +246,20 @@ def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool) -> N
     dirty = fresh.get("state") != "clean"
     # the bitmap file is the durable copy; the members' copies may add bits (harmless)
     bits = arr._bitmap.read_file() if dirty else np.zeros(g.nregions, dtype=bool)
+    damaged: dict[int, list[int]] = {}   # disk -> its damaged checksum blocks
     for d in arr.disks:
         if d.fd is None:
             continue
         try:
             if dirty and d.state == "active":
                 bits |= arr._read_bitmap(d)
-            damaged = arr._load_checksums(d)
+            damaged[d.index] = arr._load_checksums(d)
         except DiskGone:
             continue
-        if damaged:
-            arr.notices.append(f"disk {d.index}: {damaged} checksum blocks were damaged; "
-                               f"their blocks are verified against parity and rewritten")
+        if damaged[d.index]:
+            arr.notices.append(f"disk {d.index}: {len(damaged[d.index])} checksum blocks were "
+                               f"damaged; their blocks are verified against parity and "
+                               f"rewritten")
     rows = [r for reg in np.nonzero(bits)[0].tolist()
             for r in range(reg * g.region_rows, min(g.rows, (reg + 1) * g.region_rows))]
     degraded = any(d.state != "active" for d in arr.disks)
@@ -282,7 +289,7 @@ def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool) -> N
             arr.stats["resynced_rows"] = _resync(arr, rows)
             arr.notices.append(f"unclean stop: resynchronised {len(rows)} chunk rows "
                                f"named by the write-intent bitmap")
-        _repair_unknown_checksums(arr)
+        _repair_unknown_checksums(arr, damaged)
         arr._write_checksums()
         arr._fsync_disks()
         if not arr._untrusted_rows:
@@ -310,19 +317,21 @@ def _resync(arr: Array, rows: list[int]) -> int:
     return len(rows)
 
 
-def _repair_unknown_checksums(arr: Array) -> int:
-    """Entries whose checksum block was damaged: check the block against the stripe,
-    repair it if needed, and recompute the checksum."""
+def _repair_unknown_checksums(arr: Array, damaged: dict[int, list[int]]) -> int:
+    """Entries whose checksum block was damaged (`damaged`: disk -> checksum blocks):
+    check each block against the stripe, repair it if needed, and recompute the
+    checksum."""
     g = arr.geo
     fixed = 0
     for disk in arr.disks:
-        if disk.cs is None or disk.state != "active":
+        if disk.cs is None or disk.state != "active" or not damaged.get(disk.index):
             continue
-        unknown = disk.cs.unknown()
-        if not len(unknown):
-            continue
+        rows: set[int] = set()
+        for j in damaged[disk.index]:
+            a, b = disk.cs.page_entries(j)
+            rows.update(range(a // g.cb, (b - 1) // g.cb + 1))
         # by runs of whole chunks
-        for row in sorted(set((unknown // g.cb).tolist())):
+        for row in sorted(rows):
             e0 = row * g.cb
             cache: dict = {}
             _, lost = arr._get(cache, disk.index, e0, e0 + g.cb)

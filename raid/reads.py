@@ -111,29 +111,32 @@ class ReadMixin:
             lst.append([e, n, [(view, e)]])
 
         def one(item):
+            """Read one member's runs; their checksums, or None (worker threads only
+            read and checksum: the checksum store is consulted under the lock)."""
             d, lst, fd = item
-            disk = self.disks[d]
+            sums = []
             for e, n, parts in lst:
                 try:
                     got = os.preadv(fd, [v for v, _ in parts], (g.data_start + e) * BLOCK_SIZE)
                 except OSError:
-                    return False
+                    return None
                 if got != n * BLOCK_SIZE:
-                    return False
+                    return None
                 for v, pe in parts:
-                    if pe < 0:
-                        continue
-                    k = len(v) // BLOCK_SIZE
-                    if not disk.cs.matches(pe, block_crcs(v, k)):
-                        return False
-            return True
+                    if pe >= 0:
+                        sums.append((pe, block_crcs(v, len(v) // BLOCK_SIZE)))
+            return d, sums
 
         items = [(d, lst, self.disks[d].fd) for d, lst in runs.items()]
-        if len(items) == 1:
-            ok = one(items[0])
-        else:
-            ok = all(self._pool.map(one, items))
-        return bytes(omv[:count * BLOCK_SIZE]) if ok else None
+        got = [one(items[0])] if len(items) == 1 else list(self._pool.map(one, items))
+        for res in got:
+            if res is None:
+                return None
+            cs = self.disks[res[0]].cs
+            for pe, crcs in res[1]:
+                if not cs.matches(pe, crcs):
+                    return None
+        return bytes(omv[:count * BLOCK_SIZE])
 
     def read_bytes_sync(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.nblocks * BLOCK_SIZE:

@@ -23,7 +23,7 @@ import numpy as np
 
 from replfs.crash import crash_point
 
-from .checksums import ChecksumStore, block_crcs
+from .checksums import block_crcs
 from .dirfiles import CONFIG_NAME, write_json
 from .errors import RaidError
 from .layout import BLOCK_SIZE
@@ -131,7 +131,6 @@ class RebuildMixin:
     def _start_member(self, disk, path: str, moved: bool) -> None:
         """Make `disk` a new, empty member at `path`, rebuilding from row 0 (under the
         lock)."""
-        g = self.geo
         fd = self._open_target(path)
         self._write_checksums()
         self._fsync_disks()
@@ -141,7 +140,7 @@ class RebuildMixin:
         disk.state = "rebuilding"
         disk.problem = ""
         disk.rebuild_pos = disk.durable_pos = 0
-        disk.cs = ChecksumStore(disk.index, g.entries, g.cs_blocks)
+        disk.cs = self._new_store(disk)  # what it held is being replaced
         if moved:
             self.cfg["disks"][disk.index] = self._config_path(path)
             write_json(os.path.join(self.dir, CONFIG_NAME), self.cfg)

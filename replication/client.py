@@ -456,6 +456,9 @@ class RemoteFS:
             return await self.call("write", ino, offset, bytes(data), stamps=True)
         return await self.call("write", ino, offset, bytes(data))
 
+    async def fallocate(self, ino, mode, offset, length, reserve=True):
+        return await self.call("fallocate", ino, mode, offset, length, reserve=reserve)
+
     async def fsync(self, ino=None):
         """Every operation of the group of `ino` (of every group, without one) that
         returned so far is on stable storage on both replicas."""

@@ -48,7 +48,7 @@ def changed_inodes(method: str, args) -> list[int]:
             inos = [args[0], args[2]]
         elif method == "link":                  # the inode and the new parent
             inos = [args[0], args[1]]
-        elif method in ("setattr", "write", "setxattr", "removexattr"):
+        elif method in ("setattr", "write", "setxattr", "removexattr", "fallocate"):
             inos = [args[0]]
         else:
             return []

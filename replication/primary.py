@@ -57,7 +57,8 @@ from replfs.replication.viewserver import View
 log = logging.getLogger("replfs.server")
 
 UPDATES = frozenset({"setattr", "mknod", "create", "mkdir", "symlink", "link", "unlink",
-                     "rmdir", "forget", "rename", "write", "setxattr", "removexattr"})
+                     "rmdir", "forget", "rename", "write", "setxattr", "removexattr",
+                     "fallocate"})
 READS = frozenset({"lookup", "getattr", "readlink", "read", "readdir", "statfs",
                    "getxattr", "listxattr", "entry", "dir_info", "release_number"})
 CHUNK = 64                  # blocks per state-transfer message

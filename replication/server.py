@@ -388,7 +388,8 @@ def _array_summary(array) -> dict:
     return dict(health=st.get("health", array.health()),
                 disks_ok=sum(1 for d in disks if d.get("state") == "active"),
                 disks=len(disks),
-                repaired=sum(int(d.get("cksum_errors", 0) or 0) for d in disks))
+                repaired=sum(int(d.get("cksum_errors", 0) or 0) for d in disks),
+                checksum_cache=st.get("checksum_cache"))
 
 
 def _check_op(msg: wire.OpRequest) -> None:

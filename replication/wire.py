@@ -1,11 +1,10 @@
 """The wire: length-prefixed msgpack frames over trio TCP, one dataclass per message.
 
-Frame: a 4-byte big-endian length, then a msgpack array ``[tag, field1, field2, ...]``
-(the message's fields in declaration order). A frame longer than `MAX_FRAME`, a body that
-is not such an array, an unknown tag or a wrong field count raises `ProtocolError`; the
-caller closes that one connection and logs it. Nothing is ever unpickled: the only
-msgpack extension type is `Attr` (the filesystem's attribute record), rebuilt from a
-list of ints.
+Frames and their encoding (replication/frames.py, whose names this module re-exports):
+a 4-byte length, then a msgpack array ``[tag, fields...]``; anything else raises
+`ProtocolError`, and the caller closes that one connection and logs it. Nothing is ever
+unpickled. A connection may idle between frames for ever, but not stall inside one
+(`FRAME_TIMEOUT`) nor before authenticating (`AUTH_TIMEOUT`).
 
 Authentication happens before anything else, on every connection: the listener sends
 `Challenge(nonce)`, the dialer answers `AuthResponse(hmac(secret, "dial"+nonce),
@@ -24,36 +23,22 @@ import dataclasses
 import hashlib
 import hmac
 import logging
-import operator
 import os
-import struct
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import msgpack
 import trio
 
 from replfs.errors import ReplfsError
-from replfs.fs.core import Attr
+from replfs.replication.frames import (_LEN, MAX_FRAME, MESSAGES, ProtocolError,  # noqa: F401
+                                       decode, encode, message, pack_value, unpack_value)
 from replfs.replication.netfaults import FAULTS, NetFaults  # noqa: F401 (wire.FAULTS)
 
 log = logging.getLogger("replfs.wire")
 
-MAX_FRAME = 8 * 2**20
 AUTH_TIMEOUT = 5.0
-_LEN = struct.Struct(">I")
-_ATTR_EXT = 1
-_ATTR_FIELDS = [f.name for f in dataclasses.fields(Attr)]
-# an Attr travels as its fields packed in a fixed struct (a readdir reply holds one per
-# entry: decoding them was most of a listing's cost on the client):
-# ino mode nlink uid gid rdev size blocks atime_ns mtime_ns ctime_ns generation
-_ATTR_STRUCT = struct.Struct("<QIIIIQQQqqqI")
-assert len(_ATTR_FIELDS) == 12
-_attr_values = operator.attrgetter(*_ATTR_FIELDS)
-
-
-class ProtocolError(Exception):
-    """The peer sent something that is not a valid frame or message (or failed auth)."""
+# Once a frame's first bytes came, the rest must come within this (an idle connection,
+# between frames, may wait for ever: clients keep theirs open)
+FRAME_TIMEOUT = 30.0
 
 
 class RemoteError(ReplfsError):
@@ -67,18 +52,6 @@ class Partitioned(EOFError):
 
 # ---------------------------------------------------------------- messages
 
-MESSAGES: dict[str, type] = {}
-
-
-def message(cls):
-    """Register a message dataclass under its TAG."""
-    cls = dataclass(cls)
-    assert cls.TAG not in MESSAGES, cls.TAG
-    MESSAGES[cls.TAG] = cls
-    cls._fields = [f.name for f in dataclasses.fields(cls)]
-    cls._required = sum(1 for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                        and f.default_factory is dataclasses.MISSING)
-    return cls
 
 
 # authentication
@@ -313,57 +286,6 @@ class HealReply:
     reason: str = ""
 
 
-# ---------------------------------------------------------------- encoding
-
-def _default(obj):
-    if isinstance(obj, Attr):
-        return msgpack.ExtType(_ATTR_EXT, _ATTR_STRUCT.pack(*_attr_values(obj)))
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"cannot send a {type(obj).__name__}")
-
-
-def _ext_hook(code: int, data: bytes):
-    if code != _ATTR_EXT:
-        raise ProtocolError(f"unknown msgpack extension type {code}")
-    if len(data) != _ATTR_STRUCT.size:
-        raise ProtocolError("malformed Attr")
-    return Attr(*_ATTR_STRUCT.unpack(data))
-
-
-def pack_value(value) -> bytes:
-    return msgpack.packb(value, default=_default, use_bin_type=True)
-
-
-def unpack_value(data: bytes):
-    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
-
-
-def encode(msg) -> bytes:
-    body = pack_value([msg.TAG, *(getattr(msg, f) for f in msg._fields)])
-    if len(body) > MAX_FRAME:
-        raise ValueError(f"{msg.TAG} frame of {len(body)} bytes exceeds {MAX_FRAME}")
-    return _LEN.pack(len(body)) + body
-
-
-def decode(body: bytes):
-    """The message in one frame body; ProtocolError if it is not one."""
-    try:
-        obj = unpack_value(body)
-    except ProtocolError:
-        raise
-    except Exception as exc:
-        raise ProtocolError(f"undecodable frame: {exc}") from None
-    if not isinstance(obj, list) or not obj or not isinstance(obj[0], str):
-        raise ProtocolError("a frame must be [tag, fields...]")
-    cls = MESSAGES.get(obj[0])
-    if cls is None:
-        raise ProtocolError(f"unknown message tag {obj[0]!r}")
-    if not cls._required <= len(obj) - 1 <= len(cls._fields):
-        raise ProtocolError(f"{obj[0]}: {len(obj) - 1} fields")
-    return cls(*obj[1:])
-
-
 # ---------------------------------------------------------------- channel
 
 class Channel:
@@ -411,12 +333,42 @@ class Channel:
             del buf[:n]         # (a bytearray drops its head without moving the rest)
         return out
 
+    def _whole_frame(self) -> bytes | None:
+        """The next frame's body if all of it is here already, else None."""
+        buf = self._buf
+        if len(buf) < 4:
+            return None
+        (n,) = _LEN.unpack_from(buf)
+        if n > MAX_FRAME:
+            raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+        if len(buf) < 4 + n:
+            return None
+        body = bytes(memoryview(buf)[4:4 + n])
+        del buf[:4 + n]
+        return body
+
     async def receive(self):
+        """The next message. Waits as long as it takes for a frame to begin (a connection
+        may be idle for ever), then at most FRAME_TIMEOUT for the rest of it: half a
+        frame and then nothing raises ProtocolError."""
         while True:
-            (n,) = _LEN.unpack(await self._exactly(4))
-            if n > MAX_FRAME:
-                raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
-            body = await self._exactly(n)
+            if not self._buf:
+                chunk = await self.stream.receive_some(65536)
+                if not chunk:
+                    raise EOFError(f"{self.peer} closed the connection")
+                self._buf += chunk
+            body = self._whole_frame()
+            if body is None:        # (no cancel scope on the common path: they cost)
+                n = 0
+                with trio.move_on_after(FRAME_TIMEOUT) as limit:
+                    (n,) = _LEN.unpack(await self._exactly(4))
+                    if n > MAX_FRAME:
+                        raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+                    body = await self._exactly(n)
+                if limit.cancelled_caught:
+                    got = len(self._buf) + (4 if n else 0)
+                    raise ProtocolError(f"half a frame ({got} of {n + 4 if n else '?'} bytes), "
+                                        f"then nothing for {FRAME_TIMEOUT:g} s")
             if self._open and self.faults.drop_incoming(self.local, self.node):
                 continue
             msg = decode(body)
@@ -488,12 +440,15 @@ async def accept_auth(ch: Channel, secret: bytes) -> str:
     """Listener side of the handshake; returns the dialler's name or raises ProtocolError
     (or Partitioned, for a dialler across a partition, once that connection ends)."""
     nonce = os.urandom(16)
-    with trio.fail_after(AUTH_TIMEOUT):
+    with trio.move_on_after(AUTH_TIMEOUT) as limit:
         await ch.send(Challenge(nonce))
         resp = await _expect(ch, AuthResponse)
         if not (isinstance(resp.mac, bytes) and isinstance(resp.nonce, bytes)
                 and hmac.compare_digest(resp.mac, _mac(secret, b"dial", nonce))):
             raise ProtocolError("authentication failed (wrong cluster secret?)")
+    if limit.cancelled_caught:
+        raise ProtocolError(f"no authentication within {AUTH_TIMEOUT:g} s "
+                            f"({len(ch._buf)} bytes received)")
     ch.peer = f"{resp.name}@{ch.peer}" if isinstance(resp.name, str) else ch.peer
     await ch._bind("", resp.name)
     await ch.send(AuthOk(_mac(secret, b"listen", resp.nonce)))
@@ -504,7 +459,7 @@ async def accept_auth(ch: Channel, secret: bytes) -> str:
 async def dial_auth(ch: Channel, secret: bytes, name: str, node: str = "") -> None:
     """Dialler side of the handshake, as `name`, to node `node` ("" when not a node)."""
     nonce = os.urandom(16)
-    with trio.fail_after(AUTH_TIMEOUT):
+    with trio.move_on_after(AUTH_TIMEOUT) as limit:
         chal = await _expect(ch, Challenge)
         if not isinstance(chal.nonce, bytes):
             raise ProtocolError("bad challenge")
@@ -515,6 +470,9 @@ async def dial_auth(ch: Channel, secret: bytes, name: str, node: str = "") -> No
             raise ProtocolError("the listener failed to prove the cluster secret")
         # across a partition the handshake hangs, as through a cut cable
         await ch._bind(name, node)
+    if limit.cancelled_caught:
+        raise trio.TooSlowError(f"{ch.peer} did not complete the handshake within "
+                                f"{AUTH_TIMEOUT:g} s")
     ch._open = ch.faults is not None
 
 

@@ -43,8 +43,9 @@ def force_unmount(mnt) -> None:
 class Mount:
     """A `replfs mount --local DIR MNT` in a child process."""
 
-    def __init__(self, data, mnt, env=None, allow_other=False):
+    def __init__(self, data, mnt, env=None, allow_other=False, args=()):
         self.data = Path(data)
+        self.args = list(args)      # more flags of `replfs mount --local`
         self.mnt = Path(mnt)
         self.env = env
         self.allow_other = allow_other
@@ -57,7 +58,7 @@ class Mount:
         e.update(self.env or {})
         e.update(env or {})
         with open(self.log, "ab") as logf:
-            extra = ["--allow-other"] if self.allow_other else []
+            extra = (["--allow-other"] if self.allow_other else []) + self.args
             self.proc = subprocess.Popen([*REPLFS, "mount", "--local", str(self.data), str(self.mnt),
                                           *extra],
                                          stdout=logf, stderr=logf, env=e, start_new_session=True)

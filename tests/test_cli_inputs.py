@@ -160,3 +160,18 @@ def test_mount_form_misused(cluster, tmp_path):
     refused(replfs(cluster, tmp_path, "-o", "bogus", check=False), "unknown mount option 'bogus'")
     refused(replfs(tmp_path, tmp_path, check=False),
             "holds neither a replfs cluster nor an array")
+
+
+def test_a_reader_that_went_away_ends_the_command_quietly(cluster):
+    # `replfs status DIR | head`: the pipe's reader is gone before the report is written
+    import subprocess
+    import sys
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "replfs.tools.cli", "status", str(cluster)],
+                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(w)
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+    assert p.returncode == 141

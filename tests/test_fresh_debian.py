@@ -14,12 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.soak
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 def test_bootstrap_on_a_minimal_debian():
     if os.geteuid() != 0:
         pytest.skip("needs root (debootstrap, chroot, mount)")
     r = subprocess.run(["bash", str(ROOT / "tools" / "check_fresh_debian.sh")],
-                       capture_output=True, text=True, timeout=1800)
+                       capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "check_fresh_debian: passed" in r.stdout, r.stdout
     assert "replfs --version: replfs " in r.stdout, r.stdout

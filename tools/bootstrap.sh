@@ -8,7 +8,8 @@
 #     namespace per node in tests/replication/test_netns.py), etcd-server (the view
 #     service's store in many-machine mode; the tests start their own etcd members,
 #     never the service the package installs)
-#   - a virtualenv in .venv with `pip install -e .[test]`
+#   - a virtualenv in .venv with `pip install -e .[test]`, and pyfuse3 rebuilt with the
+#     patches in tools/pyfuse3/ (fallocate, the page-cache switch: tools/pyfuse3/build.sh)
 #   - /usr/local/bin/replfs -> .venv/bin/replfs, for mount -t fuse.replfs (mount.fuse3's PATH)
 # tools/check_fresh_debian.sh proves it in a chroot made from Debian's base packages only.
 set -euo pipefail
@@ -61,6 +62,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pip' 2>/dev/null; 
     "$PY" -m venv --clear .venv
     rm -f .venv/.replfs-installed
 fi
+# pyfuse3 with fallocate (a patched 3.5.0; nothing to do when it is there already), first:
+# then `pip install -e .` finds it and compiles no other pyfuse3.
+tools/pyfuse3/build.sh .venv/bin/python
 # Re-install only when pyproject.toml changed since the last successful install.
 stamp=.venv/.replfs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then

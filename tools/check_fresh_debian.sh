@@ -3,7 +3,7 @@
 # minimal Debian root (`debootstrap --variant=minbase`: Debian's base packages only),
 # copies the repository into it (`git archive REF`, default HEAD: commit first), runs
 # tools/bootstrap.sh there under chroot, then checks that `.venv/bin/replfs --version`
-# runs, that pyfuse3 was built, that the tools the test suite calls are there, and that
+# runs, that pyfuse3 was built (with fallocate), that the tools the test suite calls are there, and that
 # a second bootstrap is silent. Removes everything it made, even on failure.
 # Last, it runs a few real-mount tests through tools/test.sh there (CHECK_TESTS: the
 # pytest arguments; empty: none). Needs root, the Debian mirror and PyPI; takes a few
@@ -17,7 +17,7 @@ say() { echo "check_fresh_debian: $*"; }
 suite=${SUITE:-$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")}
 mirror=${MIRROR:-http://deb.debian.org/debian}
 # Then a few tests through tools/test.sh: a real FUSE mount, cp -a, rsync -aAX, tar, git.
-tests=${CHECK_TESTS-tests/fs/test_acl.py tests/fs/test_mount.py::test_git tests/fs/test_mount.py::test_tar_cp_diff_rm}
+tests=${CHECK_TESTS-tests/fs/test_acl.py tests/fs/test_mount.py::test_git tests/fs/test_mount.py::test_tar_cp_diff_rm tests/fs/test_fallocate.py}
 git rev-parse --verify -q "$ref^{commit}" >/dev/null || { say "no commit $ref" >&2; exit 2; }
 if ! command -v debootstrap >/dev/null 2>&1; then
     say "installing debootstrap on the host"
@@ -128,8 +128,8 @@ inside() {
     say "    silent"
     out=$(run ".venv/bin/replfs --version" 2>&1) || { echo "$out" >&2; fail ".venv/bin/replfs --version"; }
     say "    .venv/bin/replfs --version: $out"
-    out=$(run ".venv/bin/python -c 'import pyfuse3, replfs.fs; print(pyfuse3.__version__)'" 2>&1) \
-        || { echo "$out" >&2; fail "import pyfuse3"; }
+    out=$(run ".venv/bin/python -c 'import pyfuse3, replfs.fs; assert hasattr(pyfuse3.Operations, \"fallocate\"); print(pyfuse3.__version__)'" 2>&1) \
+        || { echo "$out" >&2; fail "import pyfuse3 (with fallocate)"; }
     tag=$(run "grep -h '^Tag:' .venv/lib/python3*/site-packages/pyfuse3-*.dist-info/WHEEL" 2>&1) \
         || { echo "$tag" >&2; fail "pyfuse3's WHEEL file"; }
     say "    pyfuse3 $out importable, compiled here (${tag#Tag: })"

@@ -74,6 +74,11 @@ def main(args: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"replfs {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`replfs status DIR | head`): as other tools, stop quietly;
+        # stdout is pointed at /dev/null so that the interpreter's flush at exit is quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return int(rc or 0)
 
 

@@ -271,17 +271,20 @@ async def gather_status(cfg: ClusterConfig, timeout: float = 2.0) -> dict:
 
 
 def start_mounted_cluster(base: str, *, disk_size: int = 64 * 2**20,
-                          groups: int = 2, placement: str = "spread"):
-    """Init and start a cluster (`groups` groups of two replicas) in `base`/cluster and
-    mount it on `base`/mnt, as `replfs up` would (for benchmarks: `replfs bench fs`
-    compares it with the local mount). Returns (mountpoint, cluster, stop); `stop()`
-    unmounts and stops every process (idempotent)."""
+                          groups: int = 2, placement: str = "spread", viewservers: int = 1,
+                          etcd: list[str] | None = None):
+    """Init and start a cluster (`groups` groups of two replicas; `viewservers` view
+    server processes, the views in `etcd` where given) in `base`/cluster and mount it on
+    `base`/mnt, as `replfs up` would (for benchmarks: `replfs bench fs` compares it with
+    the local mount). Returns (mountpoint, cluster, stop); `stop()` unmounts and stops
+    every process (idempotent)."""
     from replfs.tools.mountpoints import unmount, wait_mounted
 
     cdir, mnt = os.path.join(base, "cluster"), os.path.join(base, "mnt")
     os.makedirs(mnt, exist_ok=True)
     trio.run(lambda: init_cluster(cdir, groups=groups, disk_size=disk_size,
-                                  placement=placement, progress=lambda *a: None))
+                                  placement=placement, viewservers=viewservers, etcd=etcd,
+                                  progress=lambda *a: None))
     cluster = Cluster(cdir)
 
     def stop():

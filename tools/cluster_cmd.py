@@ -14,6 +14,7 @@ import trio
 from replfs.errors import ReplfsError
 from replfs.replication.config import CONFIG, VIEWSERVER, ClusterConfig
 from replfs.raid import parse_size
+from replfs.tools.mount_cmd import add_checksum_cache, checksum_cache
 from replfs.tools.mountpoints import ready_failer, spawn_ready, unmount, wait_mounted
 
 log = logging.getLogger("replfs.cluster")
@@ -94,6 +95,7 @@ def register(sub) -> None:
     p.add_argument("dir")
     p.add_argument("server", nargs="?", metavar="S", help="which server (s0, s1, ...)")
     p.add_argument("--name", help="the same as S")
+    add_checksum_cache(p)
     p.set_defaults(func=cmd_server)
 
 
@@ -259,7 +261,7 @@ def cmd_server(args) -> int:
     _check_address(cfg, name)
     _logging()
     _take_faults(cfg, name)
-    array = open_array(d)
+    array = open_array(d, checksum_cache=checksum_cache(args))
     try:
         server = ReplicaServer(cfg, name, array)
         trio.run(_until_signal, lambda ts: server.run(task_status=ts))

@@ -51,6 +51,7 @@ def register(sub) -> None:
     p.add_argument("-o", dest="options", metavar="OPTIONS", default=None,
                    help="mount options, comma-separated as for mount(8): allow_other, ro, "
                         "noatime, nodev, nosuid, noexec, ...")
+    add_checksum_cache(p, "with --local: ")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
@@ -141,7 +142,11 @@ def _check_mountpoint(mnt: str) -> None:
 def cmd_mount(args) -> int:
     allow_other, options = parse_mount_options(args.options)
     args.allow_other = args.allow_other or allow_other
+    cache = checksum_cache(args)
     if not args.local:
+        if args.checksum_cache:
+            raise ReplfsError("--checksum-cache is for `replfs mount --local` (the servers of "
+                              "a cluster hold its arrays: `replfs server --checksum-cache`)")
         from replfs.tools.cluster_cmd import cmd_mount as cmd_mount_cluster
         return cmd_mount_cluster(args)
     _check_mountpoint(args.mountpoint)
@@ -151,14 +156,32 @@ def cmd_mount(args) -> int:
         return _daemonize(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     trio.run(partial(serve_local, args.dir, args.mountpoint, args.allow_other, args.ready_fd,
-                     options=options))
+                     options=options, checksum_cache=cache))
     return 0
 
 
 def mount_argv(args) -> list[str]:
     """The flags of `replfs mount` that a detached child of `args` must get again."""
     return ((["--allow-other"] if args.allow_other else [])
-            + (["-o", args.options] if args.options else []))
+            + (["-o", args.options] if args.options else [])
+            + (["--checksum-cache", args.checksum_cache]
+               if getattr(args, "checksum_cache", None) else []))
+
+
+def add_checksum_cache(p, scope: str = "") -> None:
+    """The `--checksum-cache SIZE` option of the commands that hold an array open."""
+    p.add_argument("--checksum-cache", metavar="SIZE", default=None,
+                   help=f"{scope}memory for the array's checksums (default 16M: all of them "
+                        f"for 16 GiB of disks; beyond that the least recently used are read "
+                        f"again from the disks)")
+
+
+def checksum_cache(args) -> int:
+    """The bytes `--checksum-cache` asks for (the default if not given)."""
+    from replfs.raid import DEFAULT_CHECKSUM_CACHE
+    if not getattr(args, "checksum_cache", None):
+        return DEFAULT_CHECKSUM_CACHE
+    return parse_size(args.checksum_cache)
 
 
 def _daemonize(args) -> int:
@@ -171,16 +194,17 @@ def _daemonize(args) -> int:
 
 
 async def serve_local(dirpath: str, mnt: str, allow_other: bool = False,
-                      ready_fd: int | None = None, options=frozenset()) -> None:
+                      ready_fd: int | None = None, options=frozenset(),
+                      checksum_cache: int | None = None) -> None:
     """Open the array in `dirpath`, mount its filesystem on `mnt`, serve until
     unmounted or signalled; always closes the filesystem and the array."""
     from replfs.fs.fuse_ops import Operations
     from replfs.fs.mkfs import open_fs
-    from replfs.raid import open_array
+    from replfs.raid import DEFAULT_CHECKSUM_CACHE, open_array
 
     fail = ready_failer(ready_fd)
     try:
-        array = open_array(dirpath)
+        array = open_array(dirpath, checksum_cache=checksum_cache or DEFAULT_CHECKSUM_CACHE)
     except ReplfsError as exc:
         fail(str(exc))
     history = None

@@ -1,8 +1,9 @@
-"""Model-based test (hypothesis): random operations on the mount and on a reference
-directory on tmpfs; after every step both give the same result (or the same errno) and
+"""Model-based test (hypothesis), an fsx of sorts: random operations (fallocate in every
+mode replfs supports among them) on the mount and on a reference directory on tmpfs; after every step both give the same result (or the same errno) and
 the two trees are identical (types, modes, sizes, contents, link counts, symlinks,
 xattrs)."""
 
+import ctypes
 import os
 import shutil
 import stat
@@ -23,6 +24,28 @@ NAMES = st.sampled_from(["a", "b", "c", "dd"])
 PATHS = st.lists(NAMES, min_size=1, max_size=3).map("/".join)
 DATA = st.binary(max_size=9000)
 OFFSETS = st.sampled_from([0, 1, 4095, 4096, 5000, 12288, 70000])
+# fallocate(2) modes: 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE, ZERO_RANGE|KEEP_SIZE
+KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
+FALLOC_MODES = st.sampled_from([0, KEEP_SIZE, PUNCH_HOLE | KEEP_SIZE, ZERO_RANGE,
+                                ZERO_RANGE | KEEP_SIZE])
+LENGTHS = st.sampled_from([1, 100, 4096, 9000, 20000])
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def zero_range_by_hand(fd: int, mode: int, offset: int, length: int) -> None:
+    """What ZERO_RANGE does, for the reference on tmpfs (which has no ZERO_RANGE)."""
+    end = offset + length
+    if mode & KEEP_SIZE:
+        end = min(end, os.fstat(fd).st_size)
+    if end > offset:
+        os.pwrite(fd, bytes(end - offset), offset)
 
 
 def outcome(fn, *args):
@@ -85,6 +108,19 @@ def test_model(model_mount):
                 fd = os.open(path, os.O_WRONLY)
                 try:
                     return os.pwrite(fd, data, off)
+                finally:
+                    os.close(fd)
+            self.both(fn, p)
+
+        @rule(p=PATHS, mode=FALLOC_MODES, off=OFFSETS, length=LENGTHS)
+        def fallocate(self, p, mode, off, length):
+            def fn(path):
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    if mode & ZERO_RANGE and path.is_relative_to(self.ref):
+                        zero_range_by_hand(fd, mode, off, length)
+                    else:
+                        fallocate(fd, mode, off, length)
                 finally:
                     os.close(fd)
             self.both(fn, p)

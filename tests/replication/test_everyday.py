@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from clusterhelp import Running
+from fallocatehelp import check_fallocate_modes, fallocate
 from mounthelp import replfs
 from replfs.tools.cluster import Cluster
 from treemodes import acl_disagreements, compare_tools, make_tree
@@ -167,3 +168,36 @@ def test_default_cluster_is_large_sparse_and_light(tmp_path):
             assert rss < 512 * 2**20, (s, rss)
     finally:
         cluster.stop_all()
+
+
+def test_fallocate_all_four_modes(cluster):
+    """fallocate(1) on the replicated mount: mode 0, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE."""
+    check_fallocate_modes(cluster.mnt / "falloc")
+
+
+def test_fallocate_enospc_up_front(cluster):
+    """Asking for more than the group has fails at once with ENOSPC and takes nothing;
+    what fallocate got, later writes can use without ENOSPC."""
+    d = cluster.mnt / "falloc-space"
+    d.mkdir()
+    f = d / "big"
+    f.write_bytes(b"x")
+    avail = _statvfs_avail(cluster.mnt)
+    free = os.statvfs(cluster.mnt).f_bfree
+    r = fallocate("-l", avail + (64 << 20), f)
+    assert r.returncode != 0 and "No space left" in r.stderr, r.stderr
+    assert os.stat(f).st_size == 1
+    assert os.statvfs(cluster.mnt).f_bfree == free
+    # half of what is there: taken, and then written without taking more
+    half = avail // 2 // 4096 * 4096
+    assert fallocate("-l", half, f).returncode == 0
+    free = os.statvfs(cluster.mnt).f_bfree
+    with open(f, "r+b") as fh:
+        for off in range(0, half, 8 << 20):
+            fh.seek(off)
+            fh.write(b"y" * min(1 << 20, half - off))
+        fh.flush()
+        os.fsync(fh.fileno())
+    assert os.stat(f).st_size == half
+    assert os.statvfs(cluster.mnt).f_bfree == free
+    os.unlink(f)

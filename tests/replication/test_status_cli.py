@@ -14,6 +14,7 @@ import pytest
 
 import clusterhelp
 from mounthelp import REPLFS, force_unmount, is_mounted, replfs
+from replfs.raid import DEFAULT_CHECKSUM_CACHE
 from replfs.tools.cluster import find_processes
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -123,6 +124,10 @@ def test_checksum_counters_agree_with_raid_status(cdir):
     per_disk, st, row = wait_for(agreed, 60, "repairs counted in the superblocks")
     assert [x["cksum_errors"] for x in st["arrays"]["s0"]["disks"]] == per_disk
     assert row.split()[7] == str(sum(per_disk)), row     # the "fixed" column
+    # beside its memory, each server shows its checksum cache: within its limit
+    cache = st["servers"]["s0"]["array"]["checksum_cache"]
+    assert st["servers"]["s0"]["rss"] > 0 and cache["misses"] > 0, cache
+    assert 0 < cache["pages"] * 4096 <= cache["limit_bytes"] == DEFAULT_CHECKSUM_CACHE, cache
 
 
 def test_kill9_of_up_then_up_cleans_up_and_runs(cdir):

@@ -91,6 +91,29 @@ async def test_bad_peers_are_refused_and_the_server_keeps_serving(nursery, caplo
     assert "exceeds" in caplog.text
 
 
+async def test_stalled_connections_are_closed_and_logged(nursery, caplog, monkeypatch):
+    """Before authenticating, a connection that says nothing is closed after
+    AUTH_TIMEOUT; after it, one that sends half a frame and then nothing is closed after
+    FRAME_TIMEOUT; both with a log line saying why. An idle authenticated connection
+    (between frames) is kept for as long as it lasts."""
+    monkeypatch.setattr(wire, "AUTH_TIMEOUT", 0.5)
+    monkeypatch.setattr(wire, "FRAME_TIMEOUT", 0.5)
+    port = await nursery.start(wire.serve, 0, SECRET, echo)
+    silent = await raw(port)
+    idle = await wire.connect(("127.0.0.1", port), SECRET, "idle")
+    half = await wire.connect(("127.0.0.1", port), SECRET, "half")
+    await half.stream.send_all(wire.encode(wire.Ping(0, "s0", 0))[:7])
+    assert await read_closed(silent)
+    assert await read_closed(half.stream)
+    assert "no authentication within 0.5 s" in caplog.text
+    assert "half a frame (7 of" in caplog.text
+    # the idle one has outlived both timeouts many times over, and still works
+    with trio.fail_after(5):
+        await idle.send(wire.Ping(0, "s0", 1))
+        assert await idle.receive() == wire.Ping(0, "s0", 1)
+    await idle.aclose()
+
+
 # ---------------------------------------------------------------- network faults
 async def echo(ch):
     while True:
