@@ -5,6 +5,7 @@ EIO for that range only, and `replfs status` names the file."""
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,8 @@ def scrub(running, server) -> str:
 def test_online_scrub_heals_from_partner(running):
     """Two stripes of a file damaged on two disks of the primary, beyond RAID-5: the
     online scrub heals them from the backup (as a read would), a second scrub is clean,
-    and the file reads right from the array."""
+    and the file reads right from the array. A block damaged on both replicas stays lost
+    after a scrub, and status names its file."""
     content, primary, backup = write_synced(running, "s", 2000)
     smash_stripe(running.cfg, primary, 2005)
     smash_stripe(running.cfg, primary, 2050)
@@ -163,5 +165,16 @@ def test_online_scrub_heals_from_partner(running):
     assert running.cluster.status()["servers"][primary]["lost_blocks"] == []
     out = scrub(running, primary)
     assert "0 checksum errors repaired, 0 parity blocks rewritten, 0 unrecoverable" in out, out
+
+    # a block damaged on both replicas: the scrub cannot heal it; status names its file
+    _, primary, backup = write_synced(running, "t", 3000)
+    smash_stripe(running.cfg, primary, 3010)
+    smash_stripe(running.cfg, backup, 3010)
+    out = scrub(running, primary)
+    m = re.search(r"(\d+) healed from the other replica, (\d+) lost on both", out)
+    assert m and int(m.group(2)) >= 1, out
+    wait_for(lambda: [f["path"] for f in running.cluster.status()["servers"][primary]
+                      .get("lost_files", {}).get("files", [])] == ["/t"], 30,
+             "status naming /t")
     remount(running)
     assert (running.mnt / "s").read_bytes() == content
