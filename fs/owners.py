@@ -5,7 +5,8 @@ same scan `fsck` makes (fsck.py `_scan`, one read-only transaction) and answers,
 each block, the inode whose data, indirect or xattr block it is, and a path for that
 inode built from the group's own directory entries. A path stops where this group's
 names stop: at group 0's root ("/a/b"), or at a directory whose name is kept by another
-group (its parent is foreign: "…/b", `from_dir` names that directory). Blocks that no
+group (its parent is foreign: "…/b", `from_dir` names that directory and `from_parent`
+its parent, for a caller that can ask the other groups: replication/lostnames.py). Blocks that no
 inode owns are named by the region they lie in (superblock, log, maps, inode table) or
 "unused".
 """
@@ -47,7 +48,7 @@ def _path(ino: int, root: int, named: dict[int, tuple[int, bytes]]) -> tuple[str
 
 
 async def block_owners(fs, blocks, limit: int = 20) -> dict:
-    """{"files": [{ino, inode (as fsck shows it), path, from_dir, blocks}] (at most
+    """{"files": [{ino, inode (as fsck shows it), path, from_dir, from_parent, blocks}] (at most
     `limit`, those with the most lost blocks first), "more_files": how many were left
     out, "other": {region: count} for blocks that belong to no file}."""
     want = frozenset(blocks)
@@ -66,5 +67,8 @@ async def block_owners(fs, blocks, limit: int = 20) -> dict:
     files = []
     for ino, bl in sorted(per.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:limit]:
         path, top = _path(ino, root, named)
-        files.append(dict(ino=ino, inode=fmt(ino), path=path, from_dir=top, blocks=bl))
+        node = sc.nodes.get(top) if top is not None else None
+        files.append(dict(ino=ino, inode=fmt(ino), path=path, from_dir=top,
+                          from_parent=node.parent if node is not None and node.parent else None,
+                          blocks=bl))
     return dict(files=files, more_files=max(0, len(per) - limit), other=other)

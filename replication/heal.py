@@ -53,10 +53,12 @@ import trio
 from replfs.fs.owners import block_owners
 from replfs.raid.blockdev import BlockIOError
 from replfs.replication import amo, wire
+from replfs.replication.lostnames import complete_path
 
 log = logging.getLogger("replfs.heal")
 
 HEAL_TIMEOUT = 5.0
+PATHS_TIMEOUT = 10.0        # seconds spent asking other groups for paths' beginnings
 OWNERS_WAIT = 1.0           # seconds a status request waits for the files of lost blocks
 
 
@@ -106,12 +108,28 @@ class HealRole:
             else:       # a backup's pages change only under the apply lock
                 async with self.apply_lock:
                     found = await block_owners(self.fs, key)
+            await self._complete_paths(found["files"])
         except Exception as exc:        # status must never take the server down
             log.error("naming the files of lost blocks failed: %r", exc)
             found = dict(error=f"the files could not be found: {exc}")
         if self._lost_files is not None and self._lost_files[0] == key:
             self._lost_files = (key, found)
         done.set()
+
+    async def _complete_paths(self, files: list[dict]) -> None:
+        """Paths that stop where another group keeps the names: ask that group."""
+        peer = self.twopc.peer
+        with trio.move_on_after(PATHS_TIMEOUT):
+            for f in files:
+                if f["from_dir"] is None or not f["from_parent"] or peer is None:
+                    continue
+                try:
+                    path = await complete_path(peer, f["path"], f["from_dir"], f["from_parent"])
+                except Exception as exc:    # a partial path is still an answer
+                    log.info("the path of inode %s stays partial: %s", f["inode"], exc)
+                    continue
+                if path is not None:
+                    f.update(path=path, from_dir=None, from_parent=None)
 
     async def _scrub_heal(self, block: int) -> bool:
         """Heal a block the scrub found beyond repair; False if it stays lost."""

@@ -57,12 +57,13 @@ def smash_stripe(cfg, server, i: int) -> None:
             f.write(b"\xa5" * 4096)
 
 
-def write_synced(running, name: str, first: int) -> tuple[bytes, str, str]:
-    """Write file `name` of blocks `first`.. whole and sync it: (content, primary, backup)."""
+def write_synced(running, name: str, first: int, group: int = 0) -> tuple[bytes, str, str]:
+    """Write file `name` of blocks `first`.. whole and sync it: (content, and `group`'s
+    primary and backup)."""
     content = b"".join(block_bytes(i + first) for i in range(NBLK))
     (running.mnt / name).write_bytes(content)
     running.sh("sync")
-    return content, running.primary(), running.view()["backup"]
+    return content, running.primary(group), running.view(group)["backup"]
 
 
 def stats(running, name):
@@ -178,3 +179,22 @@ def test_online_scrub_heals_from_partner(running):
              "status naming /t")
     remount(running)
     assert (running.mnt / "s").read_bytes() == content
+
+
+@pytest.mark.placement("1")
+def test_status_names_a_lost_file_whose_directories_another_group_names(running):
+    """Every directory in group 1, the root's names in group 0: the path of a file lost
+    on both replicas of group 1 is completed by asking group 0 (replication/lostnames.py)."""
+    running.sh("mkdir -p a/b")
+    _, primary, backup = write_synced(running, "a/b/f", 4000, group=1)
+    assert running.cfg.group_of(primary) == 1
+    smash_stripe(running.cfg, primary, 4020)
+    smash_stripe(running.cfg, backup, 4020)
+    remount(running)
+    with pytest.raises(OSError) as ei:
+        (running.mnt / "a/b/f").read_bytes()
+    assert ei.value.errno == errno.EIO
+    wait_for(lambda: running.cluster.status()["servers"][primary].get("lost_files", {})
+             .get("files"), 30, "the files of the lost blocks")
+    r = replfs("status", running.cfg.dir, check=False)
+    assert f"{primary}: " in r.stdout and "/a/b/f (inode 1:" in r.stdout, r.stdout
