@@ -90,7 +90,8 @@ class HealRole:
         set changes. A scan not done within OWNERS_WAIT (status callers wait about 2 s)
         answers that it is under way; the next status request gets the files."""
         key = tuple(sorted(self.device.lost))
-        if self._lost_files is None or self._lost_files[0] != key:
+        cur = self._lost_files
+        if cur is None or cur[0] != key or (cur[1] or {}).get("error"):   # errors: again
             if self.fs is None or self._nursery is None:
                 return dict(error="the filesystem is not open")
             self._lost_files = (key, None)
