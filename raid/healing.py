@@ -92,6 +92,10 @@ class HealingDevice:
 
     async def write_blocks(self, blocks: Mapping[int, bytes]) -> None:
         await self.inner.write_blocks(blocks)
+        self.forget(blocks)
+
+    def forget(self, blocks) -> None:
+        """No longer list these blocks as lost (rewritten, or holding nothing now)."""
         if self.lost:
             self.lost = [n for n in self.lost if n not in blocks]
 

@@ -89,6 +89,13 @@ class HealRole:
         asked, with fsck's scan (fs/owners.py), in the background, and kept until the
         set changes. A scan not done within OWNERS_WAIT (status callers wait about 2 s)
         answers that it is under way; the next status request gets the files."""
+        fs = self.fs
+        if fs is not None and self.role == "primary":
+            # a block its file gave back (removed, truncated) holds nothing any more; it
+            # is written whole before it holds anything again (a backup's maps are stale)
+            sb, used = fs.sb, fs.bmap.mem
+            self.device.forget([b for b in self.device.lost
+                                if sb.data_start <= b < sb.nblocks and not used[b]])
         key = tuple(sorted(self.device.lost))
         cur = self._lost_files
         if cur is None or cur[0] != key or (cur[1] or {}).get("error"):   # errors: again

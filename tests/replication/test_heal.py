@@ -139,6 +139,9 @@ def test_heal_from_partner_then_eio_when_both_lost(running):
     # an overwrite in place reads the old bytes (undo): the file must go; the rest stays
     running.sh("rm a/g")
     assert (running.mnt / "a/other").read_text() == "small\n"
+    # the lost block belongs to no file any more: status no longer lists it
+    wait_for(lambda: running.cluster.status()["servers"][primary]["lost_blocks"] == [], 30,
+             "the removed file's lost block no longer listed")
 
 
 def scrub(running, server) -> str:
