@@ -48,6 +48,7 @@ __all__ = ["FileSystem", "Attr", "Request", "Part", "current_request", "RENAME_N
 log = logging.getLogger(__name__)
 
 READDIR_BATCH = 128
+COMMITTED_CACHE = 65536     # inodes whose committed state getattr and readdir answer from
 
 
 class FileSystem(NamespaceOps, DataOps, XattrOps, PartOps):
@@ -126,8 +127,19 @@ class FileSystem(NamespaceOps, DataOps, XattrOps, PartOps):
                 cache.pop(ino, None)
             else:
                 cache[ino] = node
-        if len(cache) > 65536:
-            for ino in list(cache)[:16384]:
+        self._trim_committed()
+
+    def _read_committed(self, ino: int, node: Inode) -> None:
+        """`node`, just read under its S lock (still held), is `ino`'s committed state,
+        and no commit of it can come in between: the cache stays in commit order."""
+        self._committed_inodes[ino] = node
+        if len(self._committed_inodes) > COMMITTED_CACHE:
+            self._trim_committed()
+
+    def _trim_committed(self) -> None:
+        cache = self._committed_inodes
+        if len(cache) > COMMITTED_CACHE:
+            for ino in list(cache)[:COMMITTED_CACHE // 4]:
                 del cache[ino]
 
     def next_generation(self) -> int:
@@ -211,6 +223,7 @@ class FileSystem(NamespaceOps, DataOps, XattrOps, PartOps):
 
         async def fn(op):
             node = await op.inode(ino, "S")
+            self._read_committed(ino, node)
             return Attr.of(ino, node)
         return await self._run("getattr", fn, readonly=True)
 
@@ -262,6 +275,7 @@ class FileSystem(NamespaceOps, DataOps, XattrOps, PartOps):
                 cnode = committed.get(cino)
                 if cnode is None:
                     cnode = await op.inode(cino, "S")
+                    self._read_committed(cino, cnode)
                 out.append((name, Attr.of(cino, cnode), nxt))
             return out
         return await self._run("readdir", fn, readonly=True)

@@ -209,7 +209,14 @@ class NamespaceOps:
 
     async def forget(self, ino: int) -> None:
         """No reference to `ino` remains (kernel lookups, open files): free it if it
-        has no links left."""
+        has no links left. Most forgets are of files that keep their links: a read
+        tells, and only an unlinked one costs an update (a commit, replicated)."""
+        async def unlinked(op):
+            node = await op.inode(ino, "S", must_exist=False)
+            return node.nlink == 0 and node.mode != 0
+        if not await self._run("forget?", unlinked, readonly=True):
+            return False
+
         async def fn(op):
             node = await op.inode(ino, "X", must_exist=False)
             if node.nlink != 0 or node.mode == 0:
