@@ -270,13 +270,13 @@ class FileSystem(NamespaceOps, DataOps, XattrOps, PartOps):
             out = []
             for name, cino, typ, nxt in await directory.list_from(op, node, start, limit):
                 if ino_group(cino) != self.sb.group:
-                    out.append((name, cino, nxt))   # the caller asks the inode's group
+                    out.append([name, cino, nxt])   # the caller asks the inode's group
                     continue
                 cnode = committed.get(cino)
                 if cnode is None:
                     cnode = await op.inode(cino, "S")
                     self._read_committed(cino, cnode)
-                out.append((name, Attr.of(cino, cnode), nxt))
+                out.append([name, Attr.of(cino, cnode), nxt])   # (a list: sent as is)
             return out
         return await self._run("readdir", fn, readonly=True)
 

@@ -41,7 +41,13 @@ def name_hash(name: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> (64 - H_BITS)
 
 
+_REV8 = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))     # each byte's bits reversed
+
+
 def rev(x: int, bits: int) -> int:
+    """The low `bits` bits of x (x < 2**bits) in reverse order."""
+    if bits == H_BITS:          # the hot case (listings): byte-wise, through a table
+        return int.from_bytes(x.to_bytes(8, "little").translate(_REV8), "big") >> (64 - bits)
     return int(format(x, f"0{bits}b")[::-1], 2) if bits else 0
 
 
