@@ -1,7 +1,7 @@
 """Separate machines for tests, as Linux network namespaces: one namespace per node (the
-view server, each server, the client), each with its own address in SUBNET on an `eth0`
-joined to the others through a bridge in a hub namespace of its own -- so no address or
-interface is added outside these namespaces. Each node runs as a person would run it on
+view servers, the etcd members, each server, the client), each with its own address in
+SUBNET on an `eth0` joined to the others through a bridge in a hub namespace of its own
+-- so no address or interface is added outside these namespaces. Each node runs as a person would run it on
 its machine: its own copy of the cluster description and the secret in its own
 directory, started with `ip netns exec NS replfs ...`.
 
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 from mounthelp import force_unmount, is_mounted
+from replfs.replication.config import VIEWSERVER
+from replfs.tools import etcdlocal
 from replfs.tools.cluster import REPLFS
 
 SUBNET = "10.213.0"
@@ -85,15 +87,23 @@ def remove_stale() -> None:
 
 
 class NetCluster:
-    """One group of two servers (s0, s1), a view server (vs) and a client, each node in
-    its own namespace with its own directory under `base`; `stop()` stops every process
-    it started, unmounts, and removes the namespaces, whatever state it is in."""
+    """One group of two servers (s0, s1), `viewservers` view servers (vs, vs1, ...) and a
+    client, each node in its own namespace with its own directory under `base`; with
+    `etcd` members (m0, m1, ...; tools/etcdlocal.py's, each in its own namespace too)
+    the views are kept in etcd. `stop()` stops every process it started, unmounts, and
+    removes the namespaces, whatever state it is in."""
 
     SERVERS = ("s0", "s1")
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, viewservers: int = 1, etcd: int = 0):
         self.base = base
-        self.net = Network(["vs", *self.SERVERS, "client"])
+        self.vss = [VIEWSERVER + (str(i) if i else "") for i in range(viewservers)]
+        members = [f"m{i}" for i in range(etcd)]
+        self.net = Network([*self.vss, *members, *self.SERVERS, "client"])
+        self.etcd = etcdlocal.Etcd(
+            base / "etcd", etcd, hosts={m: self.net.addr[m] for m in members},
+            wrap={m: ["ip", "netns", "exec", self.net.ns[m]] for m in members}
+        ) if etcd else None
         self.procs: dict[str, subprocess.Popen] = {}
         self.mnt = base / "mnt"
 
@@ -105,11 +115,17 @@ class NetCluster:
         (as on the first machine), copied with the secret into each node's directory;
         each server makes its array on its own 'machine' (`init --here`)."""
         self.net.make()
+        etcd = []
+        if self.etcd:
+            for m in self.etcd.names:
+                self.etcd.start(m)
+            self.etcd.wait_healthy()
+            etcd = ["--etcd", ",".join(self.etcd.endpoints)]
         origin = self.base / "origin"
-        run([*REPLFS, "init", str(origin), "--groups", "1", "--size", "16M",
-             "--viewserver", f"{self.net.addr['vs']}:{PORT}",
+        run([*REPLFS, "init", str(origin), "--groups", "1", "--size", "16M", *etcd,
+             *(a for v in self.vss for a in ("--viewserver", f"{v}={self.net.addr[v]}:{PORT}")),
              *(a for s in self.SERVERS for a in ("--server", f"{s}={self.net.addr[s]}:{PORT}"))])
-        for node in self.net.ns:
+        for node in [*self.vss, *self.SERVERS, "client"]:
             self.dir(node).mkdir()
             for f in ("cluster.json", "secret"):
                 shutil.copy2(origin / f, self.dir(node) / f)
@@ -119,7 +135,7 @@ class NetCluster:
         return self
 
     def start(self, node: str) -> subprocess.Popen:
-        """Start `node`'s process on its machine (a server, the view server, or the
+        """Start `node`'s process on its machine (a server, a view server, or the
         client's mount on `mnt`)."""
         d = str(self.dir(node))
         if node == "client":
@@ -127,7 +143,8 @@ class NetCluster:
             argv = ["nsenter", f"--net=/run/netns/{self.net.ns[node]}", *REPLFS, "mount", d,
                     str(self.mnt)]
         else:
-            sub = ["viewserver", d] if node == "vs" else ["server", d, node]
+            sub = (["viewserver", d, "--name", node] if node in self.vss
+                   else ["server", d, node])
             argv = ["ip", "netns", "exec", self.net.ns[node], *REPLFS, *sub]
         (self.dir(node) / "logs").mkdir(exist_ok=True)
         with open(self.dir(node) / "logs" / f"{node}.log", "ab") as log:
@@ -143,7 +160,12 @@ class NetCluster:
         return proc
 
     def kill(self, *nodes: str) -> None:
-        """kill -9 every one of `nodes` at once, then reap them."""
+        """kill -9 every one of `nodes` at once (an etcd member on its own), then reap
+        them."""
+        if self.etcd and nodes[0] in self.etcd.names:
+            (member,) = nodes
+            self.etcd.kill(member)
+            return
         for n in nodes:
             os.kill(self.procs[n].pid, signal.SIGKILL)
         for n in nodes:
@@ -192,7 +214,11 @@ class NetCluster:
                     proc.wait(10)
             force_unmount(self.mnt)
         finally:
-            self.net.remove()
+            try:
+                if self.etcd:
+                    self.etcd.stop()
+            finally:
+                self.net.remove()
 
 
 def run(argv: list[str]) -> str:

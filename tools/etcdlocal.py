@@ -2,15 +2,22 @@
 starts three etcd members on 127.0.0.1 (their own free ports, their own data directories
 and logs under `dir`), waits until they elect a leader, and stops every member it started
 when the block ends, even when the block fails. `EtcdMissing` (a ReplfsError) where
-Debian's etcd-server is not installed (tools/bootstrap.sh installs it)."""
+Debian's etcd-server is not installed (tools/bootstrap.sh installs it).
+
+Members may instead run as on machines of their own (tests/netnshelp.py): `hosts` gives
+each its address and `wrap` the command that runs a program on its machine (e.g. `ip
+netns exec NS`); each then listens on its address at etcd's usual ports, 2379 for clients
+and 2380 for peers, and its health is asked for from its own machine."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,18 +37,29 @@ def etcd_binary() -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
+# Asked on a member's own machine: its /health answer, printed.
+HEALTH = ("import sys, urllib.request\n"
+          "print(urllib.request.urlopen(sys.argv[1], timeout=1).read().decode())")
+
+
 class Etcd:
-    def __init__(self, tmp: Path, members: int):
+    def __init__(self, tmp: Path, members: int, hosts: dict[str, str] | None = None,
+                 wrap: dict[str, list[str]] | None = None):
         self.names = [f"m{i}" for i in range(members)]
-        self.client = {n: free_port() for n in self.names}
-        self.peer = {n: free_port() for n in self.names}
+        self.host = hosts or {n: "127.0.0.1" for n in self.names}
+        self.wrap = wrap or {n: [] for n in self.names}
+        self.client = {n: 2379 if hosts else free_port() for n in self.names}
+        self.peer = {n: 2380 if hosts else free_port() for n in self.names}
         self.tmp = Path(tmp)
         self.procs: dict[str, subprocess.Popen] = {}
         self.killed: set[str] = set()
 
+    def url(self, name: str, port: int) -> str:
+        return f"http://{self.host[name]}:{port}"
+
     @property
     def endpoints(self) -> list[str]:
-        return [f"127.0.0.1:{self.client[n]}" for n in self.names]
+        return [f"{self.host[n]}:{self.client[n]}" for n in self.names]
 
     def live_endpoint(self) -> str:
         """The client address of a member not killed."""
@@ -55,25 +73,30 @@ class Etcd:
         if binary is None:
             raise EtcdMissing("etcd is not installed: install Debian's etcd-server "
                               "(tools/bootstrap.sh does)")
-        cluster = ",".join(f"{n}=http://127.0.0.1:{self.peer[n]}" for n in self.names)
+        cluster = ",".join(f"{n}={self.url(n, self.peer[n])}" for n in self.names)
+        client, peer = self.url(name, self.client[name]), self.url(name, self.peer[name])
         self.tmp.mkdir(parents=True, exist_ok=True)
         with open(self.log(name), "ab") as logf:
             self.procs[name] = subprocess.Popen([
-                binary, "--name", name, "--data-dir", str(self.tmp / f"etcd-{name}"),
-                "--listen-client-urls", f"http://127.0.0.1:{self.client[name]}",
-                "--advertise-client-urls", f"http://127.0.0.1:{self.client[name]}",
-                "--listen-peer-urls", f"http://127.0.0.1:{self.peer[name]}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer[name]}",
+                *self.wrap[name], binary, "--name", name,
+                "--data-dir", str(self.tmp / f"etcd-{name}"),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", cluster, "--initial-cluster-state", "new",
                 "--initial-cluster-token", f"replfs-{os.getpid()}-{id(self)}",
                 "--logger", "zap", "--log-level", "warn"],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
 
     def healthy(self, name: str) -> bool:
+        url = f"{self.url(name, self.client[name])}/health"
         try:
-            r = requests.get(f"http://127.0.0.1:{self.client[name]}/health", timeout=1)
+            if self.wrap[name]:
+                r = subprocess.run([*self.wrap[name], sys.executable, "-c", HEALTH, url],
+                                   capture_output=True, text=True, timeout=30)
+                return json.loads(r.stdout or "{}").get("health") == "true"
+            r = requests.get(url, timeout=1)
             return r.ok and r.json().get("health") == "true"
-        except (requests.RequestException, ValueError):
+        except (requests.RequestException, ValueError, subprocess.TimeoutExpired):
             return False
 
     def wait_healthy(self, timeout: float = 60) -> None:
@@ -107,13 +130,15 @@ class Etcd:
 
 
 @contextlib.contextmanager
-def etcd_cluster(tmp, members: int = 3):
-    """Start `members` etcd members with data under `tmp`; yield the `Etcd` once healthy;
-    stop them all at the end."""
+def etcd_cluster(tmp, members: int = 3, hosts: dict[str, str] | None = None,
+                 wrap: dict[str, list[str]] | None = None):
+    """Start `members` etcd members with data under `tmp` (each at its address in `hosts`,
+    run through its command in `wrap`: see above); yield the `Etcd` once healthy; stop
+    them all at the end."""
     if etcd_binary() is None:
         raise EtcdMissing("etcd is not installed: install Debian's etcd-server "
                           "(tools/bootstrap.sh does)")
-    e = Etcd(tmp, members)
+    e = Etcd(tmp, members, hosts, wrap)
     try:
         for n in e.names:
             e.start(n)

@@ -1,28 +1,44 @@
 """Nodes on separate machines (issue 11), as a person would run them: each node in its
 own network namespace with its own address, its own copy of the description and the
 secret, started with `ip netns exec NS replfs ...` (tests/netnshelp.py). A writer appends
-numbered records through the mount, fsyncing each one."""
+numbered records through the mount, fsyncing each one. The last test keeps the views in
+etcd: three etcd members and three view servers, each on its machine too."""
 
 import pytest
 
 from clusterhelp import read_offline
 from netnshelp import NetCluster, Writer
+from replfs.tools import etcdlocal
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
-@pytest.fixture
-def net(tmp_path):
-    c = NetCluster(tmp_path)
+def running(c: NetCluster, ready):
+    """`c` made, its view servers and servers started, `ready(status)`, and mounted;
+    stopped and removed at the end."""
     try:
         c.make()
-        for node in ("vs", *NetCluster.SERVERS):
+        for node in (*c.vss, *NetCluster.SERVERS):
             c.start(node)
-        c.wait_status(lambda st: st["state"] == "healthy", 60, "a healthy cluster")
+        c.wait_status(ready, 60, "a cluster ready")
         c.start("client")
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def net(tmp_path):
+    yield from running(NetCluster(tmp_path), lambda st: st["state"] == "healthy")
+
+
+def protected(st: dict) -> bool:
+    """A view server answers, and the group's primary and backup serve in an acknowledged
+    view. (Not `healthy`: over several machines a standby view server refuses every
+    connection, so `status` cannot tell it from a dead one and counts the cluster
+    degraded.)"""
+    v = (st["viewserver"] or {}).get("groups", {}).get("0") or {}
+    return bool(serving(st, not_="") and v["backup"] and st["servers"].get(v["backup"]))
 
 
 def group(st: dict) -> dict:
@@ -86,3 +102,51 @@ def test_both_servers_killed_at_once_come_back_protected(net, tmp_path):
     ok, _ = w.results()
     found = w.check((net.mnt / "log").read_bytes())
     assert len(ok) >= 40 and set(ok) <= set(found)
+
+
+@pytest.fixture
+def net_etcd(tmp_path):
+    """Three view servers over three etcd members, each node on its own machine."""
+    if etcdlocal.etcd_binary() is None:
+        pytest.skip("etcd is not installed (Debian's etcd-server; tools/bootstrap.sh "
+                    "installs it)")
+    yield from running(NetCluster(tmp_path, viewservers=3, etcd=3), protected)
+
+
+def active(st: dict) -> str:
+    """The view server that answered `status` (only the active one answers)."""
+    return (st["viewserver"] or {}).get("name") or ""
+
+
+def test_view_server_etcd_member_then_primary_killed_on_separate_machines(net_etcd, tmp_path):
+    net = net_etcd
+    w = Writer(net.mnt / "log", tmp_path / "writer.out")
+    try:
+        w.wait_acks(20, 60)
+        st = net.wait_status(lambda st: protected(st) and active(st), 30,
+                             "an active view server")
+        old_vs, view = active(st), group(st)["view"]
+        # kill -9 the active view server: the mount keeps serving, a standby takes over
+        net.kill(old_vs)
+        w.wait_acks(20, 60)
+        st = net.wait_status(lambda st: active(st) not in ("", old_vs) and protected(st),
+                             30, "a standby taking over")
+        assert group(st)["view"] == view, "the takeover changed the group's view"
+        new_vs = active(st)
+        # kill -9 one etcd member (the first endpoint, the one every view server asks
+        # first): nothing changes for the user
+        net.kill("m0")
+        w.wait_acks(20, 60)
+        st = net.wait_status(protected, 30, "the group protected")
+        assert active(st) == new_vs and group(st)["view"] == view
+        # kill -9 the primary: it fails over, the new view committed by 2 of 3 members
+        old = group(st)["primary"]
+        net.kill(old)
+        net.wait_status(lambda st: serving(st, old), 60, "a failover")
+        w.wait_acks(20, 60)
+    finally:
+        w.finish()
+    ok, failed = w.results()
+    assert not failed, f"appends failed: {failed}"
+    found = w.check((net.mnt / "log").read_bytes())
+    assert len(ok) >= 80 and set(ok) <= set(found)
