@@ -262,7 +262,8 @@ class Writer:
     def results(self) -> tuple[list[int], list[int]]:
         """(acknowledged record numbers, failed ones), so far."""
         ok, failed = [], []
-        for line in self.out.read_text().splitlines():
+        text = self.out.read_text()
+        for line in text[:text.rfind("\n") + 1].splitlines():  # a line half written: not yet
             parts = line.split()
             if parts and parts[0] == "ok":
                 ok.append(int(parts[1]))
