@@ -132,13 +132,15 @@ def test_view_server_etcd_member_then_primary_killed_on_separate_machines(net_et
         st = net.wait_status(lambda st: active(st) not in ("", old_vs) and protected(st),
                              30, "a standby taking over")
         assert group(st)["view"] == view, "the takeover changed the group's view"
-        new_vs = active(st)
         # kill -9 one etcd member (the first endpoint, the one every view server asks
-        # first): nothing changes for the user
+        # first): nothing changes for the user, nor the views. (Which view server is
+        # active may: when that member led etcd, the new leader's election can outlast
+        # the active one's lease, and another may be elected.)
         net.kill("m0")
         w.wait_acks(20, 60)
-        st = net.wait_status(protected, 30, "the group protected")
-        assert active(st) == new_vs and group(st)["view"] == view
+        st = net.wait_status(lambda st: protected(st) and active(st), 30,
+                             "the group protected, a view server active")
+        assert group(st)["view"] == view, "an etcd member's death changed the group's view"
         # kill -9 the primary: it fails over, the new view committed by 2 of 3 members
         old = group(st)["primary"]
         net.kill(old)
