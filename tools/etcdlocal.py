@@ -118,15 +118,13 @@ class Etcd:
         self.procs[name].wait(10)
 
     def stop(self) -> None:
+        """kill -9 every member: their data is thrown away, and a member stopped politely
+        first hands its leadership on, which with a peer dead took 7 s."""
         for p in self.procs.values():
             if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
                 p.kill()
-                p.wait(10)
+        for p in self.procs.values():
+            p.wait(10)
 
 
 @contextlib.contextmanager
