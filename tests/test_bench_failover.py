@@ -38,7 +38,8 @@ def test_without_etcd_the_view_server_cases_are_skipped_rows(tmp_path, monkeypat
     assert "skipped: etcd is not installed" in out.getvalue()
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.soak       # a real run of the benchmark's etcd cases (~20 s); the view service's
+@pytest.mark.timeout(240)   # failures themselves are in test_netns.py, every run
 def test_view_server_then_primary_killed(tmp_path):
     if etcdlocal.etcd_binary() is None:
         pytest.skip("etcd is not installed (Debian's etcd-server; tools/bootstrap.sh "

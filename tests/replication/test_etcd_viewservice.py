@@ -115,6 +115,8 @@ def etcd_leader(etcd) -> str:
     raise AssertionError("no etcd leader")
 
 
+@pytest.mark.soak   # the same failures, each node on its own "machine", run every time in
+                    # test_netns.py (test_view_server_etcd_member_then_primary_killed_...)
 def test_view_service_on_etcd_survives_its_failures(tmp_path):
     with etcd_cluster(tmp_path, 3) as etcd:
         running = Running(tmp_path / "cluster", tmp_path / "mnt", groups=1,
