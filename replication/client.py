@@ -485,7 +485,7 @@ class RemoteFS:
                     raise
             attrs = await self._each([lambda i=i: attr_of(batch[i][1]) for i in foreign])
             for i, attr in zip(foreign, attrs):
-                batch[i] = (batch[i][0], attr, batch[i][2])
+                batch[i] = [batch[i][0], attr, batch[i][2]]
             out = [e for e in batch if e[1] is not None]
             if out or not batch:
                 return out
