@@ -77,18 +77,25 @@ class BackupRole:
                 await self.fs.mgr.apply(chunk, durable=False, undo=False)
         if position is not None:
             self._unforced_position = position
+            self._position_seq += 1
         self._apply_dirty.set()
 
     async def _force_applied(self) -> None:
         """Make everything applied durable; only then is its position ours to report
         (`Ack.durable`, `SyncPosition`). A batch applied without undo that a crash cut
-        in half lies beyond that position, so the primary sends it again."""
-        pos = self._unforced_position
+        in half lies beyond that position, so the primary sends it again.
+
+        Needs no `apply_lock`: the position taken is that of batches applied whole
+        before the force began, and the force covers every record appended before it
+        began; batches applied meanwhile keep their own position for the next force.
+        (Holding the lock would stop the applier, and so every acknowledgement, for as
+        long as the device takes to flush.)"""
+        pos, seq = self._unforced_position, self._position_seq
         await self.fs.mgr.force()
         if pos is not None and self._unforced_position is pos:
             self._unforced_position = None
-        if pos is not None:
-            self.position = pos
+        if pos is not None and seq > self._forced_seq:     # (concurrent forces: newest wins)
+            self.position, self._forced_seq = pos, seq
 
     async def _backup_flusher(self) -> None:
         """Batches are applied and written, not forced (one force per batch would make
@@ -97,9 +104,8 @@ class BackupRole:
             await self._apply_dirty.wait()
             await trio.sleep(FLUSH_BEHIND)
             self._apply_dirty = trio.Event()
-            async with self.apply_lock:
-                if self.role != "primary":
-                    await self._force_applied()
+            if self.role != "primary":
+                await self._force_applied()
 
     # Forwards queue here and an applier task applies them in order, several batches per
     # local transaction; a forward is acknowledged once it is applied and written
@@ -220,8 +226,7 @@ class BackupRole:
         if await self._refuse(ch, msg):
             return
         await self._wait_applied()          # report the position that is on disk
-        async with self.apply_lock:
-            await self._force_applied()
+        await self._force_applied()
         await self._abort_local_in_doubt()
         # from here on this server follows another primary: its own dirty map (from a
         # time it was primary) no longer describes its state
@@ -276,8 +281,7 @@ class BackupRole:
         survives `kill -9` of this server) -- forced too when every operation is."""
         await self._wait_applied()
         if self.forced:
-            async with self.apply_lock:
-                await self._force_applied()
+            await self._force_applied()
         else:
             await self.fs.mgr.write()
 
@@ -299,9 +303,8 @@ class BackupRole:
             return
         self._enqueue(("synced", msg.incarnation, msg.lsn), 0)
         await self._hold()      # the state is ours before the primary acknowledges the view
-        async with self.apply_lock:
-            # forced at once: the primary's dirty map may then forget the transfer
-            await self._force_applied()
+        # forced at once: the primary's dirty map may then forget the transfer
+        await self._force_applied()
         log.info("in sync with primary %s (incarnation %s, lsn %d)", msg.primary,
                  msg.incarnation, msg.lsn)
         await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))
@@ -315,6 +318,5 @@ class BackupRole:
         if await self._refuse(ch, msg):
             return
         await self._wait_applied()
-        async with self.apply_lock:
-            await self._force_applied()
+        await self._force_applied()
         await ch.send(wire.Ack(msg.lsn, self._durable_for(self.sync_incarnation)))

@@ -57,6 +57,7 @@ log = logging.getLogger("replfs.client")
 
 REQUEST_TIMEOUT = 0.4       # largest wait for one transmission; a retry is always safe
 MIN_RTO = 0.05
+RTO_BYTES_PER_S = 8e6       # a request's size adds to its timeout: 1 MiB, 0.13 s
 CONNECT_TIMEOUT = 0.4
 # How long what a reply told is answered from memory: no longer than the kernel's own
 # attribute timeout (fs/fuse_ops.py ATTR_TIMEOUT), so that caching here lets a change
@@ -215,12 +216,16 @@ class RemoteFS:
                     self.viewservers.failed()
             return self.views[group]
 
-    def _rto(self, attempt: int) -> float:
+    def _rto(self, attempt: int, nbytes: int = 0) -> float:
         """Retransmission timeout: a few smoothed round trips (retransmitting to a live
         primary is harmless: it answers the duplicate from its table), doubling per
-        retry up to `request_timeout`."""
+        retry up to `request_timeout`, plus the time a request of `nbytes` takes to
+        travel and be written twice at RTO_BYTES_PER_S: the smoothed round trip is of
+        small requests, and retransmitting a 1 MiB write that is merely slow costs the
+        primary another MiB to receive."""
         base = min(self.request_timeout, max(MIN_RTO, 4 * self._srtt))
-        return min(self.request_timeout * 2, base * 2 ** min(attempt - 1, 5))
+        return (min(self.request_timeout * 2, base * 2 ** min(attempt - 1, 5))
+                + nbytes / RTO_BYTES_PER_S)
 
     async def call(self, method: str, *args, **kwargs):
         """Run `method` on the primary of the group of its first inode argument (the
@@ -263,6 +268,7 @@ class RemoteFS:
         view = self.views[group]
         if not view.primary:
             view = await self._fetch_view(group, view)
+        nbytes = sum(len(a) for a in args if isinstance(a, (bytes, bytearray, memoryview)))
         attempt = 0
         while True:
             if attempt:
@@ -290,7 +296,7 @@ class RemoteFS:
                 view = await self._refetch(group, view)
                 continue
             t0 = trio.current_time()
-            with trio.move_on_after(self._rto(attempt)):
+            with trio.move_on_after(self._rto(attempt, nbytes)):
                 await w.event.wait()
             reply, w.reply = w.reply, None
             if isinstance(reply, wire.OpReply):

@@ -15,12 +15,13 @@ Layout of the region ``[log_start, log_start + log_blocks)``:
 The live log is ``[start_lsn, end_lsn)``. It may use at most ``C - block_size`` bytes so
 that the block being appended to never shares a physical block with the tail.
 
-Forcing (`force`) is group commit: one task at a time writes every buffered block and
-flushes the device; tasks that want an LSN covered by that flush just wait for it, and
-the next leader takes everything that accumulated meanwhile. `force(sync=False)` is the
-same without the flush: the records are *written* (in the device's files, so they
-survive the crash of this process, not a power loss) -- `written_lsn` -- but not
-*forced* (`durable_lsn`).
+Forcing (`force`) is group commit in two stages: one task at a time writes every
+buffered block (`written_lsn`: in the device's files, so the records survive the crash
+of this process, not a power loss), and one task at a time flushes the device
+(`durable_lsn`: forced); tasks that want an LSN covered by a write or a flush just wait
+for it, and the next leader takes everything that accumulated meanwhile. The stages run
+side by side: `force(sync=False)` (written only) never waits for a flush in progress,
+which may take long when the device holds much unflushed data.
 """
 
 from __future__ import annotations
@@ -110,12 +111,14 @@ class Log:
         self.reserved = 0       # bytes promised to CLRs/ABORTs/COMMITs not yet appended
         self._buf = bytearray()  # log bytes [_buf_lsn, end_lsn), _buf_lsn block aligned
         self._buf_lsn = 0
-        self._flushing = False
-        self._flush_done = trio.Event()
-        self._flush_lock = trio.Lock()
+        self._writing = False       # a task is writing the buffered records
+        self._write_done = trio.Event()
+        self._syncing = False       # a task is flushing the device
+        self._sync_done = trio.Event()
+        self._flush_lock = trio.Lock()  # without group commit: one write + flush at a time
         self.failed: BaseException | None = None
-        self.flushes = 0
-        self.writes = 0          # passes that wrote without flushing (`sync=False`)
+        self.flushes = 0         # device flushes
+        self.writes = 0          # passes that wrote for a caller who wanted no flush
         self.bytes_written = 0   # record bytes appended over the manager's lifetime
 
     # ---- format / open ------------------------------------------------------------
@@ -261,67 +264,91 @@ class Log:
         """Return once every record below `lsn` (default: everything appended) is durable
         -- or, with `sync=False`, written (in the device's files, not flushed).
 
-        Group commit: concurrent callers share one write (+ flush). Raises
-        `TxnManagerFailed` if the device failed (then, and forever after).
+        Group commit, in two stages that run side by side: one task at a time writes
+        everything appended so far (callers that want an LSN it covers wait for it), and
+        one task at a time flushes the device (covering what was written before the
+        flush began). A caller that only wants its records written never waits for a
+        flush in progress. Raises `TxnManagerFailed` if the device failed (then, and
+        forever after).
         """
         target = self.end_lsn if lsn is None else lsn
         if not self.group_commit:
             async with self._flush_lock:
-                if self.failed is not None:
-                    raise TxnManagerFailed(f"log write failed: {self.failed!r}")
-                await self._flush_once(sync)
+                self._check_failed()
+                await self._write_once(sync)
+                if sync:
+                    await self._sync_once()
             return
-        while (self.durable_lsn if sync else self.written_lsn) < target:
-            if self.failed is not None:
-                raise TxnManagerFailed(f"log write failed: {self.failed!r}")
-            if self._flushing:
-                await self._flush_done.wait()
+        while self.written_lsn < target:
+            self._check_failed()
+            if self._writing:
+                await self._write_done.wait()
                 continue
-            self._flushing = True
-            self._flush_done = trio.Event()
+            self._writing = True
+            self._write_done = trio.Event()
             try:
                 # two scheduling rounds before taking the batch: every task that is
-                # already runnable (woken by the previous flush) runs its next
+                # already runnable (woken by the previous write) runs its next
                 # transaction up to its COMMIT first -- trio orders a round randomly, so
                 # one round could still find this leader ahead of them
                 await trio.lowlevel.checkpoint()
                 await trio.lowlevel.checkpoint()
-                await self._flush_once(sync)
+                await self._write_once(sync)
             finally:
-                self._flushing = False
-                self._flush_done.set()
+                self._writing = False
+                self._write_done.set()
+        while sync and self.durable_lsn < target:
+            self._check_failed()
+            if self._syncing:
+                await self._sync_done.wait()
+                continue
+            self._syncing = True
+            self._sync_done = trio.Event()
+            try:
+                await self._sync_once()
+            finally:
+                self._syncing = False
+                self._sync_done.set()
+        self._check_failed()
+
+    def _check_failed(self) -> None:
         if self.failed is not None:
             raise TxnManagerFailed(f"log write failed: {self.failed!r}")
 
-    async def _flush_once(self, sync: bool = True) -> None:
+    async def _write_once(self, sync: bool) -> None:
+        """Write every buffered record into the device (no flush); `sync`: for a caller
+        who goes on to flush (not counted in `writes`)."""
         end = self.end_lsn
         if end <= self.written_lsn:
-            data = b""          # written already (by a `sync=False` pass): flush only
-        else:
-            data = bytes(self._buf[:end - self._buf_lsn])
+            return
+        data = bytes(self._buf[:end - self._buf_lsn])
         blocks = {}
         for i in range(0, len(data), self.bs):
             chunk = data[i:i + self.bs]
             lblock = (self._buf_lsn + i) // self.bs
             blocks[self.data_start + lblock % self.data_blocks] = chunk + bytes(self.bs - len(chunk))
         try:
-            if blocks:
-                await self.device.write_blocks(blocks)
+            await self.device.write_blocks(blocks)
             crash_point("txn.log.written")
-            self.written_lsn = max(self.written_lsn, end)
-            if sync:
-                await self.device.flush()
-                crash_point("txn.log.flushed")
         except Exception as exc:
             self.failed = exc
             raise TxnManagerFailed(f"log write failed: {exc!r}") from exc
+        self.written_lsn = max(self.written_lsn, end)
         if not sync:
             self.writes += 1
-            self._trim(end)
-            return
+        self._trim(end)
+
+    async def _sync_once(self) -> None:
+        """Flush the device: what was written before is durable after."""
+        end = self.written_lsn
+        try:
+            await self.device.flush()
+            crash_point("txn.log.flushed")
+        except Exception as exc:
+            self.failed = exc
+            raise TxnManagerFailed(f"log flush failed: {exc!r}") from exc
         self.flushes += 1
         self.durable_lsn = max(self.durable_lsn, end)
-        self._trim(end)
 
     def _trim(self, end: int) -> None:
         """Drop the buffered bytes that are in the device now (all but `end`'s block)."""
