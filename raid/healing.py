@@ -94,6 +94,11 @@ class HealingDevice:
         await self.inner.write_blocks(blocks)
         self.forget(blocks)
 
+    def write_sync(self, blocks: Mapping[int, bytes]) -> None:
+        """`write_blocks` for a worker thread (the inner device must have `write_sync`)."""
+        self.inner.write_sync(blocks)
+        self.forget(blocks)
+
     def forget(self, blocks) -> None:
         """No longer list these blocks as lost (rewritten, or holding nothing now)."""
         if self.lost:

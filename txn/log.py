@@ -116,6 +116,11 @@ class Log:
         self._syncing = False       # a task is flushing the device
         self._sync_done = trio.Event()
         self._flush_lock = trio.Lock()  # without group commit: one write + flush at a time
+        # holds: no record at or after a held LSN is written until its hold is released
+        # (a COMMIT whose transaction's data is still on its way to the device)
+        self._holds: dict[int, int] = {}
+        self._next_hold = 0
+        self._hold_released = trio.Event()
         self.failed: BaseException | None = None
         self.flushes = 0         # device flushes
         self.writes = 0          # passes that wrote for a caller who wanted no flush
@@ -260,6 +265,32 @@ class Log:
         self.bytes_written += len(raw)
         return lsn, self.end_lsn
 
+    def hold(self) -> int:
+        """Write nothing from the current end of the log on until `release(token)`;
+        returns the token. Appending goes on; the records wait in memory."""
+        self._next_hold += 1
+        self._holds[self._next_hold] = self.end_lsn
+        return self._next_hold
+
+    def release(self, token: int) -> None:
+        del self._holds[token]
+        self._hold_released.set()
+        self._hold_released = trio.Event()
+
+    def _writable_end(self) -> int:
+        """Where a write may end now: the end of the log, or the oldest hold."""
+        if not self._holds:
+            return self.end_lsn
+        return min(self.end_lsn, min(self._holds.values()))
+
+    async def _wait_unheld(self, target: int) -> bool:
+        """Wait for a hold's release if one keeps `target` from being written; returns
+        whether it waited."""
+        if self.written_lsn < target and self._writable_end() <= self.written_lsn:
+            await self._hold_released.wait()
+            return True
+        return False
+
     async def force(self, lsn: int | None = None, *, sync: bool = True) -> None:
         """Return once every record below `lsn` (default: everything appended) is durable
         -- or, with `sync=False`, written (in the device's files, not flushed).
@@ -274,13 +305,18 @@ class Log:
         target = self.end_lsn if lsn is None else lsn
         if not self.group_commit:
             async with self._flush_lock:
-                self._check_failed()
-                await self._write_once(sync)
+                while True:
+                    self._check_failed()
+                    await self._write_once(sync)
+                    if not await self._wait_unheld(target):
+                        break
                 if sync:
                     await self._sync_once()
             return
         while self.written_lsn < target:
             self._check_failed()
+            if await self._wait_unheld(target):
+                continue
             if self._writing:
                 await self._write_done.wait()
                 continue
@@ -316,9 +352,9 @@ class Log:
             raise TxnManagerFailed(f"log write failed: {self.failed!r}")
 
     async def _write_once(self, sync: bool) -> None:
-        """Write every buffered record into the device (no flush); `sync`: for a caller
-        who goes on to flush (not counted in `writes`)."""
-        end = self.end_lsn
+        """Write the buffered records into the device (no flush), up to the oldest hold;
+        `sync`: for a caller who goes on to flush (not counted in `writes`)."""
+        end = self._writable_end()
         if end <= self.written_lsn:
             return
         data = bytes(self._buf[:end - self._buf_lsn])

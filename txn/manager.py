@@ -53,6 +53,11 @@ from .twophase import TwoPhaseMixin
 
 __all__ = ["TxnManager", "Txn", "CommitRecord", "Change", "FreshChange"]
 
+# A transaction with at least this many fresh blocks, in a manager that publishes at
+# append, writes them after its COMMIT is appended, in a worker thread (`_commit`): a
+# thread's hand-off costs more than it saves for a few blocks.
+FRESH_BEHIND_BLOCKS = 32
+
 
 class TxnManager(RecoveryMixin, CheckpointMixin, TwoPhaseMixin, OrderedMixin, PublishMixin):
     """The write-ahead log, buffer cache and lock table over one block device.
@@ -241,8 +246,15 @@ class TxnManager(RecoveryMixin, CheckpointMixin, TwoPhaseMixin, OrderedMixin, Pu
 
     async def _commit(self, txn: Txn, payload: Any, durable: bool = True) -> CommitRecord:
         prepared = txn.state == "prepared"
-        if txn.fresh and not prepared:
-            await self._write_fresh_blocks(txn)    # ordered: the data before its COMMIT
+        # ordered: the data in place before its COMMIT is written; usually before the
+        # COMMIT is even appended, but a large transaction of a manager that publishes at
+        # append (a replicating primary) appends first and holds the log back until its
+        # data is in place, written in a worker thread while subscribers ship the commit
+        behind = (prepared is False and len(txn.fresh) >= FRESH_BEHIND_BLOCKS
+                  and self.publish_at_append and bool(self._subscribers)
+                  and hasattr(self.device, "write_sync"))
+        if txn.fresh and not prepared and not behind:
+            await self._write_fresh_blocks(txn)
         if not (txn.updates or txn.fresh or prepared or payload is not None):
             rec = CommitRecord(None, txn.id, (), None)   # read-only: nothing to log
             await self._finish(txn, "committed")
@@ -255,6 +267,7 @@ class TxnManager(RecoveryMixin, CheckpointMixin, TwoPhaseMixin, OrderedMixin, Pu
         # From the append on, the transaction is committed as soon as the log reaches
         # the disk, whatever happens to this task: on cancellation the rest is finished
         # shielded (not shielding the common path: a CancelScope per commit is costly).
+        hold = self.log.hold() if behind else None
         lsn, end = self.log.append(Commit(txn.id, payload), reserved=size)
         if from_txn:
             txn.reserved -= size
@@ -265,6 +278,8 @@ class TxnManager(RecoveryMixin, CheckpointMixin, TwoPhaseMixin, OrderedMixin, Pu
         if self._subscribers:
             self._queue_publish(end, rec)
         crash_point("txn.commit.appended")
+        if hold is not None:
+            await self._fresh_behind(txn, hold)
         if not durable and not prepared:
             self._stats["lazy_commits"] += 1
             await self._finish(txn, "committed")
@@ -286,6 +301,23 @@ class TxnManager(RecoveryMixin, CheckpointMixin, TwoPhaseMixin, OrderedMixin, Pu
         if self.log.used > self.checkpoint_at * self.log.usable and not self._ckpt_running:
             await self.checkpoint()
         return rec
+
+    async def _fresh_behind(self, txn: Txn, hold: int) -> None:
+        """Write `txn`'s fresh blocks after its COMMIT was appended (and published), then
+        let the log write the COMMIT. If they cannot be written, this log must never
+        carry the COMMIT: the log fails (the manager serves reads only, as after any log
+        failure) and the transaction counts as aborted here."""
+        with trio.CancelScope(shield=True):
+            try:
+                await self._write_fresh_blocks(txn, threaded=True)
+            except Exception as exc:
+                if self.log.failed is None:
+                    self.log.failed = exc
+                self.log.release(hold)
+                await self._fail_commit(txn)
+                raise TxnManagerFailed(f"the data of a commit could not be written: "
+                                       f"{exc!r}") from exc
+            self.log.release(hold)
 
     async def _force_or_fail(self, txn: Txn, end: int) -> None:
         try:

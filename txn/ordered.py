@@ -8,9 +8,16 @@ bytes: the manager tracks the LSN a recovery now would redo from (`_redo_from`, 
 each checkpoint) and the last UPDATE/CLR LSN of each block logged since (`_logged`,
 kept by `_write`, `_undo` and pruned by `_checkpoint`); elsewhere the write falls back
 to a logged `write(undo=False)`.
+
+A large transaction of a replicating primary writes its fresh blocks after its COMMIT
+was appended and published, with the log held back below the COMMIT until they are in
+place (`TxnManager._commit`, `Log.hold`): the same order on this device, while the
+backup already receives the commit.
 """
 
 from __future__ import annotations
+
+import trio
 
 from replfs.crash import crash_point
 
@@ -34,11 +41,16 @@ class OrderedMixin:
         if self.history is not None:
             self.history.write(txn.id, BlockRange(block, 0, len(data)))
 
-    async def _write_fresh_blocks(self, txn: Txn) -> None:
-        """Before the COMMIT (or PREPARE) record: the transaction's fresh blocks in place;
-        a cached page of one (left from its previous life) takes the new bytes."""
+    async def _write_fresh_blocks(self, txn: Txn, threaded: bool = False) -> None:
+        """Before the COMMIT (or PREPARE) record is written: the transaction's fresh
+        blocks in place (`threaded`: in a worker thread, through the device's
+        `write_sync`, while the event loop goes on); a cached page of one (left from its
+        previous life) takes the new bytes."""
         fresh = txn.fresh
-        await self.device.write_blocks(fresh)
+        if threaded:
+            await trio.to_thread.run_sync(self.device.write_sync, fresh)
+        else:
+            await self.device.write_blocks(fresh)
         crash_point("txn.commit.fresh_written")
         for block, data in fresh.items():
             page = self.cache.pages.get(block)
