@@ -7,7 +7,7 @@ acknowledged the transaction (or the view has no backup). A retransmission of a 
 that is still running waits for its result (`_once`).
 
 Forwarding: a single task reads the transaction manager's commit stream
-(`mgr.subscribe()`, commit order) and ships batches of commit records (their byte-range
+(`mgr.subscribe_into`, commit order, with fsync markers in their place) and ships batches of commit records (their byte-range
 after-images) to the backup. The stream carries each commit as soon as it is appended,
 so the primary's own log write and the round trip to the backup overlap. `fsync`
 additionally sends `Flush` and returns once the backup has forced everything it received.
@@ -128,7 +128,6 @@ class Primary:
     link_durable: int = 0           # what the backup of the current link reported forced
     lease_from: float = -1e9        # sent time of the last request the backup acknowledged
     markers: list = field(default_factory=list)     # fsyncs waiting for the backup's flush
-    pump: trio.CancelScope | None = None
     stream: trio.MemorySendChannel | None = None
     sync_progress: tuple[int, int] = (0, 0)
     sync_kind: str = ""             # the running (or last) transfer: incremental / full
@@ -191,17 +190,6 @@ class PrimaryRole:
         """The link failed: the dirty map holds what the backup may lack (everything
         after its base, a position the backup had forced)."""
         p.backup_synced = False
-
-    async def _pump(self, sub, send, scope: trio.CancelScope) -> None:
-        """Commit records (commit order) into the primary's own stream, which also
-        carries fsync markers in their place."""
-        with scope:
-            async with sub:         # closing it drops the subscription in the manager
-                async for rec in sub:
-                    try:
-                        send.send_nowait(rec)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return      # demoted meanwhile
 
     def _release_markers(self, p: Primary) -> None:
         for m in p.markers:

@@ -86,6 +86,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         self.applied_lsn = 0
         self._applyq: list = []
         self._applyq_event = trio.Event()
+        self._applying = False      # a task is applying the queue (backup.py)
         self._queued_bytes = 0
         self._received = 0
         self._applied = 0
@@ -214,12 +215,13 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         self._nursery.start_soon(self.fs.mgr.flush_behind, FLUSH_BEHIND)
         table = amo.AmoTable(self.array.nblocks)
         await table.load(self.fs.mgr)
+        # one ordered stream: the manager publishes its records into it, and fsync
+        # adds its markers in their place (primary.py `execute`)
         send, recv = trio.open_memory_channel(float("inf"))
         self.primary = Primary(secrets.token_hex(8), table, recv)
         self.primary.stream = send
         self.fs.frees_settled = self._frees_settled
-        self.primary.pump = trio.CancelScope()
-        self._nursery.start_soon(self._pump, self.fs.mgr.subscribe(), send, self.primary.pump)
+        self.fs.mgr.subscribe_into(send)
         self.role = "primary"
         self.backup_synced = False
         log.info("promoted to primary of view %d (incarnation %s)", v.num,
@@ -261,8 +263,9 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         if self._view_scope is not None:
             self._view_scope.cancel()
         if self.primary is not None:
-            self.primary.pump.cancel()
-            self.primary.commits.close()     # waiting fsyncs see the role gone
+            # the manager drops its subscription at its next record; waiting fsyncs
+            # see the role gone
+            self.primary.commits.close()
         self.primary = None
         self.twopc.on_demote()
         self.role = "idle"

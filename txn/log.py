@@ -326,9 +326,11 @@ class Log:
                 # two scheduling rounds before taking the batch: every task that is
                 # already runnable (woken by the previous write) runs its next
                 # transaction up to its COMMIT first -- trio orders a round randomly, so
-                # one round could still find this leader ahead of them
-                await trio.lowlevel.checkpoint()
-                await trio.lowlevel.checkpoint()
+                # one round could still find this leader ahead of them. With no other
+                # task runnable nobody can join: write at once.
+                if trio.lowlevel.current_statistics().tasks_runnable:
+                    await trio.lowlevel.checkpoint()
+                    await trio.lowlevel.checkpoint()
                 await self._write_once(sync)
             finally:
                 self._writing = False

@@ -41,6 +41,7 @@ class RecType(IntEnum):
     PREPARE = 6
     DECISION = 7
     FORGET = 8
+    REDO = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +121,19 @@ class Forget:
     type = RecType.FORGET
 
 
+@dataclass(frozen=True, slots=True)
+class Redo:
+    """A committed batch of after-images, ``[[block, offset, data], ...]``, in one record
+    and outside any transaction (`TxnManager.apply_redo`: a backup applying its
+    primary's commits). The frame's checksum makes it whole or absent; recovery redoes
+    it and never undoes it."""
+    changes: list
+    type = RecType.REDO
+
+
 _CLASSES = {cls.type: cls for cls in (Update, Clr, Commit, Abort, Checkpoint, Prepare,
-                                      Decision, Forget)}
-Record = Update | Clr | Commit | Abort | Checkpoint | Prepare | Decision | Forget
+                                      Decision, Forget, Redo)}
+Record = Update | Clr | Commit | Abort | Checkpoint | Prepare | Decision | Forget | Redo
 
 
 def tuplify(x: Any) -> Any:

@@ -9,7 +9,7 @@ Recovery (`TxnManager.open`), ARIES-style:
    (COMMIT, ABORT, PREPARE); the last CHECKPOINT gives the redo LSN, the next
    transaction id and the coordinator decisions.
 3. *Redo* (repeat history): apply every UPDATE and CLR from the redo LSN on, winners and
-   losers alike, in log order.
+   losers alike, and every REDO batch (committed, outside any transaction), in log order.
 4. *Undo*: the losers' (no COMMIT/ABORT/PREPARE) uncompensated updates, newest first
    across all losers, each logged as a CLR before it is applied; then an ABORT per loser.
    A crash during recovery is recovered again: the CLRs already written make the second
@@ -30,7 +30,7 @@ from replfs.raid.blockdev import BlockDevice
 
 from .history import HistoryRecorder
 from .log import Log
-from .records import Abort, Checkpoint, Clr, Commit, Decision, Forget, Prepare, Update
+from .records import Abort, Checkpoint, Clr, Commit, Decision, Forget, Prepare, Redo, Update
 from .transaction import ABORT_SIZE, COMMIT_SIZE, Txn, _size, _Upd
 
 if TYPE_CHECKING:
@@ -92,6 +92,8 @@ class RecoveryMixin:
             if isinstance(rec, Forget):
                 self._decisions.pop(rec.gtid, None)
                 continue
+            if isinstance(rec, Redo):       # committed, outside any transaction
+                continue
             info = infos.setdefault(rec.txn, dict(status="active", updates=[], clrs=set(),
                                                   first=lsn, payload=None, locks=[]))
             next_id = max(next_id, rec.txn + 1)
@@ -110,11 +112,19 @@ class RecoveryMixin:
         # redo: repeat history from the last checkpoint's redo point
         redone = 0
         for lsn, end, rec in records:
-            if lsn >= redo_lsn and isinstance(rec, (Update, Clr)):
+            if lsn < redo_lsn:
+                continue
+            if isinstance(rec, (Update, Clr)):
                 page = await self.cache.get(rec.block)
                 page.data[rec.offset:rec.offset + len(rec.new)] = rec.new
                 self.cache.changed(page, end)
                 redone += 1
+            elif isinstance(rec, Redo):
+                for block, offset, data in rec.changes:
+                    page = await self.cache.get(block)
+                    page.data[offset:offset + len(data)] = data
+                    self.cache.changed(page, end)
+                    redone += 1
         crash_point("txn.recovery.redone")
 
         # undo the losers, newest update first; a prepared txn whose abort had begun

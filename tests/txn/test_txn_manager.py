@@ -624,3 +624,123 @@ async def check_fresh_apply(mgr):
     rec = await mgr.apply([[80, 0, b"q" * mgr.device.block_size, 1], [81, 0, b"meta"]])
     assert [c.fresh for c in rec.changes] == [False, True]
     return await peek(mgr, 80)
+
+
+class ThreadedDevice(MemoryDevice):
+    """A MemoryDevice that also takes writes from a worker thread (`write_sync`, as the
+    array does), recording the order in which blocks reach it."""
+
+    def __init__(self, nblocks):
+        super().__init__(nblocks)
+        self.order: list[int] = []
+        self.gate = None        # a threading.Event the worker waits for, when set
+
+    def write_sync(self, blocks):
+        if self.gate is not None:
+            self.gate.wait(10)
+        for n, data in blocks.items():
+            self._volatile[n] = bytes(data)
+            self.order.append(n)
+
+    async def write_blocks(self, blocks):
+        await super().write_blocks(blocks)
+        self.order.extend(blocks)
+
+
+async def test_log_hold_keeps_later_records_in_memory_until_released():
+    """`Log.hold`: records appended after a hold are not written, by anyone, until the
+    hold is released; a written-only force waits for it, and records before it go."""
+    dev, mgr = await fresh()
+    log = mgr.log
+    t = mgr.begin()
+    await t.write(40, 0, b"before")
+    await t.commit(durable=False)
+    token = log.hold()
+    held_from = log.end_lsn
+    t = mgr.begin()
+    await t.write(41, 0, b"after")
+    await t.commit(durable=False)
+    done = trio.Event()
+
+    async def writer():
+        await mgr.write()
+        done.set()
+    async with trio.open_nursery() as n:
+        n.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set() and log.written_lsn == held_from
+        log.release(token)
+        await done.wait()
+    assert log.written_lsn == log.end_lsn
+    mgr2 = await reopen(dev)            # a process crash: what was written is there
+    assert await peek(mgr2, 41, 0, 5) == b"after"
+
+
+async def test_fresh_data_behind_a_published_commit_reaches_the_device_first():
+    """A manager that publishes at append (a replicating primary) appends a large
+    transaction's COMMIT, and publishes it, before its fresh blocks are written (in a
+    worker thread); the log holds the COMMIT back until they are in place, so the
+    device never has the commit without the data."""
+    import threading
+    from replfs.txn.manager import FRESH_BEHIND_BLOCKS
+    dev = ThreadedDevice(512)
+    await TxnManager.format(dev, **LOG)
+    mgr = await TxnManager.open(dev, **LOG)
+    mgr.publish_at_append = True
+    feed = mgr.subscribe()
+    bs = dev.block_size
+    dev.gate = threading.Event()
+    blocks = list(range(200, 200 + FRESH_BEHIND_BLOCKS))
+
+    async def commit():
+        t = mgr.begin()
+        for b in blocks:
+            await t.write_fresh(b, bytes([b % 251]) * bs)
+        await t.write(100, 0, b"size")
+        await t.commit(durable=False)
+        await mgr.write()
+    async with trio.open_nursery() as n:
+        n.start_soon(commit)
+        rec = await feed.receive()      # published while the data is still on its way
+        assert [c.block for c in rec.changes if c.fresh] == blocks
+        assert not any(b in dev.order for b in blocks)
+        assert mgr.log.written_lsn <= rec.lsn      # the COMMIT is not in the device
+        dev.gate.set()
+    # the write that carried the COMMIT (the last log write) came after the data
+    is_log = [LOG["log_start"] <= b < LOG["log_start"] + LOG["log_blocks"] for b in dev.order]
+    last_log = len(is_log) - 1 - is_log[::-1].index(True)
+    assert mgr.log.written_lsn > rec.lsn
+    assert all(dev.order.index(b) < last_log for b in blocks)
+    mgr2 = await reopen(dev)
+    assert await peek(mgr2, 100, 0, 4) == b"size"
+    assert await peek(mgr2, blocks[-1]) == bytes([blocks[-1] % 251]) * bs
+
+
+async def test_apply_redo_is_one_record_whole_after_a_crash():
+    """`apply_redo` (a backup's batch): lazily committed in one REDO record, visible at
+    once, written by `write()` (a process crash keeps it), forced by `force()`, redone by
+    recovery; a fresh change goes in place, unless its block was logged since the last
+    checkpoint."""
+    dev, mgr = await fresh()
+    bs = dev.block_size
+    t = mgr.begin()
+    await t.write(90, 0, b"was metadata")
+    await t.commit()
+    lsn = await mgr.apply_redo([(60, 5, b"hello"), (61, 0, b"x" * bs, 1), (90, 0, b"y" * bs, 1),
+                                (60, 100, b"world")])
+    assert lsn > 0 and mgr.stats()["fresh_blocks"] == 1
+    assert await peek(mgr, 60, 5, 5) == b"hello" and await peek(mgr, 60, 100, 5) == b"world"
+    await mgr.write()
+    mgr2 = await reopen(dev)            # kill -9: written records and fresh data stay
+    assert await peek(mgr2, 60, 0, 10) == bytes(5) + b"hello"
+    assert await peek(mgr2, 61) == b"x" * bs and await peek(mgr2, 90) == b"y" * bs
+    await mgr2.apply_redo([(62, 0, b"lost")])      # never written: gone after a crash
+    await mgr2.apply_redo([(63, 0, b"kept")])
+    await mgr2.force()
+    await mgr2.apply_redo([(64, 0, b"unforced")])
+    await mgr2.write()
+    dev.crash()                         # power loss: what was forced
+    mgr3 = await reopen(dev)
+    assert await peek(mgr3, 63, 0, 4) == b"kept" and await peek(mgr3, 64, 0, 8) == bytes(8)
+    assert await peek(mgr3, 60, 100, 5) == b"world"
+    assert mgr3.stats()["recovery"]["redone"] >= 1
