@@ -209,7 +209,11 @@ class PrimaryRole:
     async def _next_batch(self, p: Primary) -> list:
         """The next commit records (possibly none: only fsync markers)."""
         batch: list = []
-        size = self._take(p, await p.commits.receive(), batch)
+        try:
+            first = p.commits.receive_nowait()      # no scheduling round when one waits
+        except trio.WouldBlock:
+            first = await p.commits.receive()
+        size = self._take(p, first, batch)
         while size < FORWARD_MAX:
             try:
                 item = p.commits.receive_nowait()
