@@ -169,6 +169,7 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
         if self._recent and pblock >= self.geo.data_start:     # (not checksums, bitmap)
             self._forget_recent(disk.index, pblock - self.geo.data_start,
                                 pblock - self.geo.data_start + len(data) // BLOCK_SIZE)
+        disk.unsynced = True
         try:
             n = os.pwrite(disk.fd, data, pblock * BLOCK_SIZE)
             if n != len(data):
@@ -194,7 +195,11 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
                 os.close(fd)
             return None
 
-        for bad in self._pool.map(one, jobs):
+        # Two or fewer one after the other in this thread: a hand-off to the pool costs
+        # more than a small fdatasync, and image files on one host device have their
+        # flushes serialized by it anyway. More (a flush of every member) in parallel.
+        results = map(one, jobs) if len(jobs) <= 2 else self._pool.map(one, jobs)
+        for bad in results:
             if bad:
                 with self._lock:
                     self._disk_error(bad[0], "write", bad[1])
@@ -214,6 +219,7 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
                   "chunk": self.geo.chunk, "block_size": BLOCK_SIZE,
                   "disk_blocks": self.geo.disk_blocks, "events": self.events,
                   "state": state, "members": table, "time": time.time()}
+            d.unsynced = True
             try:
                 sbmod.write_both(d.fd, sb, self.geo.disk_blocks)
             except OSError as exc:
@@ -341,7 +347,9 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
         with self._lock:
             self._check_open()
             snap = self._before_fsync()
-        await trio.to_thread.run_sync(self._fsync_disks)
+            targets = self._take_unsynced()
+        if targets:
+            await trio.to_thread.run_sync(self._fsync_disks, targets)
         with self._lock:
             self._after_fsync(snap)
 
@@ -349,8 +357,21 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
         with self._lock:
             self._check_open()
             snap = self._before_fsync()
-            self._fsync_disks()
+            targets = self._take_unsynced()
+            if targets:
+                self._fsync_disks(targets)
             self._after_fsync(snap)
+
+    def _take_unsynced(self) -> list[Disk]:
+        """The members written since their last flush began (cleared now: what is
+        written from here on waits for the next flush). A flush syncs only those: each
+        fdatasync of an image file costs a flush of the device under it, and the
+        device serializes them, so a small write's fsync syncs two or three members,
+        not all."""
+        out = [d for d in self.disks if d.fd is not None and d.unsynced]
+        for d in out:
+            d.unsynced = False
+        return out
 
     def _before_fsync(self) -> set[int]:
         self.stats["flushes"] += 1

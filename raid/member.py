@@ -28,6 +28,9 @@ class Disk:
         self.cksum_errors = 0  # checksum mismatches repaired
         self.unrecoverable = 0  # damaged blocks that could not be rebuilt
         self.cs: ChecksumStore | None = None
+        # written since its last fdatasync began (a flush syncs only such members);
+        # at first: whatever opened it may have written without saying so
+        self.unsynced = True
 
     def readable(self, e0: int, e1: int, cb: int) -> bool:
         if self.fd is None:

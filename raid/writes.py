@@ -197,6 +197,7 @@ class WriteMixin:
 
         def one(job):
             disk, fd, views = job
+            disk.unsynced = True
             try:
                 off = (g.data_start + e0) * BLOCK_SIZE
                 for i in range(0, len(views), iov_max):
