@@ -455,6 +455,9 @@ class PrimaryRole:
             # so that the backup forces (`Flush`) while this primary forces its own log
             marker = trio.Event()
             p.stream.send_nowait(marker)
+            # a scheduling round first: the forwarding task sends the backup its Flush
+            # before this task spends its time starting the local force
+            await trio.lowlevel.checkpoint()
             await self.fs.fsync()
             await self._wait_acked(p, p.committed_lsn)
             while not marker.is_set():
