@@ -133,6 +133,12 @@ class Op:
         self.fs.bmap.rollback_allocated(self.alloc_blocks)
         self.fs.imap.rollback_allocated(self.alloc_inodes)
 
+    def uncache_written(self) -> None:
+        """Forget the cached committed state of the inodes this operation wrote (it is
+        prepared, and holds them X-locked: nobody can cache them again before its end)."""
+        for ino in self._written:
+            self.fs._committed_inodes.pop(ino, None)
+
     def _cache_committed(self) -> None:
         # under the transaction's locks still: caches follow the commit order
         self.fs.inodes_committed({ino: self._inodes[ino] for ino in self._written})

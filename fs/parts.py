@@ -37,11 +37,12 @@ class Part:
         self.results = results
 
     async def commit(self):
-        """Commit the prepared transaction (forced); returns its CommitRecord. Shielded:
-        a caller cancelled meanwhile (its connection broke) still leaves it committed
-        and its allocations settled."""
+        """Commit the prepared transaction (forced); returns its CommitRecord. Its locks
+        go as soon as the COMMIT is appended (the next operation on what it changed
+        need not wait for this force). Shielded: a caller cancelled meanwhile (its
+        connection broke) still leaves it committed and its allocations settled."""
         with trio.CancelScope(shield=True):
-            rec = await self.txn.commit()
+            rec = await self.txn.commit(release_early=True)
         if self.op is not None:
             self.op.committed()
         else:           # recovered in doubt: which inodes it wrote is not known here
@@ -104,6 +105,11 @@ class PartOps:
         part = Part(self, op.txn, op, results)
         if op.txn.state == "committed":
             op.committed()
+        elif op.txn.state == "prepared":
+            # its inodes' committed state is about to change at the coordinator's word:
+            # no answer from the committed-inode cache until then (getattr takes their
+            # S lock instead, and waits for the decision)
+            op.uncache_written()
         return part
 
     def resume_part(self, txn) -> "Part":

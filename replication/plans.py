@@ -54,7 +54,9 @@ class Planner:
         return await self._read(ino_group(ino), "getattr", ino)
 
     # ------------------------------------------------------------ plans
-    async def _plan_rename(self, p_old, n_old, p_new, n_new, flags=0):
+    async def _plan_rename(self, p_old, n_old, p_new, n_new, flags=0, optimistic=False):
+        """`optimistic`: take the new name as free if its directory is another group's
+        (one round trip less; the step that links it checks, under its lock)."""
         if flags & RENAME_EXCHANGE:
             return await self._plan_exchange(p_old, n_old, p_new, n_new)
         directory.check_name(n_new)
@@ -63,7 +65,10 @@ class Planner:
             raise FsError(errno.ENOENT, n_old.decode(errors="replace"))
         sino, styp = src
         s_dir = styp == DIR_T
-        dst = await self._entry(p_new, n_new)
+        if optimistic and ino_group(p_new) != self.s.group:
+            dst = None
+        else:
+            dst = await self._entry(p_new, n_new)
         d_dir = False
         if dst is not None:
             if flags & RENAME_NOREPLACE:

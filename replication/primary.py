@@ -50,6 +50,7 @@ import trio
 from replfs.crash import crash_point
 from replfs.fs.core import Request, current_request
 from replfs.fs.errors import ForeignInode, FsError
+from replfs.fs.layout import ino_group
 from replfs.replication import amo, wire
 from replfs.replication.twopc import DISTRIBUTED, TX_METHODS
 from replfs.replication.viewserver import View
@@ -522,6 +523,11 @@ class PrimaryRole:
             target = self.cfg.place_dir(req.args[0], req.args[1])
             if target != self.group:
                 return await self.twopc.execute(p, key, req, group=target)
+        if (req.method == "rename" and len(req.args) >= 3 and type(req.args[2]) is int
+                and ino_group(req.args[2]) != self.group):
+            # between directories of two groups: two-phase commit at once (a local
+            # attempt would only find the other directory foreign, and abort)
+            return await self.twopc.execute(p, key, req)
         packed = {}
 
         async def before_commit(txn, result):

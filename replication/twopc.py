@@ -19,8 +19,11 @@ receives such an operation becomes its **coordinator**.
    the decision is durable in the coordinator's group, whatever fails next. No decision
    logged means abort (presumed abort): a NO vote, a timeout, or a failure before the
    commit point aborts every prepared participant.
-4. *Complete*: participants commit (and wait for their backup) or abort, release their
-   locks, and acknowledge; when all have, the coordinator clears the entry.
+4. *Complete*: the coordinator answers its client, and meanwhile tells the participants:
+   they commit (and wait for their backup) or abort, release their locks, and
+   acknowledge; when all have, the coordinator clears the entry. Until a participant
+   has committed, what it changed stays locked and out of its committed-inode cache, so
+   whoever reads it after the client's answer waits for the commit.
 
 Recovery. A participant's prepared transaction is replicated to its backup and, after a
 restart or failover, recovered *in doubt* with its locks (txn/ recovery); the primary
@@ -57,7 +60,6 @@ log = logging.getLogger("replfs.2pc")
 
 PREPARE_LOCK_TIMEOUT = 0.3    # a participant that cannot lock in time votes NO
 COORD_LOCK_TIMEOUT = 0.3
-DECIDE_WAIT = 2.0             # the coordinator answers its client after this at most
 RESOLVE_AFTER = 1.0           # a prepared participant asks its coordinator after this
 RESOLVE_EVERY = 0.2
 MAX_ATTEMPTS = 200
@@ -160,7 +162,11 @@ class TwoPhase(Planner):
                 await trio.sleep(random.uniform(0, min(0.25, 0.002 * 2 ** min(attempt, 8))))
             self.s._check_serving()
             try:
-                plan = await planner(*args, **kwargs)
+                # a rename's first plan assumes its new name free in a remote directory
+                # (it saves asking): the participant's step finds it otherwise (Stale),
+                # and the next attempt asks
+                plan = await planner(*args, **kwargs, **(
+                    {"optimistic": True} if req.method == "rename" and not attempt else {}))
             except FsError as exc:
                 return None, exc.errno, str(exc)
             if isinstance(plan, Done):
@@ -203,8 +209,11 @@ class TwoPhase(Planner):
                 box["reply"] = await p.table.record(txn, key, req.seq, result)
                 if groups:
                     box["slot"] = await self.table.record(txn, gtid, groups)
-                # forced here and held by the backup (`_wait_acked`) before anyone hears it
-                box["rec"] = await txn.commit([req.client, req.lane, req.seq])
+                # forced here and held by the backup (`_wait_acked`) before anyone hears
+                # it; its locks go once it is appended (early release: what reads it
+                # logs after it)
+                box["rec"] = await txn.commit([req.client, req.lane, req.seq],
+                                              release_early=True)
                 crash_point("2pc.coord.logged")
 
             await s.gate.enter()
@@ -247,9 +256,12 @@ class TwoPhase(Planner):
             if not box.get("undecided"):
                 self.active.discard(gtid)
         if groups:
-            done = self._start_delivery(p, gtid)
-            with trio.move_on_after(DECIDE_WAIT):
-                await done.wait()
+            # the outcome is decided and replicated: answer now, and let the participants
+            # commit meanwhile. Until each has, it holds its X locks (whoever touches
+            # what it changed waits for them) and its inodes are out of its committed-
+            # inode cache (fs/parts.py `run_part`), so no read anywhere sees the state
+            # from before this operation once the client heard it is done.
+            self._start_delivery(p, gtid)
         return box["result"], 0, ""
 
     async def _ask_prepare(self, gtid: str, g: int, steps: list, votes: dict) -> None:

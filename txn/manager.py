@@ -244,7 +244,8 @@ class TxnManager(RecoveryMixin, CheckpointMixin, TwoPhaseMixin, OrderedMixin, Pu
             self.history.write(txn.id, BlockRange(block, offset, offset + n))
         crash_point("txn.write.logged")
 
-    async def _commit(self, txn: Txn, payload: Any, durable: bool = True) -> CommitRecord:
+    async def _commit(self, txn: Txn, payload: Any, durable: bool = True,
+                      release_early: bool = False) -> CommitRecord:
         prepared = txn.state == "prepared"
         # ordered: the data in place before its COMMIT is written; usually before the
         # COMMIT is even appended, but a large transaction of a manager that publishes at
@@ -283,6 +284,16 @@ class TxnManager(RecoveryMixin, CheckpointMixin, TwoPhaseMixin, OrderedMixin, Pu
         if not durable and not prepared:
             self._stats["lazy_commits"] += 1
             await self._finish(txn, "committed")
+            if self.log.used > self.checkpoint_at * self.log.usable and not self._ckpt_running:
+                await self.checkpoint()
+            return rec
+        if release_early:
+            # committed for everyone from here on (whoever reads it now logs after this
+            # COMMIT, so cannot be durable without it); durable when this returns
+            await self._finish(txn, "committed")
+            with trio.CancelScope(shield=True):
+                await self.log.force(end)       # TxnManagerFailed: the log is dead
+                self._publish()
             if self.log.used > self.checkpoint_at * self.log.usable and not self._ckpt_running:
                 await self.checkpoint()
             return rec

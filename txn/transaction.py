@@ -185,7 +185,8 @@ class Txn:
         self._check_usable()
         return await self.mgr._prepare(self, payload)
 
-    async def commit(self, payload: Any = None, *, durable: bool = True) -> CommitRecord:
+    async def commit(self, payload: Any = None, *, durable: bool = True,
+                     release_early: bool = False) -> CommitRecord:
         """Log COMMIT (with `payload`), force the log, release the locks.
 
         Returns the `CommitRecord`, also published to subscribers in commit order.
@@ -198,9 +199,16 @@ class Txn:
         transaction is committed for everyone who runs after it, and becomes durable
         with the next force (any durable commit, `TxnManager.force()`, or
         `flush_behind`); a crash before then loses it whole, never in part, and never
-        without everything that committed after it (the log is one sequence)."""
+        without everything that committed after it (the log is one sequence).
+
+        `release_early` (with `durable`): the locks go, and the commit is visible, as
+        soon as the COMMIT is appended; the call still returns only once it is durable
+        (early lock release: whoever reads it logs after the COMMIT, so nothing that
+        depends on it can be durable without it). For a 2PC participant's or
+        coordinator's commit, whose force would otherwise hold the locks."""
         self._check_usable("active", "prepared")
-        return await self.mgr._commit(self, payload, durable=durable)
+        return await self.mgr._commit(self, payload, durable=durable,
+                                      release_early=release_early)
 
     async def abort(self) -> None:
         """Undo this transaction's updates (logging CLRs), log ABORT, release the locks.
