@@ -115,9 +115,14 @@ class FileSystem(NamespaceOps, DataOps, XattrOps, PartOps):
 
     async def release_number(self, ino: int) -> None:
         """The kernel forgot `ino`, freed earlier with its number held: reuse it."""
-        if ino in self._held_numbers:
-            self._held_numbers.discard(ino)
-            self.imap.commit_freed([ino_slot(ino)])
+        await self.release_numbers([ino])
+
+    async def release_numbers(self, inos: list[int]) -> None:
+        """`release_number` of each of `inos` (a client gathers them)."""
+        held = [ino for ino in inos if type(ino) is int and ino in self._held_numbers]
+        if held:
+            self._held_numbers.difference_update(held)
+            self.imap.commit_freed([ino_slot(ino) for ino in held])
 
     def inodes_committed(self, nodes: dict[int, Inode]) -> None:
         """Called after a transaction committed, with the inodes it wrote."""

@@ -31,7 +31,8 @@ and within `cache_ttl` seconds, through `getattr_cached` (the kernel asks for a
 directory's attributes after every change in it), while `getattr` always asks the
 server (open's close-to-open check). Inodes known to have no extended attributes (just
 created, or so answered) answer getxattr and listxattr without a round trip for
-`cache_ttl` seconds. `forget` runs in the background: nothing waits for its answer.
+`cache_ttl` seconds. `forget` runs in the background: nothing waits for its answer;
+`release_number` too, gathered into one request per group every RELEASE_DELAY.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ CONNECT_TIMEOUT = 0.4
 CACHE_TTL = 5.0
 FORGET_LANES = 2            # lanes that background forgets may hold at once
 FORGET_DRAIN = 10.0         # seconds aclose waits for forgets still going out
+RELEASE_DELAY = 0.02        # inode numbers released within this go in one request
+RELEASE_BATCH = 512         # inode numbers per request at most
 
 
 class Unavailable(FsError):
@@ -141,6 +144,8 @@ class RemoteFS:
         self.post_op = PostOpAttrs(cache_ttl)
         self.no_xattrs = NoXattrs(cache_ttl)
         self._forget_lanes = trio.CapacityLimiter(FORGET_LANES)
+        self._releases: dict[int, list[int]] = {}   # group -> inode numbers to release
+        self._releasing: set[int] = set()           # groups whose sender is running
         self._forgets = 0                           # background forgets not yet answered
         self._forgets_done = trio.Event()
         self._forgets_done.set()
@@ -424,15 +429,52 @@ class RemoteFS:
 
     async def release_number(self, ino):
         """Let `ino`'s group reuse the number of an inode that an unlink freed at once
-        (this mount's kernel has forgotten it), in the background as `forget`."""
-        await self._in_background("release_number", ino)
+        (this mount's kernel has forgotten it), in the background as `forget`, and
+        gathered: the numbers released within RELEASE_DELAY go to their group in one
+        request (`release_numbers`), not one request per unlinked file."""
+        if self._nursery is None:
+            return await self.call("release_number", ino)
+        group = ino_group(ino)
+        self._releases.setdefault(group, []).append(ino)
+        if group not in self._releasing:
+            self._releasing.add(group)
+            self._background_started()
+            self._nursery.start_soon(self._send_releases, group)
+
+    async def _send_releases(self, group: int) -> None:
+        """Send `group`'s released numbers, gathered for RELEASE_DELAY, until none are
+        left (the one sender of that group meanwhile)."""
+        try:
+            while self._releases.get(group):
+                await trio.sleep(RELEASE_DELAY)
+                batch = self._releases[group][:RELEASE_BATCH]
+                del self._releases[group][:RELEASE_BATCH]
+                try:
+                    async with self._forget_lanes:
+                        await self.call_group(group, "release_numbers", batch)
+                except FsError as exc:
+                    log.warning("release of %d inode numbers failed: %s", len(batch), exc)
+        except trio.Cancelled:
+            log.warning("inode numbers not released: the client is closing")
+            raise
+        finally:
+            self._releasing.discard(group)
+            self._background_done()
+
+    def _background_started(self) -> None:
+        if not self._forgets:
+            self._forgets_done = trio.Event()
+        self._forgets += 1
+
+    def _background_done(self) -> None:
+        self._forgets -= 1
+        if not self._forgets:
+            self._forgets_done.set()
 
     async def _in_background(self, method, ino) -> None:
         if self._nursery is None:
             return await self.call(method, ino)
-        if not self._forgets:
-            self._forgets_done = trio.Event()
-        self._forgets += 1
+        self._background_started()
         self._nursery.start_soon(self._forget, method, ino)
 
     async def _forget(self, method, ino) -> None:
@@ -447,9 +489,7 @@ class RemoteFS:
         except Exception:
             log.exception("%s of inode %#x failed unexpectedly", method, ino)
         finally:
-            self._forgets -= 1
-            if not self._forgets:
-                self._forgets_done.set()
+            self._background_done()
 
     async def rename(self, p_old, n_old, p_new, n_new, flags=0):
         return await self.call("rename", p_old, n_old, p_new, n_new, flags)

@@ -61,7 +61,8 @@ UPDATES = frozenset({"setattr", "mknod", "create", "mkdir", "symlink", "link", "
                      "rmdir", "forget", "rename", "write", "setxattr", "removexattr",
                      "fallocate"})
 READS = frozenset({"lookup", "getattr", "readlink", "read", "readdir", "statfs",
-                   "getxattr", "listxattr", "entry", "dir_info", "release_number"})
+                   "getxattr", "listxattr", "entry", "dir_info", "release_number",
+                   "release_numbers"})
 CHUNK = 64                  # blocks per state-transfer message
 ACK_TIMEOUT = 5.0
 FORWARD_MAX = 2**20     # bytes of after-images per forward batch
