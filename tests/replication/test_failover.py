@@ -44,12 +44,24 @@ def check_workload(mnt, n):
     assert dirs == sorted(f"dir{i}" for i in range(10, n + 1, 10))
 
 
-def run_with_fault(running, n, fault, when=0.7):
+def _appended(mnt) -> int:
+    try:
+        return (mnt / "w/appends").read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def run_with_fault(running, n, fault):
+    """Run the workload and inject `fault` once a fifth of it is done (a condition,
+    not a time: the workload's speed is the filesystem's)."""
     proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", WORKLOAD.replace("N", str(n))],
                             cwd=running.mnt, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        time.sleep(when)
+        deadline = time.monotonic() + 60
+        while _appended(running.mnt) < n // 5 and proc.poll() is None:
+            assert time.monotonic() < deadline, "the workload made no progress for 60 s"
+            time.sleep(0.01)
         assert proc.poll() is None, "workload finished before the fault: make it longer"
         fault()
         out, err = proc.communicate(timeout=120)
