@@ -57,6 +57,7 @@ from replfs.crash import crash_point
 
 from . import superblock as sbmod
 from .bitmap import WriteIntentBitmap
+from .syncthread import SyncThread
 from .blockdev import BlockIOError, check_write
 from .checksums import PAGE_MEMORY, SCAN_BATCH, ChecksumStore
 from .dirfiles import BITMAP_NAME, read_state
@@ -114,6 +115,7 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
         self._lockfd = lockfd
         self._bitmap = WriteIntentBitmap(geo, os.path.join(dirpath, BITMAP_NAME))
         self._pool = ThreadPoolExecutor(max_workers=geo.ndisks, thread_name_prefix="raid")
+        self._syncer = SyncThread("raid-sync")      # flush()'s fdatasyncs
         self._untrusted_rows: set[int] = set()
         self._counters_dirty = False
         self._closed = False
@@ -349,7 +351,7 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
             snap = self._before_fsync()
             targets = self._take_unsynced()
         if targets:
-            await trio.to_thread.run_sync(self._fsync_disks, targets)
+            await self._syncer.run(lambda: self._fsync_disks(targets))
         with self._lock:
             self._after_fsync(snap)
 
@@ -407,6 +409,9 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
                     os.close(self._lockfd)
                     self._lockfd = -1
                 self._bitmap.close()
+        # outside the lock: a flush still in the sync thread takes it (and then finds
+        # the members closed)
+        self._syncer.close()
 
     def __enter__(self):
         return self
