@@ -423,7 +423,13 @@ class Channel:
                 return
             data = memoryview(data)[n:]
         async with self._send_lock:
-            await self.stream.send_all(data)
+            try:
+                await self.stream.send_all(data)
+            except BaseException:
+                # part of a frame may be on the wire (cancelled, or the peer gone): no
+                # later frame may follow it, so the connection ends here
+                await self.aclose()
+                raise
 
     async def aclose(self) -> None:
         self._closed = True
