@@ -1,4 +1,5 @@
-"""The wire: length-prefixed msgpack frames over trio TCP, one dataclass per message.
+"""The wire: length-prefixed msgpack frames over trio TCP, one dataclass per message
+(replication/messages.py, whose names this module re-exports).
 
 Frames and their encoding (replication/frames.py, whose names this module re-exports):
 a 4-byte length, then a msgpack array ``[tag, fields...]``; anything else raises
@@ -19,18 +20,21 @@ between two processes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import logging
 import os
-from typing import Any, ClassVar
 
 import trio
 
 from replfs.errors import ReplfsError
 from replfs.replication.frames import (_LEN, MAX_FRAME, MESSAGES, ProtocolError,  # noqa: F401
                                        decode, encode, message, pack_value, unpack_value)
+from replfs.replication.messages import (  # noqa: F401 (re-exported: wire.OpRequest, ...)
+    Challenge, AuthResponse, AuthOk, Ping, GetView, ViewReply, StatusRequest,
+    StatusReply, SetFaults, FaultsApplied, CrashAt, OpRequest, OpReply, NotPrimary,
+    SyncStart, SyncPosition, Forward, Snapshot, SyncDone, Flush, Renew, Ack, Refused,
+    HealRequest, HealReply)
 from replfs.replication.netfaults import FAULTS, NetFaults  # noqa: F401 (wire.FAULTS)
 
 log = logging.getLogger("replfs.wire")
@@ -49,242 +53,6 @@ class RemoteError(ReplfsError):
 class Partitioned(EOFError):
     """A connection across a partition ended: its peer gave up, or the partition was
     lifted (and the connection closed so that the peer reconnects at once)."""
-
-
-# ---------------------------------------------------------------- messages
-
-
-
-# authentication
-@message
-class Challenge:
-    TAG: ClassVar[str] = "challenge"
-    nonce: bytes
-
-
-@message
-class AuthResponse:
-    TAG: ClassVar[str] = "auth"
-    mac: bytes
-    nonce: bytes
-    name: str           # who is dialling (for log lines only)
-
-
-@message
-class AuthOk:
-    TAG: ClassVar[str] = "auth-ok"
-    mac: bytes
-
-
-# view service
-@message
-class Ping:
-    """A server's heartbeat: `view` is the view it acknowledges (0 right after a start);
-    `boot` names the server process (a repeated ping 0 from the same process, e.g. after
-    a lost reply, is not a restart)."""
-    TAG: ClassVar[str] = "ping"
-    group: int
-    server: str
-    view: int
-    boot: str = ""
-
-
-@message
-class GetView:
-    TAG: ClassVar[str] = "get-view"
-    group: int
-
-
-@message
-class ViewReply:
-    TAG: ClassVar[str] = "view"
-    group: int
-    num: int
-    primary: str
-    backup: str
-    acked: bool = False
-
-
-@message
-class StatusRequest:
-    TAG: ClassVar[str] = "status?"
-
-
-@message
-class StatusReply:
-    TAG: ClassVar[str] = "status"
-    info: dict
-
-
-@message
-class SetFaults:
-    """`replfs fault partition | loss | heal`: the network faults `node` (the listener)
-    enforces from now on, replacing the ones it had (the shape of the cluster's
-    faults.json: `partitions` [[A, B], ...], `loss` {"A>B": {"request": p, "reply": q}}).
-    Answered with FaultsApplied by the connection layer itself (see NetFaults)."""
-    TAG: ClassVar[str] = "set-faults"
-    generation: int
-    partitions: list
-    loss: dict
-    node: str = ""
-
-
-@message
-class FaultsApplied:
-    TAG: ClassVar[str] = "faults-applied"
-    generation: int
-
-
-@message
-class CrashAt:
-    """Arm crash points in a running server (`replfs fault crash-at`; crash.py syntax).
-    Answered with StatusReply({"armed": spec})."""
-    TAG: ClassVar[str] = "crash-at"
-    spec: str
-
-
-# client -> primary
-@message
-class OpRequest:
-    """One filesystem operation. (client, lane, seq) identify it for at-most-once: a lane
-    has at most one request outstanding, with increasing seq. `rid` matches the reply to
-    this transmission on a multiplexed connection."""
-    TAG: ClassVar[str] = "op"
-    rid: int
-    client: str
-    lane: int
-    seq: int
-    method: str
-    args: list
-    kwargs: dict
-
-
-@message
-class OpReply:
-    TAG: ClassVar[str] = "op-reply"
-    rid: int
-    value: Any = None
-    errno: int = 0          # nonzero: FsError(errno, message)
-    message: str = ""
-    # an update's post-operation attributes: [Attr] of the inodes it changed in the
-    # answering group (replication/postop.py)
-    attrs: list = dataclasses.field(default_factory=list)
-
-
-@message
-class NotPrimary:
-    """This server will not execute the request (not primary, not ready, or cut off):
-    ask the view server and retry elsewhere."""
-    TAG: ClassVar[str] = "not-primary"
-    rid: int
-    view: int
-    reason: str
-
-
-# primary -> backup
-@message
-class SyncStart:
-    TAG: ClassVar[str] = "sync-start"
-    view: int
-    primary: str
-    incarnation: str
-
-
-@message
-class SyncPosition:
-    """The backup's replication position: it holds the primary `incarnation`'s state up
-    to `lsn` ("" if it holds no consistent position)."""
-    TAG: ClassVar[str] = "sync-pos"
-    incarnation: str
-    lsn: int
-
-
-@message
-class Forward:
-    """Committed transactions of the primary, in commit order: [[lsn, [[block, offset,
-    bytes], ...]], ...]."""
-    TAG: ClassVar[str] = "forward"
-    view: int
-    primary: str
-    records: list
-
-
-@message
-class Snapshot:
-    """State transfer: whole blocks [[block, bytes], ...]; `sent`/`total` for progress."""
-    TAG: ClassVar[str] = "snapshot"
-    view: int
-    primary: str
-    blocks: list
-    sent: int
-    total: int
-    kind: str = ""      # "incremental": the backup keeps its position until SyncDone
-
-
-@message
-class SyncDone:
-    TAG: ClassVar[str] = "sync-done"
-    view: int
-    primary: str
-    incarnation: str
-    lsn: int
-
-
-@message
-class Flush:
-    """fsync: answer once everything received so far is on the backup's stable storage."""
-    TAG: ClassVar[str] = "flush"
-    view: int
-    primary: str
-    lsn: int
-
-
-@message
-class Renew:
-    """The primary's lease, renewed by its backup while the view server is silent: the
-    backup answers `Ack` only while it is the backup of `view` under `primary`, and
-    from then on does not serve as a primary itself for one lease (server.py)."""
-    TAG: ClassVar[str] = "renew"
-    view: int
-    primary: str
-
-
-@message
-class Ack:
-    """`lsn`: received (held in memory, applied in order); `durable`: the last LSN whose
-    batch is applied and forced on the backup."""
-    TAG: ClassVar[str] = "ack"
-    lsn: int
-    durable: int = 0
-
-
-@message
-class Refused:
-    """The backup refuses a forward/sync: `view` is the view it knows."""
-    TAG: ClassVar[str] = "refused"
-    view: int
-    reason: str
-
-
-# replica -> its partner in the group (replication/heal.py)
-@message
-class HealRequest:
-    """`block` cannot be read or rebuilt from the sender's array: the partner's copy,
-    please. `view`/`primary`: the sender's view, as on the replication link."""
-    TAG: ClassVar[str] = "heal?"
-    view: int
-    primary: str
-    block: int
-
-
-@message
-class HealReply:
-    """The partner's checksum-verified copy of `block`, or None (it has no good one, or
-    it is not the sender's partner in that view: `reason`)."""
-    TAG: ClassVar[str] = "heal"
-    block: int
-    data: bytes | None
-    reason: str = ""
 
 
 # ---------------------------------------------------------------- channel
