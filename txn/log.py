@@ -79,6 +79,28 @@ class LogHeader:
         return cls(bs, nblocks, log_id, epoch, start, ckpt, seq)
 
 
+class _Stage:
+    """A stage of group commit that one task at a time performs: `lead(work)` runs
+    `work()` unless another task is running it, and then waits for that one to end
+    instead (the caller looks again whether what it wants is covered)."""
+
+    def __init__(self):
+        self.busy = False
+        self._done = trio.Event()
+
+    async def lead(self, work) -> None:
+        if self.busy:
+            await self._done.wait()
+            return
+        self.busy = True
+        self._done = trio.Event()
+        try:
+            await work()
+        finally:
+            self.busy = False
+            self._done.set()
+
+
 class Log:
     """Append, force and scan records; see the module docstring for the layout.
 
@@ -111,10 +133,8 @@ class Log:
         self.reserved = 0       # bytes promised to CLRs/ABORTs/COMMITs not yet appended
         self._buf = bytearray()  # log bytes [_buf_lsn, end_lsn), _buf_lsn block aligned
         self._buf_lsn = 0
-        self._writing = False       # a task is writing the buffered records
-        self._write_done = trio.Event()
-        self._syncing = False       # a task is flushing the device
-        self._sync_done = trio.Event()
+        self._writes = _Stage()     # one task at a time writes the buffered records
+        self._syncs = _Stage()      # and one flushes the device
         self._flush_lock = trio.Lock()  # without group commit: one write + flush at a time
         # holds: no record at or after a held LSN is written until its hold is released
         # (a COMMIT whose transaction's data is still on its way to the device)
@@ -315,39 +335,23 @@ class Log:
             return
         while self.written_lsn < target:
             self._check_failed()
-            if await self._wait_unheld(target):
-                continue
-            if self._writing:
-                await self._write_done.wait()
-                continue
-            self._writing = True
-            self._write_done = trio.Event()
-            try:
-                # two scheduling rounds before taking the batch: every task that is
-                # already runnable (woken by the previous write) runs its next
-                # transaction up to its COMMIT first -- trio orders a round randomly, so
-                # one round could still find this leader ahead of them. With no other
-                # task runnable nobody can join: write at once.
-                if trio.lowlevel.current_statistics().tasks_runnable:
-                    await trio.lowlevel.checkpoint()
-                    await trio.lowlevel.checkpoint()
-                await self._write_once(sync)
-            finally:
-                self._writing = False
-                self._write_done.set()
+            if not await self._wait_unheld(target):
+                await self._writes.lead(lambda: self._gather_and_write(sync))
         while sync and self.durable_lsn < target:
             self._check_failed()
-            if self._syncing:
-                await self._sync_done.wait()
-                continue
-            self._syncing = True
-            self._sync_done = trio.Event()
-            try:
-                await self._sync_once()
-            finally:
-                self._syncing = False
-                self._sync_done.set()
+            await self._syncs.lead(self._sync_once)
         self._check_failed()
+
+    async def _gather_and_write(self, sync: bool) -> None:
+        # two scheduling rounds before taking the batch: every task that is already
+        # runnable (woken by the previous write) runs its next transaction up to its
+        # COMMIT first -- trio orders a round randomly, so one round could still find
+        # this leader ahead of them. With no other task runnable nobody can join: write
+        # at once.
+        if trio.lowlevel.current_statistics().tasks_runnable:
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+        await self._write_once(sync)
 
     def _check_failed(self) -> None:
         if self.failed is not None:

@@ -28,11 +28,16 @@ from .transaction import Txn
 class OrderedMixin:
     """`TxnManager`'s fresh (unlogged) writes (the state lives in `TxnManager.__init__`)."""
 
+    def _fresh_allowed(self, block: int) -> bool:
+        """May `block` be written in place, unlogged? Not if recovery would redo older
+        records of it over the new bytes (no checkpoint yet, or logged since the last)."""
+        return self._redo_from is not None and self._logged.get(block, -1) < self._redo_from
+
     async def _write_fresh(self, txn: Txn, block: int, data: bytes) -> None:
         self._check_block(block)
         if len(data) != self.device.block_size:
             raise ValueError(f"a fresh write is a whole block, not {len(data)} bytes")
-        if self._redo_from is None or self._logged.get(block, -1) >= self._redo_from:
+        if not self._fresh_allowed(block):
             # recovery would redo older records of this block over the new bytes
             self._stats["fresh_logged"] += 1
             await self._write(txn, block, 0, data, False)
@@ -46,12 +51,16 @@ class OrderedMixin:
         blocks in place (`threaded`: in a worker thread, through the device's
         `write_sync`, while the event loop goes on); a cached page of one (left from its
         previous life) takes the new bytes."""
-        fresh = txn.fresh
+        await self._write_in_place(txn.fresh, threaded)
+        crash_point("txn.commit.fresh_written")
+
+    async def _write_in_place(self, fresh: dict[int, bytes], threaded: bool = False) -> None:
+        """Write whole blocks `fresh` to the device, unlogged; a cached page of one (left
+        from its previous life) takes the new bytes."""
         if threaded:
             await trio.to_thread.run_sync(self.device.write_sync, fresh)
         else:
             await self.device.write_blocks(fresh)
-        crash_point("txn.commit.fresh_written")
         for block, data in fresh.items():
             page = self.cache.pages.get(block)
             if page is not None:

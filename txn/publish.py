@@ -69,19 +69,12 @@ class PublishMixin:
             if offset < 0 or offset + len(data) > bs:
                 raise ValueError(f"range {offset}+{len(data)} outside a {bs}-byte block")
             if (len(c) > 3 and c[3] and offset == 0 and len(data) == bs
-                    and self._redo_from is not None
-                    and self._logged.get(block, -1) < self._redo_from):
+                    and self._fresh_allowed(block)):
                 fresh[block] = data
             else:
                 logged.append([block, offset, data])
         if fresh:
-            await self.device.write_blocks(fresh)
-            for block, data in fresh.items():
-                page = self.cache.pages.get(block)
-                if page is not None:
-                    page.data[:] = data
-                    page.version += 1
-            self._stats["fresh_blocks"] += len(fresh)
+            await self._write_in_place(fresh)
         size = _size(sum(len(d) for _, _, d in logged) + REDO_ENTRY * len(logged))
         await self._reserve(size)
         try:
