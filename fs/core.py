@@ -134,6 +134,12 @@ class FileSystem(NamespaceOps, DataOps, XattrOps, PartOps):
                 cache[ino] = node
         self._trim_committed()
 
+    def uncache_committed(self, inos) -> None:
+        """Forget the committed state of `inos` (a prepared part will change it: until
+        it is decided, getattr reads them under their locks)."""
+        for ino in inos:
+            self._committed_inodes.pop(ino, None)
+
     def _read_committed(self, ino: int, node: Inode) -> None:
         """`node`, just read under its S lock (still held), is `ino`'s committed state,
         and no commit of it can come in between: the cache stays in commit order."""

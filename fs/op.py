@@ -136,8 +136,7 @@ class Op:
     def uncache_written(self) -> None:
         """Forget the cached committed state of the inodes this operation wrote (it is
         prepared, and holds them X-locked: nobody can cache them again before its end)."""
-        for ino in self._written:
-            self.fs._committed_inodes.pop(ino, None)
+        self.fs.uncache_committed(self._written)
 
     def _cache_committed(self) -> None:
         # under the transaction's locks still: caches follow the commit order

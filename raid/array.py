@@ -57,7 +57,6 @@ from replfs.crash import crash_point
 
 from . import superblock as sbmod
 from .bitmap import WriteIntentBitmap
-from .syncthread import SyncThread
 from .blockdev import BlockIOError, check_write
 from .checksums import PAGE_MEMORY, SCAN_BATCH, ChecksumStore
 from .dirfiles import BITMAP_NAME, read_state
@@ -68,6 +67,7 @@ from .reads import ReadMixin
 from .rebuild import RebuildMixin
 from .reconstruct import ReconstructMixin
 from .scrub import ScrubMixin
+from .syncthread import SyncThread
 from .writes import SMALL_WRITE, WriteMixin
 
 __all__ = ["Array", "BLOCK_SIZE", "DEFAULT_CHECKSUM_CACHE", "parse_size"]

@@ -108,9 +108,10 @@ class BackupRole:
             if self.role != "primary":
                 await self._force_applied()
 
-    # Forwards queue here and an applier task applies them in order, several batches per
-    # local transaction; a forward is acknowledged once it is applied and written
-    # (`_hold`). A backup that crashes loses nothing it acknowledged; what the primary
+    # Forwards queue here and are applied in order, several batches per REDO record: by
+    # the task that received them when nobody else is applying, else by the applier
+    # task (a state transfer's chunks); a forward is acknowledged once it is applied and
+    # written (`_hold`). A backup that crashes loses nothing it acknowledged; what the primary
     # still remembers as not forced there (`Ack.durable`) it sends again on return.
 
     def _enqueue(self, item: tuple, nbytes: int, wake: bool = True) -> None:

@@ -7,8 +7,8 @@ acknowledged the transaction (or the view has no backup). A retransmission of a 
 that is still running waits for its result (`_once`).
 
 Forwarding: a single task reads the transaction manager's commit stream
-(`mgr.subscribe_into`, commit order, with fsync markers in their place) and ships batches of commit records (their byte-range
-after-images) to the backup. The stream carries each commit as soon as it is appended,
+(`mgr.subscribe_into`, commit order, with fsync markers in their place) and ships
+batches of commit records (their byte-range after-images) to the backup. The stream carries each commit as soon as it is appended,
 so the primary's own log write and the round trip to the backup overlap. `fsync`
 additionally sends `Flush` and returns once the backup has forced everything it received.
 

@@ -104,8 +104,8 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         self.boot = secrets.token_hex(8)
         self.twopc = TwoPhase(self)
         self._unforced_position: tuple[str, int] | None = None
-        self._position_seq = 0      # applies that set a position; the last one forced:
-        self._forced_seq = 0
+        self._position_seq = 0      # applies that set a position, counted
+        self._forced_seq = 0        # the count of the one `position` is from
         self._lost_files: tuple[tuple, dict] | None = None   # (lost set, its owners)
         self._apply_dirty = trio.Event()
 
