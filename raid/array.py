@@ -67,7 +67,7 @@ from .reads import ReadMixin
 from .rebuild import RebuildMixin
 from .reconstruct import ReconstructMixin
 from .scrub import ScrubMixin
-from .syncthread import SyncThread
+from .syncthread import FanOut, SyncThread
 from .writes import SMALL_WRITE, WriteMixin
 
 __all__ = ["Array", "BLOCK_SIZE", "DEFAULT_CHECKSUM_CACHE", "parse_size"]
@@ -116,6 +116,7 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
         self._bitmap = WriteIntentBitmap(geo, os.path.join(dirpath, BITMAP_NAME))
         self._pool = ThreadPoolExecutor(max_workers=geo.ndisks, thread_name_prefix="raid")
         self._syncer = SyncThread("raid-sync")      # flush()'s fdatasyncs
+        self._fan = FanOut(geo.ndisks - 1, "raid-fsync")  # ... side by side
         self._untrusted_rows: set[int] = set()
         self._counters_dirty = False
         self._closed = False
@@ -197,10 +198,9 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
                 os.close(fd)
             return None
 
-        # Two or fewer one after the other in this thread: a hand-off to the pool costs
-        # more than a small fdatasync, and image files on one host device have their
-        # flushes serialized by it anyway. More (a flush of every member) in parallel.
-        results = map(one, jobs) if len(jobs) <= 2 else self._pool.map(one, jobs)
+        # side by side, the first in this thread (syncthread.FanOut: a pool's hand-off
+        # costs about what running them side by side saves)
+        results = self._fan.map(one, jobs)
         for bad in results:
             if bad:
                 with self._lock:
@@ -412,6 +412,7 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
         # outside the lock: a flush still in the sync thread takes it (and then finds
         # the members closed)
         self._syncer.close()
+        self._fan.close()
 
     def __enter__(self):
         return self

@@ -225,6 +225,7 @@ def open_array(dirpath: str | os.PathLike, *, force: bool = False,
         for d in arr.disks:
             d.close()
         arr._pool.shutdown(wait=False)
+        arr._fan.close()
         os.close(arr._lockfd)
         arr._bitmap.close()
         raise

@@ -8,6 +8,12 @@ reports through an eventfd, which the waiting task watches with `wait_readable`,
 about half that. One request runs at a time (fsyncs of the same device gain nothing
 from running side by side); any number of tasks may wait: one of them watches the
 eventfd and wakes the others, each of which looks whether its own request is done.
+
+`FanOut` is the other half: a flush of several members runs their fdatasyncs side by
+side, the calling thread doing the first and threads of its own the rest. Two image
+files on one host device here sync in 0.18-0.21 ms side by side against 0.27-0.33 ms
+one after the other, and a `ThreadPoolExecutor.map` gave back most of the gain in its
+hand-off (0.26-0.33 ms).
 """
 
 from __future__ import annotations
@@ -105,3 +111,73 @@ class SyncThread:
         except RuntimeError:            # not inside a trio run: nobody watches it
             pass
         os.close(self._efd)
+
+
+class FanOut:
+    """`map(fn, items)`: `fn(items[0])` in the calling thread, the other items in up to
+    `n` threads of its own (started when first needed), side by side; returns the
+    results in order. An exception of `fn` is raised to the caller once every item is
+    done. For plain blocking calls (fdatasync), from any thread."""
+
+    def __init__(self, n: int, name: str = "replfs-fanout"):
+        self.n = n
+        self.name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._start_lock = threading.Lock()
+        self._closed = False
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            fn, item, i, out = job
+            try:
+                out.put((i, fn(item), None))
+            except BaseException as exc:     # handed to the caller
+                out.put((i, None, exc))
+
+    def _ensure(self, want: int) -> None:
+        with self._start_lock:
+            if self._closed:
+                raise RuntimeError("the fan-out is closed")
+            while len(self._threads) < min(want, self.n):
+                t = threading.Thread(target=self._work, daemon=True,
+                                     name=f"{self.name}-{len(self._threads)}")
+                t.start()
+                self._threads.append(t)
+
+    def map(self, fn: Callable[[Any], Any], items: list) -> list:
+        if len(items) <= 1 or self.n <= 0:
+            return [fn(x) for x in items]
+        self._ensure(len(items) - 1)
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        for i, item in enumerate(items[1:], 1):
+            self._queue.put((fn, item, i, out))
+        results: list = [None] * len(items)
+        error: BaseException | None = None
+        try:
+            results[0] = fn(items[0])
+        except BaseException as exc:
+            error = exc
+        for _ in range(len(items) - 1):
+            i, res, exc = out.get()
+            results[i] = res
+            if exc is not None and error is None:
+                error = exc
+        if error is not None:
+            raise error
+        return results
+
+    def close(self) -> None:
+        """End the threads once they finished what they were given."""
+        with self._start_lock:
+            if self._closed:
+                return
+            self._closed = True
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+        for t in threads:
+            t.join()

@@ -5,7 +5,7 @@ import threading
 import pytest
 import trio
 
-from replfs.raid.syncthread import SyncThread
+from replfs.raid.syncthread import FanOut, SyncThread
 
 
 async def test_many_tasks_each_get_their_own_result_in_the_thread():
@@ -67,3 +67,42 @@ def test_close_without_use_and_twice():
     st = SyncThread()
     st.close()
     st.close()
+
+
+def test_fanout_runs_items_side_by_side_and_keeps_their_order():
+    fan = FanOut(3)
+    barrier = threading.Barrier(4, timeout=10)   # only passes if all four run at once
+    names = []
+
+    def job(i):
+        barrier.wait()
+        names.append(threading.current_thread().name)
+        return i * 10
+
+    try:
+        assert fan.map(job, [0, 1, 2, 3]) == [0, 10, 20, 30]
+        assert threading.current_thread().name in names     # the first ran here
+        assert len(set(names)) == 4
+        assert fan.map(job.__call__, []) == []
+    finally:
+        fan.close()
+
+
+def test_fanout_raises_after_every_item_is_done():
+    fan = FanOut(2)
+    done = []
+
+    def job(i):
+        if i == 1:
+            raise OSError(5, "member gone")
+        done.append(i)
+        return i
+
+    try:
+        with pytest.raises(OSError, match="member gone"):
+            fan.map(job, [0, 1, 2])
+        assert sorted(done) == [0, 2]
+    finally:
+        fan.close()
+    with pytest.raises(RuntimeError):
+        fan.map(job, [0, 2])
