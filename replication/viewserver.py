@@ -353,9 +353,11 @@ async def serve_viewserver(port: int, secret: bytes, service: ViewService,
                     raise wire.ProtocolError("malformed get-view")
                 reply = await step(lambda: _reply(service, msg.group, service.get(msg.group)))
             elif isinstance(msg, wire.StatusRequest):
+                others = await _running(store)
                 reply = await step(lambda: wire.StatusReply(dict(
                     name=name, groups=service.status(trio.current_time()),
-                    ping_interval=service.ping_interval, dead_pings=service.dead_pings)))
+                    ping_interval=service.ping_interval, dead_pings=service.dead_pings,
+                    running=others)))
             else:
                 raise wire.ProtocolError(f"the view server does not take {msg.TAG}")
             await ch.send(reply)
@@ -424,6 +426,18 @@ async def run_viewserver(port: int, secret: bytes, make_service, store, *,
             with trio.move_on_after(2):
                 await store.resign()
         store.close()
+
+
+async def _running(store) -> dict | None:
+    """The view servers alive, by the store (None: it cannot tell)."""
+    if store is None:
+        return None
+    try:
+        with trio.move_on_after(1.0):
+            return await store.running()
+    except Exception as exc:        # etcd down: status says it cannot tell
+        log.debug("the store cannot say which view servers run: %s", exc)
+    return None
 
 
 def _reply(service: ViewService, group: int, v: View) -> wire.ViewReply:

@@ -17,7 +17,8 @@ A store answers three things, all async:
 
 `keep(nursery_scope)` runs while the process is active (etcd: renews the lease, and
 cancels `nursery_scope` once it cannot); `resign()` gives the election up, `close()`
-the connections.
+the connections. `running()` names the view server processes alive (for etcd: each keeps
+a key under its lease, standing by or active), for `replfs status` on any machine.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class FileStore:
     async def resign(self) -> None:
         return None
 
+    async def running(self) -> dict[str, dict]:
+        return {}
+
     def close(self) -> None:
         return None
 
@@ -101,6 +105,7 @@ class EtcdStore:
         self.poll = poll
         self.views_key = f"{prefix}/views"
         self.leader_key = f"{prefix}/leader"
+        self.standby_prefix = f"{prefix}/standby/"
         self.clients = []
         for ep in endpoints:
             host, _, port = ep.rpartition(":")
@@ -152,6 +157,10 @@ class EtcdStore:
             r = await self._call("/lease/grant", {"TTL": self.ttl})
             self.lease_id = int(r["ID"])
             self.valid_until = t0 + int(r["TTL"])
+            # "I run": a key under the same lease, gone with it (so with this process)
+            await self._call("/kv/put", {
+                "key": _b64(self.standby_prefix + self.me), "lease": self.lease_id,
+                "value": _b64(json.dumps({"pid": os.getpid()}))})
         else:
             await self._refresh()
             if self.lease_id is None:
@@ -206,6 +215,22 @@ class EtcdStore:
                 await self._call("/kv/lease/revoke", {"ID": lease})
             except Exception as exc:        # best effort: it expires anyway
                 log.debug("etcd: revoke: %s", exc)
+
+    async def running(self) -> dict[str, dict]:
+        """The view server processes whose lease lives (the active one and those
+        standing by): {name: {"pid": ...}}. A standby refuses every connection, so this
+        is how `status` on another machine learns that it runs."""
+        end = self.standby_prefix[:-1] + chr(ord(self.standby_prefix[-1]) + 1)
+        r = await self._call("/kv/range", {"key": _b64(self.standby_prefix),
+                                           "range_end": _b64(end)})
+        out = {}
+        for kv in r.get("kvs") or []:
+            name = base64.b64decode(kv["key"]).decode()[len(self.standby_prefix):]
+            try:
+                out[name] = json.loads(base64.b64decode(kv.get("value", "")) or b"{}")
+            except ValueError:
+                out[name] = {}
+        return out
 
     def close(self) -> None:
         for c in self.clients:

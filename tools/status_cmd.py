@@ -75,11 +75,14 @@ def collect(cluster) -> dict:
     else:
         st = trio.run(gather_status, cfg, 2.0)
     if not cfg.one_machine:
-        # over several machines a node that does not run here runs where it answers from
-        # (of the view servers only the active one answers: standbys refuse)
+        # over several machines a node that does not run here runs where it answers from;
+        # of the view servers only the active one answers (standbys refuse every
+        # connection), and it names the others that run (each keeps a key under its etcd
+        # lease)
         active = (st["viewserver"] or {}).get("name")
+        alive = (st["viewserver"] or {}).get("running") or {}
         for name in [*cfg.viewservers, *cfg.servers]:
-            info = ((st["viewserver"] if name == active else None)
+            info = ((st["viewserver"] if name == active else alive.get(name))
                     if name in cfg.viewservers else st["servers"].get(name))
             if not procs[name]["running"]:
                 procs[name] = dict(pid=(info or {}).get("pid"), running=bool(info), remote=True)

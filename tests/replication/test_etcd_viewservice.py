@@ -7,6 +7,7 @@ processes on one etcd can never fork the sequence of views."""
 
 import base64
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -55,9 +56,13 @@ def test_two_view_servers_never_fork_the_views(tmp_path):
         with trio.move_on_after(1.0) as waited:       # a holds the election key
             await b.lead()
         assert waited.cancelled_caught
+        # both run, each with a key under its lease: what `status` on any machine shows
+        alive = await a.running()
+        assert set(alive) == {"a", "b"} and alive["b"]["pid"] == os.getpid()
         # b stands by until a's lease is gone (revoked here: a stopped cleanly)
         await a.resign()
         await b.lead()
+        assert set(await b.running()) == {"b"}      # a's key went with its lease
         table = await b.load()
         assert table[0]["num"] == 1
         await b.save({0: dict(table[0], num=2, primary="s1")})

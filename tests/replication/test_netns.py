@@ -34,9 +34,7 @@ def net(tmp_path):
 
 def protected(st: dict) -> bool:
     """A view server answers, and the group's primary and backup serve in an acknowledged
-    view. (Not `healthy`: over several machines a standby view server refuses every
-    connection, so `status` cannot tell it from a dead one and counts the cluster
-    degraded.)"""
+    view. (Not `healthy`, which a killed view server makes `degraded`.)"""
     v = (st["viewserver"] or {}).get("groups", {}).get("0") or {}
     return bool(serving(st, not_="") and v["backup"] and st["servers"].get(v["backup"]))
 
@@ -110,7 +108,10 @@ def net_etcd(tmp_path):
     if etcdlocal.etcd_binary() is None:
         pytest.skip("etcd is not installed (Debian's etcd-server; tools/bootstrap.sh "
                     "installs it)")
-    yield from running(NetCluster(tmp_path, viewservers=3, etcd=3), protected)
+    # healthy: status, run on the client's machine, sees that the two standby view
+    # servers run (the active one names them), though they refuse every connection
+    yield from running(NetCluster(tmp_path, viewservers=3, etcd=3),
+                       lambda st: st["state"] == "healthy")
 
 
 def active(st: dict) -> str:
@@ -132,6 +133,12 @@ def test_view_server_etcd_member_then_primary_killed_on_separate_machines(net_et
         st = net.wait_status(lambda st: active(st) not in ("", old_vs) and protected(st),
                              30, "a standby taking over")
         assert group(st)["view"] == view, "the takeover changed the group's view"
+        st = net.wait_status(lambda st: not st["processes"][old_vs]["running"], 30,
+                             "the killed view server counted as not running")
+        assert [v for v in net.vss if st["processes"][v]["running"]] == \
+            [v for v in net.vss if v != old_vs], st["processes"]
+        assert any(f"view server {old_vs} not running" in p for p in st["problems"]), \
+            st["problems"]
         # kill -9 one etcd member (the first endpoint, the one every view server asks
         # first): nothing changes for the user, nor the views. (Which view server is
         # active may: when that member led etcd, the new leader's election can outlast
