@@ -97,10 +97,14 @@ class EtcdStore:
     client object, so it keeps one per endpoint and tries the next when one fails). Its
     calls block, so they run in a worker thread."""
 
-    def __init__(self, endpoints: list[str], prefix: str, me: str, *, ttl: int = 2,
+    def __init__(self, endpoints: list[str], prefix: str, me: str, *, ttl: int = 1,
                  timeout: float = 0.5, poll: float = 0.1):
         import etcd3gw
         self.me = me
+        # the lease asked for; etcd grants no less than its floor, 1.5 election timeouts
+        # rounded up to a second (2 s with its default 1 s election timeout, 1 s with
+        # --election-timeout 500 or less), and `ttl` becomes what it granted: how long a
+        # standby waits for a killed active process
         self.ttl = ttl
         self.poll = poll
         self.views_key = f"{prefix}/views"
@@ -156,7 +160,8 @@ class EtcdStore:
             t0 = trio.current_time()
             r = await self._call("/lease/grant", {"TTL": self.ttl})
             self.lease_id = int(r["ID"])
-            self.valid_until = t0 + int(r["TTL"])
+            self.ttl = int(r["TTL"])
+            self.valid_until = t0 + self.ttl
             # "I run": a key under the same lease, gone with it (so with this process)
             await self._call("/kv/put", {
                 "key": _b64(self.standby_prefix + self.me), "lease": self.lease_id,
