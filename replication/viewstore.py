@@ -117,6 +117,7 @@ class EtcdStore:
                                                     timeout=timeout, api_path="/v3/"))
         self._good = 0                  # the endpoint that answered last
         self.lease_id: int | None = None
+        self._announced: int | None = None   # the lease our standby key is under
         self.election_rev = 0           # create_revision of our leader key
         self.table_rev = 0              # mod_revision of the views we computed from
         self.valid_until = float("-inf")   # trio time until which the lease surely holds
@@ -162,14 +163,16 @@ class EtcdStore:
             self.lease_id = int(r["ID"])
             self.ttl = int(r["TTL"])
             self.valid_until = t0 + self.ttl
-            # "I run": a key under the same lease, gone with it (so with this process)
-            await self._call("/kv/put", {
-                "key": _b64(self.standby_prefix + self.me), "lease": self.lease_id,
-                "value": _b64(json.dumps({"pid": os.getpid()}))})
         else:
             await self._refresh()
             if self.lease_id is None:
                 return False
+        if self._announced != self.lease_id:
+            # "I run": a key under the same lease, gone with it (so with this process)
+            await self._call("/kv/put", {
+                "key": _b64(self.standby_prefix + self.me), "lease": self.lease_id,
+                "value": _b64(json.dumps({"pid": os.getpid()}))})
+            self._announced = self.lease_id
         r = await self._call("/kv/txn", {
             "compare": [{"key": _b64(self.leader_key), "target": "CREATE",
                          "result": "EQUAL", "create_revision": 0}],
