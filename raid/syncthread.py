@@ -5,9 +5,9 @@ commit. Its fdatasyncs must run outside the event loop, and `trio.to_thread.run_
 costs about 90 us a call here (a capacity limiter, the thread cache, and the answer
 through `run_sync_soon`); a thread of our own that takes requests from a queue and
 reports through an eventfd, which the waiting task watches with `wait_readable`, costs
-about half that. One request runs at a time (fsyncs of the same device gain nothing
-from running side by side); any number of tasks may wait: one of them watches the
-eventfd and wakes the others, each of which looks whether its own request is done.
+about half that. One request (one flush) runs at a time; any number of tasks may wait:
+one of them watches the eventfd and wakes the others, each of which looks whether its
+own request is done.
 
 `FanOut` is the other half: a flush of several members runs their fdatasyncs side by
 side, the calling thread doing the first and threads of its own the rest. Two image

@@ -83,7 +83,7 @@ def test_fanout_runs_items_side_by_side_and_keeps_their_order():
         assert fan.map(job, [0, 1, 2, 3]) == [0, 10, 20, 30]
         assert threading.current_thread().name in names     # the first ran here
         assert len(set(names)) == 4
-        assert fan.map(job.__call__, []) == []
+        assert fan.map(job, []) == []
     finally:
         fan.close()
 
