@@ -81,6 +81,23 @@ class StatusReply:
 
 
 @message
+class Watch:
+    """A standby view server (`name`) watches the active one: answered once with
+    Watching, then nothing more is sent either way until one end goes
+    (replication/viewstore.py `EtcdStore._watch`)."""
+    TAG: ClassVar[str] = "watch"
+    name: str
+
+
+@message
+class Watching:
+    """The active view server `name` and the etcd lease it is active under."""
+    TAG: ClassVar[str] = "watching"
+    name: str
+    lease: int
+
+
+@message
 class SetFaults:
     """`replfs fault partition | loss | heal`: the network faults `node` (the listener)
     enforces from now on, replacing the ones it had (the shape of the cluster's

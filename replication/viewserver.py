@@ -352,6 +352,12 @@ async def serve_viewserver(port: int, secret: bytes, service: ViewService,
                 if not isinstance(msg.group, int):
                     raise wire.ProtocolError("malformed get-view")
                 reply = await step(lambda: _reply(service, msg.group, service.get(msg.group)))
+            elif isinstance(msg, wire.Watch):
+                # a standby watches this process: the connection stays open, carrying
+                # nothing, as long as this process serves (viewstore.py `_watch`)
+                await ch.send(wire.Watching(name, getattr(store, "lease_id", None) or 0))
+                await ch.receive()          # the watcher sends nothing: it left
+                raise wire.ProtocolError("a watcher sent a message")
             elif isinstance(msg, wire.StatusRequest):
                 others = await _running(store)
                 reply = await step(lambda: wire.StatusReply(dict(

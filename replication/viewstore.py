@@ -24,11 +24,14 @@ a key under its lease, standing by or active), for `replfs status` on any machin
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
 
 import trio
+
+from replfs.replication import wire
 
 log = logging.getLogger("replfs.viewstore")
 
@@ -85,6 +88,22 @@ class FileStore:
         return None
 
 
+def _refused(exc: BaseException) -> bool:
+    """A connection refused (ECONNREFUSED) anywhere in `exc`'s causes (trio reports a
+    failed dial as OSError("all attempts ... failed") caused by a group of them)."""
+    seen = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ECONNREFUSED:
+            return True
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return False
+
+
 def _b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode()
 
@@ -98,9 +117,14 @@ class EtcdStore:
     calls block, so they run in a worker thread."""
 
     def __init__(self, endpoints: list[str], prefix: str, me: str, *, ttl: int = 1,
-                 timeout: float = 0.5, poll: float = 0.1):
+                 timeout: float = 0.5, poll: float = 0.1, dial=None):
         import etcd3gw
         self.me = me
+        # async dial(name) -> an authenticated wire.Channel to view server `name`: with
+        # it, a standby watches the active process and ends its lease once it surely
+        # died (`_watch`); without it a standby waits for etcd to expire that lease
+        self.dial = dial
+        self._wake = trio.Event()
         # the lease asked for; etcd grants no less than its floor, 1.5 election timeouts
         # rounded up to a second (2 s with its default 1 s election timeout, 1 s with
         # --election-timeout 500 or less), and `ttl` becomes what it granted: how long a
@@ -145,16 +169,99 @@ class EtcdStore:
 
     # ---------------------------------------------------------------- election
     async def lead(self) -> None:
-        """Campaign until elected: the leader key created under a fresh lease."""
+        """Campaign until elected: the leader key created under a fresh lease. Meanwhile
+        watch the active process (`_watch`)."""
+        async with trio.open_nursery() as nursery:
+            if self.dial is not None:
+                nursery.start_soon(self._watch_loop)
+            while True:
+                try:
+                    if await self._campaign():
+                        log.info("%s is the active view server (lease %x)", self.me,
+                                 self.lease_id)
+                        nursery.cancel_scope.cancel()
+                        return
+                except Unavailable as exc:
+                    log.warning("etcd: %s", exc)
+                with trio.move_on_after(self.poll):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def _leader(self) -> tuple[str, int] | None:
+        """The active view server's name and the lease it holds the election under."""
+        r = await self._call("/kv/range", {"key": _b64(self.leader_key)})
+        kvs = r.get("kvs") or []
+        if not kvs or not kvs[0].get("lease"):
+            return None
+        return base64.b64decode(kvs[0].get("value", "")).decode(), int(kvs[0]["lease"])
+
+    async def _watch_loop(self) -> None:
         while True:
             try:
-                if await self._campaign():
-                    log.info("%s is the active view server (lease %x)", self.me,
-                             self.lease_id)
-                    return
-            except Unavailable as exc:
-                log.warning("etcd: %s", exc)
+                leader = await self._leader()
+                if leader is not None and leader[0] != self.me:
+                    await self._watch(*leader)
+            except (Unavailable, OSError, EOFError, trio.TooSlowError,
+                    trio.BrokenResourceError, trio.ClosedResourceError, ValueError,
+                    wire.ProtocolError) as exc:
+                log.debug("%s: watching the active view server: %r", self.me, exc)
             await trio.sleep(self.poll)
+
+    async def _watch(self, name: str, lease: int) -> None:
+        """Hold a connection to the active process `name` (it answers Watch with the
+        lease it is active under, then both ends stay silent) until it ends. If its end
+        closed it and its address then refuses connections, nothing listens there: the
+        process died, or stopped serving -- the listener goes only after every ping
+        answer it gave (the view server's nursery is cancelled first). Every lease it
+        granted then rests on answers given before now, and the next active process
+        counts a full lease from its own start (ViewService.resume). So its etcd lease
+        is revoked here, and this process campaigns at once, instead of waiting up to
+        the lease's length (and etcd's expiry check) for it to run out. A process that
+        hangs (SIGSTOP), a partition or a dead machine closes nothing, or does not
+        refuse: their lease runs out as before."""
+        with trio.fail_after(1.0):
+            ch = await self.dial(name)
+        try:
+            with trio.fail_after(1.0):
+                await ch.send(wire.Watch(self.me))
+                reply = await ch.receive()
+            if not (isinstance(reply, wire.Watching) and reply.name == name
+                    and reply.lease == lease):
+                return              # not (or no longer) the holder of that lease
+            log.debug("%s: watching %s (lease %x)", self.me, name, lease)
+            try:
+                msg = await ch.receive()
+                raise wire.ProtocolError(f"the active view server sent {msg.TAG}")
+            except BaseException as exc:
+                if not wire.hung_up(exc):
+                    raise
+        finally:
+            await ch.aclose()
+        for _ in range(50):
+            try:
+                with trio.fail_after(1.0):
+                    again = await self.dial(name)
+                await again.aclose()
+                return              # it still listens (or listens again)
+            except OSError as exc:
+                if _refused(exc):
+                    break
+                raise
+            except (EOFError, trio.BrokenResourceError) as exc:
+                # accepted by its kernel, then reset: a dying process's listener closes
+                # after its connections did. Ask again until it refuses (or answers)
+                if not wire.hung_up(exc):
+                    raise
+                await trio.sleep(0.01)
+        else:
+            return
+        log.warning("%s: %s, the active view server, died (its connection closed, its "
+                    "address refuses): ending its lease %x", self.me, name, lease)
+        try:
+            await self._call("/kv/lease/revoke", {"ID": lease})
+        except Unavailable as exc:      # e.g. another standby revoked it first
+            log.debug("etcd: revoke of %s's lease: %s", name, exc)
+        self._wake.set()
 
     async def _campaign(self) -> bool:
         if self.lease_id is None:

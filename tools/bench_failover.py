@@ -34,6 +34,10 @@ def register(sub) -> None:
                    "in a resync round")
     p.add_argument("--faults", nargs="+", choices=list(FAULTS), default=list(FAULTS),
                    help="which cases to run (default: all; vs and vs+kill need etcd)")
+    p.add_argument("--etcd-election-timeout", type=int, default=500, metavar="MS",
+                   help="the etcd members' --election-timeout in ms (default 500: etcd then "
+                   "grants 1 s leases, so a standby view server takes over after about 1 s; "
+                   "0: etcd's own default, 1000 ms and 2 s leases)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=run)
 
@@ -80,9 +84,11 @@ FAULTS = {
              "dead_pings x ping_interval missed pings (0.5 s), then the backup made primary"),
     "vs": ("kill -9 of the active view server", 1.0, True,
            "nothing: the backup renews its primary's lease while no view server answers "
-           "(the standby's takeover: etcd's lease, its floor ~2 s, + a 0.1 s poll)"),
+           "(the standby's takeover: etcd's lease, its floor 1 s at a 500 ms election "
+           "timeout, + a 0.1 s poll)"),
     "vs+kill": ("kill -9 of the active view server, then of a primary", 2.0, True,
-                "the standby's takeover (etcd's lease floor ~2 s + 0.1 s poll), then "
+                "the standby's takeover (etcd's lease floor, 1 s at a 500 ms election "
+                "timeout, + 0.1 s poll), then "
                 "dead_pings x ping_interval missed pings after it (0.5 s)"),
 }
 
@@ -91,11 +97,12 @@ def active_viewserver(cluster) -> str:
     return (cluster.status(timeout=1.0).get("viewserver") or {}).get("name") or ""
 
 
-def one_case(base: str, fault: str, seconds: float) -> dict:
+def one_case(base: str, fault: str, seconds: float, election_timeout: int = 0) -> dict:
     if not FAULTS[fault][2]:
         return fault_run(base, fault, seconds, {})
     from replfs.tools.etcdlocal import etcd_cluster
-    with etcd_cluster(os.path.join(base, "etcd"), 3) as etcd:
+    with etcd_cluster(os.path.join(base, "etcd"), 3,
+                      election_timeout=election_timeout or None) as etcd:
         return fault_run(base, fault, seconds, dict(viewservers=3, etcd=etcd.endpoints))
 
 
@@ -143,7 +150,8 @@ def fault_run(base: str, fault: str, seconds: float, vs: dict) -> dict:
         stop()
 
 
-def worst_of(base: str, fault: str, rounds: int, seconds: float) -> dict:
+def worst_of(base: str, fault: str, rounds: int, seconds: float,
+             election_timeout: int = 0) -> dict:
     """The run with the longest stall (with the longest takeover, its worst too); or
     {fault, skipped: why} where etcd is missing."""
     from replfs.tools.etcdlocal import EtcdMissing
@@ -152,7 +160,7 @@ def worst_of(base: str, fault: str, rounds: int, seconds: float) -> dict:
     for r in range(rounds):
         d = os.path.join(base, f"{fault}-{r}")
         try:
-            res = one_case(d, fault, seconds)
+            res = one_case(d, fault, seconds, election_timeout)
         except EtcdMissing as e:
             return dict(fault=fault, skipped=str(e))
         finally:
@@ -168,7 +176,8 @@ def worst_of(base: str, fault: str, rounds: int, seconds: float) -> dict:
 def run(args) -> int:
     base = args.dir or tempfile.mkdtemp(prefix="replfs-bench-failover-", dir=os.getcwd())
     try:
-        rows = [worst_of(base, f, args.rounds, args.seconds) for f in args.faults]
+        rows = [worst_of(base, f, args.rounds, args.seconds, args.etcd_election_timeout)
+                for f in args.faults]
         resync = None
         if args.resync_rounds > 0:
             from replfs.tools.bench_resync import measure
@@ -194,8 +203,11 @@ def run(args) -> int:
 def print_stalls(console, rows: list[dict], args) -> None:
     from rich.table import Table
     bounds = "; ".join(f"{FAULTS[r['fault']][0]}: {FAULTS[r['fault']][3]}" for r in rows)
-    etcd = ("; the view server cases: 3 view servers on a 3-member etcd, a standby takes "
-            "over once etcd expired the active one's lease: ~2 s, etcd's floor"
+    et = args.etcd_election_timeout
+    etcd = ("; the view server cases: 3 view servers on a 3-member etcd "
+            f"(--election-timeout {et or 'default'}), a standby takes over once etcd "
+            f"expired the active one's lease: {'1 s' if et and et <= 500 else '~2 s'}, "
+            "etcd's floor"
             if any(FAULTS[r["fault"]][2] for r in rows) else "")
     t = Table(title=f"replfs bench failover: longest stall of a 4 KiB-append writer "
                     f"(worst of {args.rounds} runs{etcd})",

@@ -221,6 +221,7 @@ def _new_secret(dirpath: str) -> int:
 
 # ---------------------------------------------------------------- daemons
 def cmd_viewserver(args) -> int:
+    from replfs.replication import wire
     from replfs.replication.viewserver import ViewService, run_viewserver
     from replfs.replication.viewstore import EtcdStore, FileStore
     _logging()
@@ -230,7 +231,11 @@ def cmd_viewserver(args) -> int:
         raise ReplfsError(f"no view server {name!r} in {cfg.dir} (view servers: "
                           f"{', '.join(cfg.viewservers)})")
     if cfg.etcd:
-        store = EtcdStore(cfg.etcd, cfg.etcd_prefix, name)
+        secret = cfg.secret()
+
+        async def dial(other: str):
+            return await wire.connect(cfg.addr(name, other), secret, name)
+        store = EtcdStore(cfg.etcd, cfg.etcd_prefix, name, dial=dial)
         log.info("%s: views in etcd (%s) under %s; standing by until elected", name,
                  ", ".join(cfg.etcd), cfg.etcd_prefix)
     else:

@@ -44,7 +44,12 @@ HEALTH = ("import sys, urllib.request\n"
 
 class Etcd:
     def __init__(self, tmp: Path, members: int, hosts: dict[str, str] | None = None,
-                 wrap: dict[str, list[str]] | None = None):
+                 wrap: dict[str, list[str]] | None = None,
+                 election_timeout: int | None = None):
+        # etcd's --election-timeout in ms (None: etcd's default, 1000). It sets the
+        # shortest lease etcd grants (1.5 election timeouts, rounded up to a second), so
+        # how soon a standby view server can take over: 2 s by default, 1 s at 500
+        self.election_timeout = election_timeout
         self.names = [f"m{i}" for i in range(members)]
         self.host = hosts or {n: "127.0.0.1" for n in self.names}
         self.wrap = wrap or {n: [] for n in self.names}
@@ -84,7 +89,9 @@ class Etcd:
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", cluster, "--initial-cluster-state", "new",
                 "--initial-cluster-token", f"replfs-{os.getpid()}-{id(self)}",
-                "--logger", "zap", "--log-level", "warn"],
+                "--logger", "zap", "--log-level", "warn",
+                *(["--election-timeout", str(self.election_timeout)]
+                  if self.election_timeout else [])],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
 
     def healthy(self, name: str) -> bool:
@@ -129,14 +136,15 @@ class Etcd:
 
 @contextlib.contextmanager
 def etcd_cluster(tmp, members: int = 3, hosts: dict[str, str] | None = None,
-                 wrap: dict[str, list[str]] | None = None):
+                 wrap: dict[str, list[str]] | None = None,
+                 election_timeout: int | None = None):
     """Start `members` etcd members with data under `tmp` (each at its address in `hosts`,
-    run through its command in `wrap`: see above); yield the `Etcd` once healthy; stop
-    them all at the end."""
+    run through its command in `wrap`, with `election_timeout`: see above); yield the
+    `Etcd` once healthy; stop them all at the end."""
     if etcd_binary() is None:
         raise EtcdMissing("etcd is not installed: install Debian's etcd-server "
                           "(tools/bootstrap.sh does)")
-    e = Etcd(tmp, members, hosts, wrap)
+    e = Etcd(tmp, members, hosts, wrap, election_timeout)
     try:
         for n in e.names:
             e.start(n)

@@ -21,6 +21,8 @@ import trio
 from clusterhelp import Running, done_after, wait_for
 from etcdhelp import etcd_cluster
 
+from replfs.replication import wire
+from replfs.replication.config import free_port
 from replfs.replication.viewstore import EtcdStore, Fenced
 from replfs.tools.cluster import REPLFS
 
@@ -82,6 +84,73 @@ def test_two_view_servers_never_fork_the_views(tmp_path):
         with pytest.raises(Fenced):
             await b.save({0: dict(table[0], num=3)})
         assert await a.load() == await b.load()
+    with etcd_cluster(tmp_path, 3) as etcd:
+        trio.run(main, etcd.endpoints)
+
+
+def test_a_standby_ends_the_lease_only_of_an_active_view_server_that_died(tmp_path):
+    """A standby watches the active process over a connection of its own. That
+    connection closed while the process still listens (as when a lifted partition
+    closes it) is not a death: the standby watches again, and the lease stays. Once the
+    process's end closed it and its address refuses connections, the standby ends the
+    lease itself and is elected at once -- here the dead one's lease is still being
+    renewed (its renewals stand for etcd's expiry, which would come only later), so the
+    election can only come from the standby's revocation."""
+    secret = os.urandom(32)
+    port = free_port()
+    watches = []
+
+    async def stands_for_a(ch):        # the active process a's listener
+        msg = await ch.receive()
+        assert isinstance(msg, wire.Watch) and msg.name == "b"
+        watches.append(msg.name)
+        await ch.send(wire.Watching("a", a.lease_id))
+        if len(watches) > 1:
+            await trio.sleep_forever()
+        # the first watch: closed by a while it lives and listens
+
+    async def dial(name):
+        assert name == "a"
+        return await wire.connect(("127.0.0.1", port), secret, "b")
+
+    async def main(endpoints):
+        nonlocal a
+        a = EtcdStore(endpoints, "/w", "a")
+        b = EtcdStore(endpoints, "/w", "b", dial=dial)
+        elected = trio.Event()
+
+        async def b_campaigns():
+            await b.lead()
+            elected.set()
+        try:
+            await a.lead()
+            async with trio.open_nursery() as outer:
+                renewing = trio.CancelScope()
+
+                async def a_renews():
+                    with renewing:
+                        await a.keep(renewing)
+                outer.start_soon(a_renews)
+                async with trio.open_nursery() as listening:
+                    await listening.start(wire.serve, port, secret, stands_for_a)
+                    outer.start_soon(b_campaigns)
+                    with trio.fail_after(30):
+                        while len(watches) < 2 and not elected.is_set():
+                            await trio.sleep(0.01)
+                    # b watches again: a lives and listens, so its lease stays
+                    assert not elected.is_set()
+                    await a._refresh()
+                    assert a.lease_id is not None and a.active()
+                    assert await b._leader() == ("a", a.lease_id)
+                    listening.cancel_scope.cancel()         # a dies: nothing listens
+                with trio.fail_after(30):
+                    await elected.wait()
+                assert (await b._leader())[0] == "b"
+                renewing.cancel()
+        finally:
+            a.close()
+            b.close()
+    a = None
     with etcd_cluster(tmp_path, 3) as etcd:
         trio.run(main, etcd.endpoints)
 

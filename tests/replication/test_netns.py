@@ -133,6 +133,10 @@ def test_view_server_etcd_member_then_primary_killed_on_separate_machines(net_et
         st = net.wait_status(lambda st: active(st) not in ("", old_vs) and protected(st),
                              30, "a standby taking over")
         assert group(st)["view"] == view, "the takeover changed the group's view"
+        # it took over because a standby saw the killed one's connection close and its
+        # address refuse, and ended its lease (not after etcd expired it)
+        assert any(f"{old_vs}, the active view server, died" in net.log(v)
+                   for v in net.vss if v != old_vs), [net.log(v)[-2000:] for v in net.vss]
         st = net.wait_status(lambda st: not st["processes"][old_vs]["running"], 30,
                              "the killed view server counted as not running")
         assert [v for v in net.vss if st["processes"][v]["running"]] == \
