@@ -53,10 +53,9 @@ def test_view_server_then_primary_killed(tmp_path):
     assert row["fault"] == "vs+kill" and row["goal"] == 2.0
     assert row["met"] == (row["stall"] <= 2.0)
     assert row["writes"] > 0 and row["rate_before"] > 0
-    # no new primary before a standby took over, and none before etcd expired the
-    # killed view server's lease (1 s at the bench's 500 ms election timeout, renewed
-    # every 0.25 s): the writer waited that long
-    assert row["takeover"] >= 0.7 and row["stall"] >= 0.7
+    # no new primary before a standby took over, nor before the primary missed
+    # dead_pings pings (0.5 s) counted from the takeover: the writer waited that long
+    assert row["stall"] >= row["takeover"] + 0.4
     # the bench stopped its etcd members, view servers, servers and mount
     assert list(tmp_path.iterdir()) == []
     assert str(tmp_path) not in subprocess.run(["ps", "axww", "-o", "args"], text=True,

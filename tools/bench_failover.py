@@ -84,12 +84,11 @@ FAULTS = {
              "dead_pings x ping_interval missed pings (0.5 s), then the backup made primary"),
     "vs": ("kill -9 of the active view server", 1.0, True,
            "nothing: the backup renews its primary's lease while no view server answers "
-           "(the standby's takeover: etcd's lease, its floor 1 s at a 500 ms election "
-           "timeout, + a 0.1 s poll)"),
+           "(a standby sees the death -- its connection closed, its address refusing -- "
+           "ends the lease in etcd and takes over, ~0.1 s)"),
     "vs+kill": ("kill -9 of the active view server, then of a primary", 2.0, True,
-                "the standby's takeover (etcd's lease floor, 1 s at a 500 ms election "
-                "timeout, + 0.1 s poll), then "
-                "dead_pings x ping_interval missed pings after it (0.5 s)"),
+                "the standby's takeover (~0.1 s), then dead_pings x ping_interval missed "
+                "pings after it (0.5 s)"),
 }
 
 
@@ -205,9 +204,8 @@ def print_stalls(console, rows: list[dict], args) -> None:
     bounds = "; ".join(f"{FAULTS[r['fault']][0]}: {FAULTS[r['fault']][3]}" for r in rows)
     et = args.etcd_election_timeout
     etcd = ("; the view server cases: 3 view servers on a 3-member etcd "
-            f"(--election-timeout {et or 'default'}), a standby takes over once etcd "
-            f"expired the active one's lease: {'1 s' if et and et <= 500 else '~2 s'}, "
-            "etcd's floor"
+            f"(--election-timeout {et or 'default'}: a hung view server's lease lasts "
+            f"{'1 s' if et and et <= 500 else '2 s'})"
             if any(FAULTS[r["fault"]][2] for r in rows) else "")
     t = Table(title=f"replfs bench failover: longest stall of a 4 KiB-append writer "
                     f"(worst of {args.rounds} runs{etcd})",
