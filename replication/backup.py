@@ -35,6 +35,7 @@ log = logging.getLogger("replfs.server")
 
 APPLY_MAX = 2**20       # bytes of after-images per backup transaction
 QUEUE_MAX = 16 * 2**20  # bytes a backup holds unapplied before it stops reading
+MARKS_MAX = 500_000     # blocks of its own dirty map a returning backup sends (a frame)
 FLUSH_BEHIND = 1.0      # seconds an applied (written) batch may stay unforced: what a
                         # power loss of both machines can take (ext4's commit interval)
 
@@ -245,10 +246,15 @@ class BackupRole:
         await self._wait_applied()          # report the position that is on disk
         await self._force_applied()
         await self._abort_local_in_doubt()
+        # a map of our own (we were primary since): the new primary may send the union
+        # of the two maps (dirtymap.py), e.g. to its old primary back after a failover
+        base, marks = self.dirtymap.base, self.dirtymap.blocks()
+        if base is None or len(marks) > MARKS_MAX:
+            base, marks = None, []
         # from here on this server follows another primary: its own dirty map (from a
         # time it was primary) no longer describes its state
         self.dirtymap.invalidate()
-        await ch.send(wire.SyncPosition(*self.position))
+        await ch.send(wire.SyncPosition(*self.position, list(base) if base else None, marks))
         self.sync_incarnation = msg.incarnation
         self._enqueue(("unsync", msg.incarnation, False), 0)    # no new position until SyncDone
         self.sync_progress = (0, 0)

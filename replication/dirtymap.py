@@ -22,6 +22,18 @@ allocated block. Too big is harmless; missing a block is not, hence:
 - a server that applies another primary's stream (it becomes a backup) invalidates its
   map (`invalidate`): its own marks no longer describe its state.
 
+After a failover, the old primary comes back as the backup of the new one, DRBD's
+"merge the bitmaps" case. The new primary holds its old primary's state up to a
+position it had forced, its *origin* (`promoted`, recorded when it is promoted with an
+invalidated map), plus its own commits, all marked. The old primary holds the same
+state up to its own base, plus its commits after it, all in its own marks -- including
+commits it appended but lost in its crash (marks are written first), whose forwards the
+new primary may have applied. So where the old primary's base is in the origin's
+incarnation at or before the origin's LSN, the union of the two maps holds every block
+in which the two states may differ (`merges`), and the old primary receives only those:
+an incremental transfer. The origin goes with the first rebase (the marks from before
+it are cleared) and with `invalidate`.
+
 The file, `dirty.map` next to the array's images: a header block (msgpack: base, the
 machine's boot id, clean flag, block count), then one bit per logical block. Marks are
 *written*, not forced: they survive `kill -9` of the server (the page cache keeps them,
@@ -57,6 +69,7 @@ class DirtyMap:
         self.path = path
         self.nblocks = nblocks
         self.base: tuple[str, int] | None = None
+        self.origin: tuple[str, int] | None = None    # see above: `promoted`
         self.bits = bytearray((nblocks + 7) // 8)
         self.last: dict[int, int] = {}      # block -> LSN of its last mark (0: earlier)
         self.boot = boot_id()
@@ -84,8 +97,9 @@ class DirtyMap:
             return
         bits = os.pread(self.fd, len(self.bits), HEADER)
         self.bits[:len(bits)] = bits
-        base = h.get("base")
+        base, origin = h.get("base"), h.get("origin")
         self.base = (str(base[0]), int(base[1])) if base else None
+        self.origin = (str(origin[0]), int(origin[1])) if origin else None
         for i, byte in enumerate(self.bits):
             if byte:
                 for j in range(8):
@@ -93,7 +107,7 @@ class DirtyMap:
                         self.last[i * 8 + j] = 0
 
     def _zero_file(self) -> None:
-        self.base = None
+        self.base = self.origin = None
         self.bits[:] = bytes(len(self.bits))
         self.last.clear()
         os.ftruncate(self.fd, 0)
@@ -101,7 +115,8 @@ class DirtyMap:
 
     def _write_header(self, clean: bool) -> None:
         body = msgpack.packb(dict(v=VERSION, nblocks=self.nblocks, boot=self.boot,
-                                  clean=clean, base=list(self.base) if self.base else None))
+                                  clean=clean, base=list(self.base) if self.base else None,
+                                  origin=list(self.origin) if self.origin else None))
         os.pwrite(self.fd, (len(body).to_bytes(2, "little") + body).ljust(HEADER, b"\0"), 0)
 
     def _write_bits(self, lo: int, hi: int) -> None:
@@ -131,6 +146,21 @@ class DirtyMap:
         return (self.base is not None and bool(position[0])
                 and position[0] == self.base[0] and position[1] >= self.base[1])
 
+    def merges(self, base) -> bool:
+        """Does the union of this map and a returning old primary's own map, whose base
+        is `base`, hold every block in which its state may differ from ours?"""
+        return (self.origin is not None and isinstance(base, (list, tuple)) and len(base) == 2
+                and isinstance(base[0], str) and isinstance(base[1], int) and bool(base[0])
+                and base[0] == self.origin[0] and base[1] <= self.origin[1])
+
+    def promoted(self, position: tuple[str, int]) -> None:
+        """This server becomes primary holding its old primary's state up to `position`
+        (forced), plus nothing of its own yet: with an invalidated map (it followed that
+        primary), `position` becomes the origin for a returning old primary."""
+        if self.base is None and not self.last and position[0]:
+            self.origin = (position[0], int(position[1]))
+            self._write_header(clean=False)
+
     def mark(self, blocks, lsn: int) -> None:
         """Blocks a commit (at `lsn`) changes; written before the call returns."""
         lo, hi = len(self.bits), 0
@@ -150,6 +180,7 @@ class DirtyMap:
         if self.base == (incarnation, lsn):
             return 0
         self.base = (incarnation, lsn)
+        self.origin = None                    # marks from before it go now
         self._write_header(clean=False)       # the new base first, then the clears
         old = [b for b, at in self.last.items() if at <= lsn]
         if not old:
@@ -171,9 +202,9 @@ class DirtyMap:
 
     def invalidate(self) -> None:
         """This server's state is about to follow another primary: drop base and marks."""
-        if self.base is None and not self.last:
+        if self.base is None and self.origin is None and not self.last:
             return
-        self.base = None
+        self.base = self.origin = None
         self.last.clear()
         self.bits[:] = bytes(len(self.bits))
         self._write_header(clean=False)

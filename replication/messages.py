@@ -174,10 +174,15 @@ class SyncStart:
 @message
 class SyncPosition:
     """The backup's replication position: it holds the primary `incarnation`'s state up
-    to `lsn` ("" if it holds no consistent position)."""
+    to `lsn` ("" if it holds no consistent position). A backup that was a primary since
+    also sends its own dirty map: `own_base` and the blocks `own_marks` (None and [] when
+    it has none, or too many to send), for a transfer of the union
+    (replication/dirtymap.py)."""
     TAG: ClassVar[str] = "sync-pos"
     incarnation: str
     lsn: int
+    own_base: list | None = None
+    own_marks: list = dataclasses.field(default_factory=list)
 
 
 @message

@@ -254,7 +254,7 @@ class PrimaryRole:
             if not isinstance(pos, wire.SyncPosition):
                 raise LinkError(f"backup answered {pos.TAG} to sync-start")
             p.link_durable = 0
-            plan = self._plan(p, (pos.incarnation, pos.lsn))
+            plan = self._plan(p, (pos.incarnation, pos.lsn), pos.own_base, pos.own_marks)
             log.info("%s state transfer to %s: %d blocks (of %d allocated)", p.sync_kind,
                      v.backup, len(plan), self.stats["last_transfer"]["allocated"])
             t0 = time.monotonic()
@@ -364,13 +364,23 @@ class PrimaryRole:
             self._notify()
         raise LinkError(f"refused: {r.reason}")
 
-    def _plan(self, p: Primary, position: tuple[str, int]) -> list[int]:
+    def _plan(self, p: Primary, position: tuple[str, int], own_base=None,
+              own_marks=()) -> list[int]:
         """The blocks to send a backup whose forced position is `position`: the dirty
-        map's, if it covers that position, else every allocated block."""
+        map's, if it covers that position; the union of the dirty map and the backup's
+        own (`own_base`, `own_marks`: it was primary since) if the two merge -- our old
+        primary back after a failover (dirtymap.py); else every allocated block."""
         if self.dirtymap.covers(position):
             plan = [b for b in self.dirtymap.blocks() if self._replicated(b)]
             p.sync_kind = "incremental"
             self.stats["transfers_dirty"] += 1
+        elif self.dirtymap.merges(own_base) and isinstance(own_marks, list) \
+                and all(isinstance(b, int) for b in own_marks):
+            union = set(self.dirtymap.blocks()).union(own_marks)
+            plan = sorted(b for b in union if 0 <= b < self.array.nblocks and self._replicated(b))
+            p.sync_kind = "incremental"
+            self.stats["transfers_dirty"] += 1
+            self.stats["transfers_merged"] += 1
         else:
             plan = self._all_blocks()
             p.sync_kind = "full"

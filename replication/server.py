@@ -93,7 +93,8 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         self._q_synced = False
         self._q_inc = ""
         self.stats = dict(ops=0, duplicates=0, forwarded_batches=0, applied_batches=0,
-                          transfers_full=0, transfers_dirty=0, blocks_transferred=0,
+                          transfers_full=0, transfers_dirty=0, transfers_merged=0,
+                          blocks_transferred=0,
                           refused_forwards=0, execute_seconds=0.0, ack_wait_seconds=0.0,
                           forward_seconds=0.0, healed_blocks=0, unhealed_reads=0,
                           heals_served=0, last_transfer={})
@@ -206,6 +207,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
                 self.dirtymap.invalidate()
             self.fs = await open_fs(self.device, reclaim=(v.num == 1), history=self._recorder())
         self.dirtymap.settle()
+        self.dirtymap.promoted(self.position)   # the old primary's state, up to here
         self.fs.mgr.on_append = self._mark_dirty
         # The stream to the backup carries each commit as soon as it is appended, so
         # the primary's own log write and the round trip to the backup overlap.

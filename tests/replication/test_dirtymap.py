@@ -106,3 +106,35 @@ def test_status_names_the_kind_of_a_running_transfer_and_its_blocks():
     assert _replication(servers["s2"]).startswith("lag ")      # done: no transfer shown
     assert _transfers(dict(servers=servers)) == [
         "s0: incremental transfer to its backup, 64 of 210 blocks sent"]
+
+
+def test_a_promoted_backup_merges_only_with_its_old_primarys_map(tmp_path):
+    m = DirtyMap(str(tmp_path / "dirty.map"), N)
+    m.mark([1], lsn=10)
+    m.invalidate()                      # it followed primary "old" as its backup
+    m.settle()
+    m.promoted(("old", 500))            # promoted, holding "old"'s state up to 500
+    assert m.origin == ("old", 500) and not m.covers(("old", 500))
+    m.mark([3], lsn=1)
+    after = reopen(tmp_path / "dirty.map")                  # across a crash too
+    assert after.origin == ("old", 500) and after.blocks() == [3]
+    # the old primary's map, based at or before 500 in its own incarnation, merges
+    assert after.merges(["old", 500]) and after.merges(["old", 120])
+    assert not after.merges(["old", 501]) and not after.merges(["other", 100])
+    assert not after.merges(None) and not after.merges(["", 0]) and not after.merges("x")
+    # a map of its own (not invalidated) takes no origin; a rebase and invalidate end it
+    fresh = DirtyMap(str(tmp_path / "other.map"), N)
+    fresh.mark([2], lsn=5)
+    fresh.promoted(("old", 500))
+    assert fresh.origin is None
+    after.rebase(after.base[0] if after.base else "new", 1)
+    assert after.origin is None and not after.merges(["old", 100])
+    m2 = reopen(tmp_path / "dirty.map")
+    assert m2.origin is None
+    m2.promoted(("old", 700))           # (it has a base of its own: no origin)
+    assert m2.origin is None
+    m2.invalidate()
+    m2.promoted(("old", 700))
+    assert m2.origin == ("old", 700)
+    m2.invalidate()
+    assert m2.origin is None and reopen(tmp_path / "dirty.map").origin is None

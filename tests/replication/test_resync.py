@@ -162,3 +162,31 @@ def test_primary_restarted_meanwhile_still_incremental_and_killed_during_it(runn
     w.check()
     assert (running.mnt / "w/while-away").read_bytes() == unique
     replicas_identical(running)
+
+
+def test_old_primary_back_after_a_failover_gets_the_union_of_both_maps(running):
+    """The primary is killed under the workload, its backup takes over and goes on alone;
+    the old primary comes back as its backup and receives only the blocks either of them
+    changed since the new primary's last forced position of the old one's stream (the
+    union of their dirty maps), not every allocated block; nothing acknowledged is lost,
+    and the replicas compare identical after."""
+    old, new = running.primary(), running.view()["backup"]
+    w = populate(running)
+    try:
+        running.cluster.signal(old, signal.SIGKILL)
+        running.cluster.wait_until(
+            lambda st: st["viewserver"]["groups"]["0"]["primary"] == new, timeout=30,
+            what="the failover")
+        w.wait_ops(60)
+        running.cluster.start_server(old)
+        st = running.cluster.wait_protected(timeout=60)
+        assert running.view()["backup"] == old
+        w.wait_ops(20)
+    finally:
+        w.finish()
+    stats = st["servers"][new]["stats"]
+    last = stats["last_transfer"]
+    assert last["kind"] == "incremental" and stats["transfers_merged"] >= 1, last
+    assert 0 < last["planned"] < 0.05 * last["allocated"], last
+    w.check()
+    replicas_identical(running)
