@@ -230,13 +230,19 @@ def print_resync(console, resync: dict, args) -> None:
     from rich.table import Table
     t = Table(title=f"resync of a backup away {args.absence:g} s under a writer (median of "
                     f"{args.resync_rounds} interleaved rounds each; full: its position "
-                    f"forgotten, as a wiped replica's)")
+                    f"forgotten, as a wiped replica's; failover: the primary killed instead, "
+                    f"and back as the backup of the one that took over)")
     for col in ("transfer", "blocks sent", "of allocated", "seconds", "blocks / full",
                 "time / full"):
         t.add_column(col)
-    for kind in ("incremental", "full"):
-        r = resync[kind]
-        ratio = resync["ratio"] if kind == "incremental" else dict(blocks=1.0, seconds=1.0)
-        t.add_row(kind, f"{r['blocks']:.0f}", f"{r['allocated']:.0f}", f"{r['seconds']:.3f}",
+    labels = {"incremental": "incremental", "full": "full",
+              "failover": "old primary back after a failover (union of the maps)"}
+    ratios = {"incremental": resync["ratio"], "full": dict(blocks=1.0, seconds=1.0),
+              "failover": resync.get("ratio_failover")}
+    for kind, label in labels.items():
+        r, ratio = resync.get(kind), ratios[kind]
+        if r is None or ratio is None:
+            continue
+        t.add_row(label, f"{r['blocks']:.0f}", f"{r['allocated']:.0f}", f"{r['seconds']:.3f}",
                   f"{ratio['blocks']:.3f}x", f"{ratio['seconds']:.2f}x")
     console.print(t)

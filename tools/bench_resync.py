@@ -8,7 +8,10 @@ again; the primary's figures of the transfer that follows (its kind, the blocks 
 the seconds from the backup's position to `SyncDone`) are read from `replfs status`.
 Rounds alternate: an incremental one (the primary's dirty map covers the backup's
 position), then a full one (the stopped backup's position is first forgotten, as a
-wiped replica's would be, so it gets every allocated block). The medians are reported.
+wiped replica's would be, so it gets every allocated block), then a failover one: the
+*primary* is killed, its backup takes over and goes on alone for `absence` seconds, and
+the old primary comes back as its backup, receiving the union of the two dirty maps
+(replication/dirtymap.py). The medians are reported.
 """
 
 from __future__ import annotations
@@ -65,20 +68,26 @@ async def _forget_position(server_dir: str) -> None:
         array.close()
 
 
+KINDS = {"incremental": "incremental", "full": "full", "failover": "incremental"}
+
+
 def _round(cluster, mnt: str, kind: str, absence: float) -> dict:
     st = cluster.status()
     view = st["viewserver"]["groups"]["0"]
-    primary, backup = view["primary"], view["backup"]
+    # who goes away, and who sends the transfer when it is back
+    away, primary = ((view["primary"], view["backup"]) if kind == "failover"
+                     else (view["backup"], view["primary"]))
     done = st["servers"][primary]["stats"]["transfers_full"] + \
         st["servers"][primary]["stats"]["transfers_dirty"]
-    cluster.signal(backup, signal.SIGKILL)
-    cluster.wait_until(lambda s: not s["viewserver"]["groups"]["0"]["backup"], 30,
-                       "the view without the backup")
+    cluster.signal(away, signal.SIGKILL)
+    cluster.wait_until(lambda s: (s["viewserver"]["groups"]["0"]["primary"] == primary
+                                  and not s["viewserver"]["groups"]["0"]["backup"]), 30,
+                       f"the view without {away}")
     t0 = time.monotonic()
     if kind == "full":
-        trio.run(_forget_position, cluster.cfg.server_dir(backup))
+        trio.run(_forget_position, cluster.cfg.server_dir(away))
     time.sleep(max(0.0, absence - (time.monotonic() - t0)))
-    cluster.start_server(backup)
+    cluster.start_server(away)
 
     def transferred(s):
         stats = s["servers"].get(primary, {}).get("stats", {})
@@ -96,8 +105,9 @@ def _round(cluster, mnt: str, kind: str, absence: float) -> dict:
 
 
 def measure(base: str, rounds: int = 3, absence: float = 2.0) -> dict:
-    """{"incremental": {...}, "full": {...}, "ratio": {...}}: the medians over `rounds`
-    rounds of each kind, and of each round's incremental/full ratios."""
+    """{"incremental": {...}, "full": {...}, "failover": {...}, "ratio": {...},
+    "ratio_failover": {...}}: the medians over `rounds` rounds of each kind, and of each
+    round's incremental/full and failover/full ratios."""
     from replfs.tools.cluster import start_mounted_cluster
     mnt, cluster, stop = start_mounted_cluster(base, disk_size=32 * 2**20, placement="parent")
     try:
@@ -108,12 +118,12 @@ def measure(base: str, rounds: int = 3, absence: float = 2.0) -> dict:
             f.write(bytes(65536))
         w = Writer(mnt)
         w.start()
-        runs: dict[str, list[dict]] = {"incremental": [], "full": []}
+        runs: dict[str, list[dict]] = {k: [] for k in KINDS}
         try:
             for _ in range(rounds):
-                for kind in ("incremental", "full"):
+                for kind in KINDS:
                     r = _round(cluster, mnt, kind, absence)
-                    if r["kind"] != kind:
+                    if r["kind"] != KINDS[kind]:
                         raise RuntimeError(f"a {kind} round made a {r['kind']} transfer")
                     runs[kind].append(r)
         finally:
@@ -125,8 +135,9 @@ def measure(base: str, rounds: int = 3, absence: float = 2.0) -> dict:
                        allocated=statistics.median(r["allocated"] for r in rs),
                        seconds=statistics.median(r["seconds"] for r in rs))
                for k, rs in runs.items()}
-        pairs = list(zip(runs["incremental"], runs["full"]))
-        out["ratio"] = {x: statistics.median(i[x] / max(f[x], 1e-9) for i, f in pairs)
+        for key, kind in (("ratio", "incremental"), ("ratio_failover", "failover")):
+            pairs = list(zip(runs[kind], runs["full"]))
+            out[key] = {x: statistics.median(i[x] / max(f[x], 1e-9) for i, f in pairs)
                         for x in ("blocks", "seconds")}
         return out
     finally:
