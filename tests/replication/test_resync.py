@@ -113,6 +113,18 @@ def replicas_identical(running) -> None:
     assert compared > 6000 and diff == {s: [] for s in followers(running.cfg)}
 
 
+def incremental_and_identical(running, w: Workload, st: dict, sender: str, counter: str):
+    """The last transfer `sender` made (in status `st`) was incremental, counted in its
+    stat `counter`, and under 5% of the allocated blocks; every acknowledged write is
+    there; the replicas compare identical."""
+    stats = st["servers"][sender]["stats"]
+    last = stats["last_transfer"]
+    assert last["kind"] == "incremental" and stats[counter] >= 1, last
+    assert 0 < last["planned"] < 0.05 * last["allocated"], last
+    w.check()
+    replicas_identical(running)
+
+
 def test_backup_back_after_a_short_absence_gets_an_incremental_transfer(running):
     primary, backup = running.primary(), running.view()["backup"]
     w = populate(running)
@@ -123,12 +135,7 @@ def test_backup_back_after_a_short_absence_gets_an_incremental_transfer(running)
         w.wait_ops(20)
     finally:
         w.finish()
-    stats = st["servers"][primary]["stats"]
-    last = stats["last_transfer"]
-    assert last["kind"] == "incremental" and stats["transfers_dirty"] >= 1, last
-    assert 0 < last["planned"] < 0.05 * last["allocated"], last
-    w.check()
-    replicas_identical(running)
+    incremental_and_identical(running, w, st, primary, "transfers_dirty")
 
 
 def test_primary_restarted_meanwhile_still_incremental_and_killed_during_it(running):
@@ -184,9 +191,4 @@ def test_old_primary_back_after_a_failover_gets_the_union_of_both_maps(running):
         w.wait_ops(20)
     finally:
         w.finish()
-    stats = st["servers"][new]["stats"]
-    last = stats["last_transfer"]
-    assert last["kind"] == "incremental" and stats["transfers_merged"] >= 1, last
-    assert 0 < last["planned"] < 0.05 * last["allocated"], last
-    w.check()
-    replicas_identical(running)
+    incremental_and_identical(running, w, st, new, "transfers_merged")
