@@ -118,6 +118,7 @@ class Array(ReadMixin, WriteMixin, ReconstructMixin, RebuildMixin, ScrubMixin):
         self._syncer = SyncThread("raid-sync")      # flush()'s fdatasyncs
         self._fan = FanOut(geo.ndisks - 1, "raid-fsync")  # ... side by side
         self._untrusted_rows: set[int] = set()
+        self.zeroed = 0     # blocks lost to the write hole and zeroed (open_array zero_lost)
         self._counters_dirty = False
         self._closed = False
         self.scrub_progress: dict | None = None

@@ -19,7 +19,7 @@ import numpy as np
 from . import superblock as sbmod
 from .array import DEFAULT_CHECKSUM_CACHE, Array
 from .dirfiles import CONFIG_NAME, load_config, lock_dir, read_state, resolve, write_json
-from .errors import RaidError
+from .errors import RaidError, WriteHole
 from .layout import BLOCK_SIZE, make_geometry
 from .member import Disk, DiskGone, disk_size
 
@@ -160,13 +160,16 @@ def _examine(dirpath: str, cfg: dict, writable: bool) -> tuple[list[_Member], di
     return members, fresh
 
 
-def open_array(dirpath: str | os.PathLike, *, force: bool = False,
+def open_array(dirpath: str | os.PathLike, *, force: bool = False, zero_lost: bool = False,
                checksum_cache: int = DEFAULT_CHECKSUM_CACHE) -> Array:
     """Assemble the array in `dirpath` for reading and writing. Missing, damaged, foreign,
     misplaced or stale members are named in `status()["notices"]`; with one of them the
     array runs degraded; with more, RaidError says which and why. After an unclean stop
-    the write-intent bitmap's rows are resynchronised before this returns. At most
-    `checksum_cache` bytes of checksums are kept in memory (checksums.py)."""
+    the write-intent bitmap's rows are resynchronised before this returns; while
+    degraded that is the write hole (WriteHole), unless `force` (those rows' blocks of
+    the missing disk are then unreadable) or `zero_lost` (they are zeroed, and their
+    rows made whole: `zeroed` counts them). At most `checksum_cache` bytes of checksums
+    are kept in memory (checksums.py)."""
     dirpath = os.fspath(dirpath)
     cfg = load_config(dirpath)
     lockfd = lock_dir(dirpath)
@@ -219,7 +222,7 @@ def open_array(dirpath: str | os.PathLike, *, force: bool = False,
             os.close(lockfd)
         raise
     try:
-        _assemble(arr, members, fresh, force)
+        _assemble(arr, members, fresh, force, zero_lost)
     except BaseException:
         arr._closed = True
         for d in arr.disks:
@@ -232,7 +235,8 @@ def open_array(dirpath: str | os.PathLike, *, force: bool = False,
     return arr
 
 
-def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool) -> None:
+def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool,
+              zero_lost: bool = False) -> None:
     g = arr.geo
     for m in members:
         if m.damaged_copies:
@@ -264,29 +268,43 @@ def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool) -> N
     rows = [r for reg in np.nonzero(bits)[0].tolist()
             for r in range(reg * g.region_rows, min(g.rows, (reg + 1) * g.region_rows))]
     degraded = any(d.state != "active" for d in arr.disks)
+    lost_rows: list[int] = []
     if rows and degraded:
         missing = [d for d in arr.disks if d.state != "active"][0]
+        # below a rebuilding disk's recorded position every member holds its rows (and
+        # writes since went to all of them): those resynchronise as if not degraded
+        below = missing.durable_pos if missing.state == "rebuilding" else 0
+        lost_rows = [r for r in rows if r >= below and g.parity_disk(r) != missing.index]
+        rows = [r for r in rows if r not in set(lost_rows)]
+    if lost_rows and zero_lost:
+        arr.zeroed = _zero_rows(arr, lost_rows, missing)
+        arr.notices.append(f"unclean stop while degraded: {len(lost_rows)} rows may have "
+                           f"been mid-write; the {arr.zeroed} blocks of disk "
+                           f"{missing.index} there are lost and now read as zeros")
+    elif lost_rows:
+        rows = rows + lost_rows
         if not force:
-            raise RaidError(
+            raise WriteHole(
                 f"array {arr.dir} was not shut down cleanly and disk {missing.index} "
                 f"({missing.path}) is {missing.state}: {len(rows)} chunk rows may have been "
                 f"mid-write (the RAID-5 write hole), so blocks of disk {missing.index} cannot "
                 f"be rebuilt safely there. Bring disk {missing.index} back and open again, or "
                 f"open with force (`--force`) to serve everything else and report those "
                 f"blocks as unreadable.", exit_code=3)
-        arr._untrusted_rows = set(rows)
+        arr._untrusted_rows = set(lost_rows)
         arr._bitmap.bits = bits
         # checksums of the present disks must match whatever data landed
-        for row in rows:
+        for row in lost_rows:
             for d in arr.disks:
                 if d.state == "active":
                     e0 = row * g.cb
                     buf = arr._pread(d, g.data_start + e0, g.cb)
                     d.cs.set_from(e0, buf, g.cb)
-        arr.notices.append(f"unclean stop while degraded: {len(rows)} rows untrusted")
+        arr.notices.append(f"unclean stop while degraded: {len(lost_rows)} rows untrusted")
+        rows = [r for r in rows if r not in arr._untrusted_rows]
     with arr._lock:
         arr._write_superblocks(state="dirty", sync=True)
-        if rows and not degraded:
+        if rows:
             arr.stats["resynced_rows"] = _resync(arr, rows)
             arr.notices.append(f"unclean stop: resynchronised {len(rows)} chunk rows "
                                f"named by the write-intent bitmap")
@@ -300,22 +318,36 @@ def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool) -> N
             arr._write_bitmap(sync=True)
 
 
-def _resync(arr: Array, rows: list[int]) -> int:
+def _resync(arr: Array, rows: list[int], zeros: int | None = None) -> int:
     """Make the given rows consistent after an unclean stop: checksums from the data
-    found, parity from the data. Needs every member."""
+    found, parity from the data. Needs every member -- but member `zeros`, whose data
+    chunks in these rows are taken (and written, if it is being rebuilt) as zeros."""
     g = arr.geo
     for row in rows:
         e0 = row * g.cb
         pd = g.parity_disk(row)
         acc = np.zeros(g.chunk, dtype=np.uint8)
         for d in range(g.ndisks):
+            if d == pd:
+                continue
             disk = arr.disks[d]
+            if d == zeros:
+                arr._write_seg(d, e0, bytes(g.chunk))
+                continue
             buf = arr._pread(disk, g.data_start + e0, g.cb)
-            if d != pd:
-                acc ^= np.frombuffer(buf, dtype=np.uint8)
-                disk.cs.set_from(e0, buf, g.cb)
+            acc ^= np.frombuffer(buf, dtype=np.uint8)
+            disk.cs.set_from(e0, buf, g.cb)
         arr._write_seg(pd, e0, acc.data)
     return len(rows)
+
+
+def _zero_rows(arr: Array, rows: list[int], missing) -> int:
+    """`rows` may have been mid-write while `missing` was not active, and it holds data
+    in each: make each row whole with its chunk of `missing` zeroed. Returns how many
+    blocks were lost."""
+    with arr._lock:
+        _resync(arr, rows, zeros=missing.index)
+    return len(rows) * arr.geo.cb
 
 
 def _repair_unknown_checksums(arr: Array, damaged: dict[int, list[int]]) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from replfs.crash import CRASH_EXIT_CODE
-from replfs.raid import BlockIOError, RaidError, create_array, open_array
+from replfs.raid import BlockIOError, RaidError, WriteHole, create_array, open_array
 
 from .conftest import DISK_SIZE, NDISKS, disk_path
 
@@ -156,5 +156,40 @@ for i in range(200):
         for lb in range(arr.nblocks):
             got = arr.read_sync(lb, 1)
             assert got in allowed.get(lb, {bytes(4096)}), lb
+    finally:
+        arr.close()
+
+
+def test_a_replica_may_open_with_the_lost_blocks_zeroed(tmp_path):
+    """`zero_lost` (for a replica that then takes a full copy from its partner): the
+    rows that may have been mid-write get the missing disk's chunk as zeros and a parity
+    that matches; nothing else changes, nothing is untrusted, and the disk then rebuilds
+    and scrubs clean."""
+    d = str(tmp_path / "arr")
+    old, geo = _fill(d)
+    target = geo.lblock(5, 1, 3)
+    _crash_child(d, target)
+    victim = geo.data_disk(5, 0)
+    os.remove(disk_path(d, victim))
+    with pytest.raises(WriteHole, match="not shut down cleanly"):
+        open_array(d)
+    arr = open_array(d, zero_lost=True)
+    try:
+        assert arr.zeroed > 0 and any("now read as zeros" in n for n in arr.notices)
+        got = {lb: arr.read_sync(lb, 1) for lb in range(arr.nblocks)}   # all readable
+        changed = [lb for lb in got if got[lb] != old[lb] and lb != target]
+        assert changed and all(got[lb] == bytes(4096) for lb in changed)
+        # whole chunks of the lost disk, in rows of the region that was mid-write
+        rows = {geo.locate(lb)[0] for lb in changed}
+        lost = [lb for lb in got if geo.locate(lb)[0] in rows
+                and geo.data_disk(*geo.locate(lb)[:2]) == victim]
+        assert set(changed) <= set(lost) and all(got[lb] == bytes(4096) for lb in lost)
+        assert 5 in rows and len(lost) == arr.zeroed == len(rows) * geo.cb
+        assert got[target] in (old[target], b"N" * 4096)
+        zeroed = lost
+        arr.rebuild(victim, image=str(tmp_path / "new.img"))
+        found = arr.scrub()
+        assert found["parity_mismatches"] == 0 and found["unrecoverable"] == 0
+        assert all(arr.read_sync(lb, 1) == bytes(4096) for lb in zeroed)
     finally:
         arr.close()
