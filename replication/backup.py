@@ -28,7 +28,7 @@ import logging
 
 import trio
 
-from replfs.replication import amo, wire
+from replfs.replication import amo, needscopy, wire
 from replfs.txn.records import tuplify
 
 log = logging.getLogger("replfs.server")
@@ -98,6 +98,12 @@ class BackupRole:
             self._unforced_position = None
         if pos is not None and seq > self._forced_seq:     # (concurrent forces: newest wins)
             self.position, self._forced_seq = pos, seq
+            if self.needs_copy and pos[0]:
+                # a position again: the end of a full transfer, forced (a full one makes
+                # the position meaningless at its first block)
+                needscopy.clear(self.array.dir)
+                self.needs_copy = False
+                log.info("%s holds a full copy of its group's state again", self.name)
 
     async def _backup_flusher(self) -> None:
         """Batches are applied and written, not forced (one force per batch would make

@@ -45,12 +45,14 @@ class AuthOk:
 class Ping:
     """A server's heartbeat: `view` is the view it acknowledges (0 right after a start);
     `boot` names the server process (a repeated ping 0 from the same process, e.g. after
-    a lost reply, is not a restart)."""
+    a lost reply, is not a restart); `copy` False: it holds no copy of its group's state
+    yet (replication/needscopy.py), so it must not be made primary."""
     TAG: ClassVar[str] = "ping"
     group: int
     server: str
     view: int
     boot: str = ""
+    copy: bool = True
 
 
 @message

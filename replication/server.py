@@ -29,7 +29,7 @@ import trio
 from replfs.fs.mkfs import open_fs
 from replfs.raid.healing import HealingDevice
 from replfs.raid.jobs import ArrayJobs
-from replfs.replication import amo, postop, wire
+from replfs.replication import amo, needscopy, postop, wire
 from replfs.replication.arrayops import ArrayOp, ArrayOpsRole
 from replfs.replication.backup import FLUSH_BEHIND, BackupRole
 from replfs.replication.heal import HealRole
@@ -80,6 +80,7 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         self._nursery: trio.Nursery | None = None
         self.backup_synced = False
         self.position = ("", 0)
+        self.needs_copy = False     # needscopy.py: no primary role before a full copy
         self.sync_incarnation = ""
         self.sync_progress = (0, 0)
         self.sync_kind = ""         # as a backup: the transfer being received
@@ -113,6 +114,12 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
     # ---------------------------------------------------------------- lifecycle
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.dirtymap = DirtyMap(os.path.join(self.array.dir, "dirty.map"), self.array.nblocks)
+        self.needs_copy = needscopy.marked(self.array.dir)
+        if self.needs_copy:
+            # its marks describe a state this replica no longer holds
+            self.dirtymap.invalidate()
+            log.warning("%s needs a full copy from its partner (%s): it serves as backup "
+                        "only until it has one", self.name, needscopy.NAME)
         self.fs = await open_fs(self.device, reclaim=False)
         self.position = await self._read_position()
         try:
@@ -151,7 +158,8 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
                     ch = await self.viewservers.connect(interval * 3)
                 sent = trio.current_time()
                 with trio.fail_after(interval * 3):
-                    await ch.send(wire.Ping(self.group, self.name, self.ping_view, self.boot))
+                    await ch.send(wire.Ping(self.group, self.name, self.ping_view, self.boot,
+                                            not self.needs_copy))
                     reply = await ch.receive()
                 if not isinstance(reply, wire.ViewReply):
                     raise wire.ProtocolError(f"view server sent {reply.TAG}")
@@ -187,6 +195,16 @@ class ReplicaServer(PrimaryRole, BackupRole, HealRole, ArrayOpsRole):
         log.info("view %d: primary %s, backup %s (I am %s)", v.num, v.primary,
                  v.backup or "-", "primary" if v.primary == self.name else
                  "backup" if v.backup == self.name else "idle")
+        if v.primary == self.name and self.needs_copy:
+            # never primary with a state that may lack acknowledged updates: the group
+            # waits for the partner (the view stays unacknowledged)
+            if self.role != "refusing":
+                log.error("view %d makes %s primary, but it holds no copy of its group's "
+                          "state yet (%s): not serving; start its partner", v.num,
+                          self.name, needscopy.NAME)
+            self.role = "refusing"
+            self._notify()
+            return
         if v.primary == self.name:
             if self.role != "primary":
                 await self._promote(v)

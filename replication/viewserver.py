@@ -71,6 +71,9 @@ class GroupState:
     restarted: dict[str, float] = field(default_factory=dict)   # member -> when seen restarted
     # server -> when its ping connection was closed by its end (`hung_up`), until it pings again
     hung_up: dict[str, float] = field(default_factory=dict)
+    # servers whose latest ping said they hold no copy of the group's state
+    # (replication/needscopy.py): never made primary, may be recruited as backup
+    no_copy: set[str] = field(default_factory=set)
 
 
 class ViewService:
@@ -165,14 +168,20 @@ class ViewService:
         # yet acknowledged pings 0 (or an older view) until it acknowledges
         return viewnum == 0 and not (server == g.view.primary and not g.acked)
 
-    def ping(self, group: int, server: str, viewnum: int, now: float, boot: str = "") -> View:
+    def ping(self, group: int, server: str, viewnum: int, now: float, boot: str = "",
+             copy: bool = True) -> View:
         """`server` of `group` pings, acknowledging `viewnum`; returns the current view
         -- or View() to a restarted member while a view given to its previous
         incarnation stands (see `_hidden`). `boot` is the server process's id (optional:
-        without it a ping 0 from a member is a restart)."""
+        without it a ping 0 from a member is a restart). `copy` False: it holds no copy
+        of the group's state yet (a replica made anew), so it is never made primary."""
         g = self._group(group)
         g.last_ping[server] = now
         g.hung_up.pop(server, None)
+        if copy:
+            g.no_copy.discard(server)
+        else:
+            g.no_copy.add(server)
         v = g.view
         if server in (v.primary, v.backup) and self._stale(g, server, viewnum, boot):
             if server not in g.restarted:
@@ -181,12 +190,15 @@ class ViewService:
         if boot:
             g.boots[server] = boot
         if v.num == 0:
-            self._new_view(group, g, server, "", "first server")
+            if server not in g.no_copy:
+                self._new_view(group, g, server, "", "first server")
             return g.view
         if g.recovered_at is not None:
             # after a view-server restart: the last primary resumes (its state is on
             # disk); its backup only if the primary stays away, and no one else ever
-            if server == v.primary or (server == v.backup and now - g.recovered_at > self.grace):
+            if server in g.no_copy:
+                pass
+            elif server == v.primary or (server == v.backup and now - g.recovered_at > self.grace):
                 g.recovered_at = None
                 self._new_view(group, g, server, "", "resumes after a view-server restart")
             return g.view
@@ -235,6 +247,8 @@ class ViewService:
         """Who is primary of the next view ("": wait, nobody may change the view now)."""
         p, b = g.view.primary, g.view.backup
         p_alive, b_alive = not self._dead(g, p, now), bool(b) and not self._dead(g, b, now)
+        # a member that holds no copy (it came back made anew) counts as dead here
+        p_alive, b_alive = p_alive and p not in g.no_copy, b_alive and b not in g.no_copy
         p_back = p_alive and p in g.restarted           # alive in a new incarnation
         b_ok = b_alive and b not in g.restarted         # alive in its own incarnation
         if not g.acked:
@@ -293,7 +307,7 @@ class ViewService:
                 view=v.num, primary=v.primary, backup=v.backup, acked=g.acked,
                 unprotected=bool(v.primary) and not v.backup,
                 servers={s: dict(last_ping_ago=round(now - t, 3), dead=self._dead(g, s, now),
-                                 restarted=s in g.restarted)
+                                 restarted=s in g.restarted, no_copy=s in g.no_copy)
                          for s, t in g.last_ping.items()})
         return out
 
@@ -346,8 +360,9 @@ async def serve_viewserver(port: int, secret: bytes, service: ViewService,
                     raise wire.ProtocolError("malformed ping")
                 boot = msg.boot if isinstance(msg.boot, str) else ""
                 pinger = (msg.group, msg.server, boot)
+                copy = msg.copy if isinstance(msg.copy, bool) else True
                 reply = await step(lambda: _reply(service, msg.group, service.ping(
-                    msg.group, msg.server, msg.view, trio.current_time(), boot)))
+                    msg.group, msg.server, msg.view, trio.current_time(), boot, copy)))
             elif isinstance(msg, wire.GetView):
                 if not isinstance(msg.group, int):
                     raise wire.ProtocolError("malformed get-view")

@@ -62,6 +62,19 @@ async def make_server_array(cfg: ClusterConfig, server: str, progress=print) -> 
              f"{cfg.server_dir(server)}, filesystem of {sb.nblocks * 4096 // 2**20} MiB")
 
 
+async def reformat_replica(array, group: int) -> None:
+    """A new, empty filesystem of `group` on a replica's array, as `make_server_array`
+    makes one, and its replicated tail cleared (no position, no replies, no decisions):
+    what a new replica holds before its partner's full copy."""
+    from replfs.fs.mkfs import mkfs
+    from replfs.replication import amo
+    await mkfs(_Shorter(array, array.nblocks - amo.TAIL_BLOCKS), group=group)
+    first = array.nblocks - amo.TAIL_BLOCKS
+    await array.write_blocks({b: bytes(array.block_size)
+                              for b in range(first, array.nblocks)})
+    await array.flush()
+
+
 class _Shorter:
     """The first `nblocks` blocks of a device (mkfs leaves the rest alone)."""
 

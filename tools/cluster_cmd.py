@@ -266,13 +266,44 @@ def cmd_server(args) -> int:
     _check_address(cfg, name)
     _logging()
     _take_faults(cfg, name)
-    array = open_array(d, checksum_cache=checksum_cache(args))
+    array = _open_replica_array(cfg, name, d, checksum_cache(args))
     try:
         server = ReplicaServer(cfg, name, array)
         trio.run(_until_signal, lambda ts: server.run(task_status=ts))
     finally:
         array.close()
     return 0
+
+
+def _open_replica_array(cfg: ClusterConfig, name: str, d: str, cache: int):
+    """Server `name`'s array. After an unclean stop while degraded (e.g. `kill -9` in the
+    middle of a rebuild under writes) some of its blocks are lost to the RAID-5 write
+    hole, and which filesystem blocks they were cannot be known. A replica with a
+    partner then makes those rows whole with the lost blocks zeroed, makes its
+    filesystem anew and takes a full copy from the partner (replication/needscopy.py);
+    its rebuild goes on. Without a partner the array is refused, as md refuses it."""
+    from replfs.raid import WriteHole, open_array
+    from replfs.replication import needscopy
+    try:
+        return open_array(d, checksum_cache=cache)
+    except WriteHole as exc:
+        if len(cfg.group_servers(cfg.group_of(name))) < 2:
+            raise
+        log.warning("%s: %s", name, exc)
+    # the mark first: a crash from here on must not leave a replica that looks whole
+    needscopy.mark(d, "its array lost blocks to the write hole at an unclean stop while "
+                      "degraded; its filesystem was made anew")
+    array = open_array(d, checksum_cache=cache, zero_lost=True)
+    try:
+        from replfs.tools.cluster import reformat_replica
+        trio.run(reformat_replica, array, cfg.group_of(name))
+    except BaseException:
+        array.close()
+        raise
+    log.warning("%s: %d blocks lost to the write hole were zeroed and the filesystem made "
+                "anew; it takes a full copy from its partner before it may serve as primary",
+                name, array.zeroed)
+    return array
 
 
 def _check_address(cfg: ClusterConfig, node: str) -> None:

@@ -482,3 +482,41 @@ def test_a_backup_that_hung_up_with_its_primary_does_not_take_over():
     vs.ping(0, "b", 0, 0.5, "B2")           # the backup restarted: not the newest state
     vs.tick(0.5)
     assert vs.get(0).primary != "c"
+
+
+def test_a_server_without_a_copy_is_never_made_primary():
+    """A replica made anew (replication/needscopy.py) pings with copy=False: it is not
+    the first primary, nor a restarted backup's stand-in, nor the primary after a view
+    server restart; it is recruited as a backup, and counts again once it has a copy."""
+    vs = make()
+    assert vs.ping(0, "a", 0, 0.0, boot="A1", copy=False) == View()   # not the first
+    assert vs.ping(0, "b", 0, 0.01, boot="B1") == View(1, "b", "")
+    assert vs.ping(0, "b", 1, 0.1, boot="B1") == View(2, "b", "a")   # but a backup
+    assert vs.status(0.1)["0"]["servers"]["a"]["no_copy"]
+    vs.ping(0, "a", 2, 0.1, boot="A1", copy=False)
+    vs.ping(0, "b", 2, 0.2, boot="B1")
+    # the copy never arrives, and the primary dies: the group waits for it
+    run_nocopy(vs, 0.2, 10.0, "a", boot="A1", told=2)
+    assert vs.get(0) == View(2, "b", "a")
+    # a restarted backup made anew does not take over when the primary stays away
+    vs = protected_pair()
+    t = run(vs, 0.0, 1.0)                                   # both die
+    t = run_nocopy(vs, t, t + vs.grace + 1.0, "b", boot="B2")
+    assert vs.get(0) == View(2, "a", "b")
+    # nor after a view server restart (views.json): the primary resumes, not it
+    vs2 = make()
+    vs2.restore({0: View(2, "a", "b")}, 0.0)
+    for t in (0.1, vs2.grace + 0.5):
+        vs2.ping(0, "b", 2, t, boot="B2", copy=False)
+        vs2.tick(t)
+    assert vs2.get(0) == View(2, "a", "b")
+    assert vs2.ping(0, "a", 2, vs2.grace + 0.6, boot="A2").primary == "a"
+
+
+def run_nocopy(vs, t, until, server, boot="", told=0):
+    """`server` pings every PI with copy=False (acknowledging what it was told)."""
+    while t < until - 1e-9:
+        t += PI
+        told = vs.ping(0, server, told, t, boot=boot, copy=False).num
+        vs.tick(t)
+    return t
