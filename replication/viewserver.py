@@ -36,7 +36,10 @@ rules (6.033 L19 / the classic primary-backup view service):
   and may be recruited as backup (it then gets a state transfer);
 - the view does not change until the primary has acknowledged the current view (pinged
   with its number), even if that means waiting -- unless the primary restarted;
-- only the primary or backup of view N can be primary of view N+1.
+- only the primary or backup of view N can be primary of view N+1;
+- a server that pings with `copy=False` holds no copy of its group's state (a replica
+  made anew, replication/needscopy.py): it counts as dead for every choice of a
+  primary (first server, takeover, resuming), and may be recruited as backup.
 """
 
 from __future__ import annotations
