@@ -193,3 +193,37 @@ def test_a_replica_may_open_with_the_lost_blocks_zeroed(tmp_path):
         assert all(arr.read_sync(lb, 1) == bytes(4096) for lb in zeroed)
     finally:
         arr.close()
+
+
+def test_rows_below_a_rebuilding_disks_position_are_trusted_after_a_crash(tmp_path):
+    """A crash mid-write while disk 1 was half rebuilt: its rows below the recorded
+    position are whole on every member and are resynchronised as usual; only the rows
+    above it, where disk 1 holds data, are the write hole."""
+    d = str(tmp_path / "arr")
+    old, geo = _fill(d)
+    arr = open_array(d)
+    arr.fail_disk(1)
+    steps = arr.rebuild_steps(1, image=str(tmp_path / "new1.img"), batch_rows=10)
+    for _ in range(3):
+        next(steps)
+    steps.close()                               # stopped at row 30, recorded
+    assert arr.disks[1].durable_pos == 30
+    arr.close()
+    target = geo.lblock(5, 0, 3)
+    _crash_child(d, target)                     # the write hole, in row 5
+    with pytest.raises(WriteHole):
+        open_array(d)
+    arr = open_array(d, force=True)
+    try:
+        for lb in range(arr.nblocks):
+            row, role, _ = geo.locate(lb)
+            on_1 = geo.data_disk(row, role) == 1
+            try:
+                got = arr.read_sync(lb, 1)
+            except BlockIOError:
+                assert on_1 and row >= 30, (lb, row)
+                continue
+            assert not (on_1 and row >= 30), (lb, row)
+            assert got == old[lb] or (lb == target and got == b"N" * 4096), lb
+    finally:
+        arr.close()
