@@ -3,13 +3,14 @@ serve as primary: `DIR/S/needs-full-copy`.
 
 A replica whose array lost blocks to the RAID-5 write hole (an unclean stop while
 degraded, e.g. `kill -9` during a rebuild under writes) cannot know which of its
-filesystem's blocks they were. Its server then makes the array whole with those blocks
-zeroed, makes its filesystem anew and sets this mark (tools/cluster_cmd.py
-`cmd_server`): it holds no position, so its partner sends it every allocated block,
-and until that transfer is forced it never takes the primary role -- a view that
-gives it one stays unacknowledged (replication/server.py `_on_view`), as when no
-replica that holds the state is alive. The mark is forced before anything changes, and
-removed once a position is forced again (backup.py `_force_applied`)."""
+filesystem's blocks they were. Its server sets this mark, makes the array whole with
+those blocks zeroed, and makes its filesystem anew -- again at every start while the
+mark is there (tools/cluster_cmd.py `_open_replica_array`). It then holds no position,
+so its partner sends it every allocated block. Until that transfer is forced it pings
+with `copy=False`, and the view server never makes it primary (viewserver.py); a view
+that makes it primary anyway is neither served nor acknowledged (server.py `_on_view`).
+The mark is forced before anything changes, and removed once a position is forced
+again (backup.py `_force_applied`)."""
 
 from __future__ import annotations
 

@@ -281,28 +281,34 @@ def _open_replica_array(cfg: ClusterConfig, name: str, d: str, cache: int):
     hole, and which filesystem blocks they were cannot be known. A replica with a
     partner then makes those rows whole with the lost blocks zeroed, makes its
     filesystem anew and takes a full copy from the partner (replication/needscopy.py);
-    its rebuild goes on. Without a partner the array is refused, as md refuses it."""
+    its rebuild goes on. Without a partner the array is refused, as md refuses it.
+    While the mark of that is there (a start before the copy ended, or a crash in the
+    middle of making the filesystem), the filesystem is made anew again."""
     from replfs.raid import WriteHole, open_array
     from replfs.replication import needscopy
+    marked = needscopy.marked(d)
     try:
-        return open_array(d, checksum_cache=cache)
+        array = open_array(d, checksum_cache=cache)
     except WriteHole as exc:
         if len(cfg.group_servers(cfg.group_of(name))) < 2:
             raise
         log.warning("%s: %s", name, exc)
-    # the mark first: a crash from here on must not leave a replica that looks whole
-    needscopy.mark(d, "its array lost blocks to the write hole at an unclean stop while "
-                      "degraded; its filesystem was made anew")
-    array = open_array(d, checksum_cache=cache, zero_lost=True)
+        # the mark first: a crash from here on must not leave a replica that looks whole
+        needscopy.mark(d, "its array lost blocks to the write hole at an unclean stop "
+                          "while degraded; its filesystem was made anew")
+        marked = True
+        array = open_array(d, checksum_cache=cache, zero_lost=True)
+        log.warning("%s: %d blocks lost to the write hole were zeroed", name, array.zeroed)
+    if not marked:
+        return array
     try:
         from replfs.tools.cluster import reformat_replica
         trio.run(reformat_replica, array, cfg.group_of(name))
     except BaseException:
         array.close()
         raise
-    log.warning("%s: %d blocks lost to the write hole were zeroed and the filesystem made "
-                "anew; it takes a full copy from its partner before it may serve as primary",
-                name, array.zeroed)
+    log.warning("%s: its filesystem was made anew (%s); it takes a full copy from its "
+                "partner before it may serve as primary", name, needscopy.NAME)
     return array
 
 

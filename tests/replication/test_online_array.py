@@ -236,7 +236,7 @@ def test_a_backup_killed_mid_rebuild_under_writes_comes_back_with_a_full_copy(ru
         running.cluster.start_server(p)
         running.cluster.wait_protected(timeout=90)
         log = running.log(p)
-        assert "lost to the write hole were zeroed" in log, log[-3000:]
+        assert "lost to the write hole were zeroed" in log and "made anew" in log, log[-3000:]
         assert running.view(0)["backup"] == p and not needscopy.marked(os.path.join(cdir, p))
         # (status says "degraded" while the rebuild runs: it exits 1)
         assert json.loads(replfs("status", cdir, "--json", ok=False).stdout)["servers"][p][
