@@ -5,7 +5,7 @@ A replica whose array lost blocks to the RAID-5 write hole (an unclean stop whil
 degraded, e.g. `kill -9` during a rebuild under writes) cannot know which of its
 filesystem's blocks they were. Its server sets this mark, makes the array whole with
 those blocks zeroed, and makes its filesystem anew -- again at every start while the
-mark is there (tools/cluster_cmd.py `_open_replica_array`). It then holds no position,
+mark is there (tools/replica_array.py `open_replica_array`). It then holds no position,
 so its partner sends it every allocated block. Until that transfer is forced it pings
 with `copy=False`, and the view server never makes it primary (viewserver.py); a view
 that makes it primary anyway is neither served nor acknowledged (server.py `_on_view`).

@@ -38,64 +38,10 @@ async def init_cluster(dirpath: str, *, groups: int = 2, replicas: int = 2, disk
     cfg = ClusterConfig.create(dirpath, groups=groups, replicas=replicas, disks=disks,
                                disk_size=disk_size, placement=placement,
                                durability=durability, viewservers=viewservers, etcd=etcd)
+    from replfs.tools.replica_array import make_server_array
     for s in cfg.servers:
         await make_server_array(cfg, s, progress)
     return cfg
-
-
-async def make_server_array(cfg: ClusterConfig, server: str, progress=print) -> None:
-    """Make server `server`'s array (the description's disks and size) in its data
-    directory, with an empty filesystem of its group; the filesystem leaves the
-    replicated tail of the array outside it."""
-    from replfs.fs.mkfs import mkfs
-    from replfs.raid import create_array
-    from replfs.replication import amo
-
-    group = cfg.group_of(server)
-    array = create_array(cfg.server_dir(server), cfg.disks, cfg.disk_size)
-    try:
-        sb = await mkfs(_Shorter(array, array.nblocks - amo.TAIL_BLOCKS), group=group)
-        await array.flush()
-    finally:
-        array.close()
-    progress(f"replfs: {server} (group {group}): {cfg.disks}-disk RAID-5 array in "
-             f"{cfg.server_dir(server)}, filesystem of {sb.nblocks * 4096 // 2**20} MiB")
-
-
-async def reformat_replica(array, group: int) -> None:
-    """A new, empty filesystem of `group` on a replica's array, as `make_server_array`
-    makes one, and its replicated tail cleared (no position, no replies, no decisions):
-    what a new replica holds before its partner's full copy."""
-    from replfs.fs.mkfs import mkfs
-    from replfs.replication import amo
-    await mkfs(_Shorter(array, array.nblocks - amo.TAIL_BLOCKS), group=group)
-    first = array.nblocks - amo.TAIL_BLOCKS
-    await array.write_blocks({b: bytes(array.block_size)
-                              for b in range(first, array.nblocks)})
-    await array.flush()
-
-
-class _Shorter:
-    """The first `nblocks` blocks of a device (mkfs leaves the rest alone)."""
-
-    def __init__(self, device, nblocks: int):
-        self.device = device
-        self.block_size = device.block_size
-        self.nblocks = nblocks
-
-    async def read_block(self, n):
-        return await self.device.read_block(n)
-
-    async def read_blocks(self, start, count):
-        return await self.device.read_blocks(start, count)
-
-    async def write_blocks(self, blocks):
-        if any(not 0 <= n < self.nblocks for n in blocks):
-            raise ValueError("block beyond the filesystem")
-        await self.device.write_blocks(blocks)
-
-    async def flush(self):
-        await self.device.flush()
 
 
 def _is_ours(pid: int, dirpath: str) -> bool:

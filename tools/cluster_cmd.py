@@ -185,7 +185,7 @@ def _check_new_dir(dirpath: str) -> None:
 def _init_here(dirpath: str, server: str) -> int:
     """`init DIR --here S`: make server S's array and filesystem in its data directory
     on this machine, from the description in DIR."""
-    from replfs.tools.cluster import make_server_array
+    from replfs.tools.replica_array import make_server_array
     from replfs.tools.mount_cmd import _holds_files, remove_new_files
     cfg = ClusterConfig.load(dirpath)
     cfg.group_of(server)
@@ -252,8 +252,8 @@ def cmd_viewserver(args) -> int:
 
 
 def cmd_server(args) -> int:
-    from replfs.raid import open_array
     from replfs.replication.server import ReplicaServer
+    from replfs.tools.replica_array import open_replica_array
     name = args.server or args.name
     if not name or (args.server and args.name and args.server != args.name):
         raise ReplfsError("say which server to run: `replfs server DIR S` (S: s0, s1, ...)")
@@ -266,50 +266,13 @@ def cmd_server(args) -> int:
     _check_address(cfg, name)
     _logging()
     _take_faults(cfg, name)
-    array = _open_replica_array(cfg, name, d, checksum_cache(args))
+    array = open_replica_array(cfg, name, d, checksum_cache(args))
     try:
         server = ReplicaServer(cfg, name, array)
         trio.run(_until_signal, lambda ts: server.run(task_status=ts))
     finally:
         array.close()
     return 0
-
-
-def _open_replica_array(cfg: ClusterConfig, name: str, d: str, cache: int):
-    """Server `name`'s array. After an unclean stop while degraded (e.g. `kill -9` in the
-    middle of a rebuild under writes) some of its blocks are lost to the RAID-5 write
-    hole, and which filesystem blocks they were cannot be known. A replica with a
-    partner then makes those rows whole with the lost blocks zeroed, makes its
-    filesystem anew and takes a full copy from the partner (replication/needscopy.py);
-    its rebuild goes on. Without a partner the array is refused, as md refuses it.
-    While the mark of that is there (a start before the copy ended, or a crash in the
-    middle of making the filesystem), the filesystem is made anew again."""
-    from replfs.raid import WriteHole, open_array
-    from replfs.replication import needscopy
-    marked = needscopy.marked(d)
-    try:
-        array = open_array(d, checksum_cache=cache)
-    except WriteHole as exc:
-        if len(cfg.group_servers(cfg.group_of(name))) < 2:
-            raise
-        log.warning("%s: %s", name, exc)
-        # the mark first: a crash from here on must not leave a replica that looks whole
-        needscopy.mark(d, "its array lost blocks to the write hole at an unclean stop "
-                          "while degraded; its filesystem was made anew")
-        marked = True
-        array = open_array(d, checksum_cache=cache, zero_lost=True)
-        log.warning("%s: %d blocks lost to the write hole were zeroed", name, array.zeroed)
-    if not marked:
-        return array
-    try:
-        from replfs.tools.cluster import reformat_replica
-        trio.run(reformat_replica, array, cfg.group_of(name))
-    except BaseException:
-        array.close()
-        raise
-    log.warning("%s: its filesystem was made anew (%s); it takes a full copy from its "
-                "partner before it may serve as primary", name, needscopy.NAME)
-    return array
 
 
 def _check_address(cfg: ClusterConfig, node: str) -> None:

@@ -335,7 +335,7 @@ def make_cluster(tmp_path, damage=None):
     from replfs.raid import create_array
     from replfs.replication import amo
     from replfs.replication.config import ClusterConfig
-    from replfs.tools.cluster import _Shorter
+    from replfs.tools.replica_array import _Shorter
 
     d = str(tmp_path / "cluster")
     cfg = ClusterConfig.create(d, replicas=4, disks=3, disk_size=2 << 20)

@@ -82,13 +82,21 @@ def test_crash_between_data_and_parity_then_lose_a_disk(tmp_path):
         arr.close()
 
 
-def test_crash_then_disk_lost_before_restart_never_wrong_bytes(tmp_path):
+def _crashed_then_disk_lost(tmp_path):
+    """A filled array killed between a data and its parity write in row 5, and the disk
+    of another block of that stripe gone before the restart: (dir, the blocks' old
+    contents, geometry, the block written, the disk removed)."""
     d = str(tmp_path / "arr")
     old, geo = _fill(d)
     target = geo.lblock(5, 1, 3)
     _crash_child(d, target)
     victim = geo.data_disk(5, 0)
     os.remove(disk_path(d, victim))
+    return d, old, geo, target, victim
+
+
+def test_crash_then_disk_lost_before_restart_never_wrong_bytes(tmp_path):
+    d, old, geo, target, victim = _crashed_then_disk_lost(tmp_path)
     with pytest.raises(RaidError, match="not shut down cleanly") as exc:
         open_array(d)
     assert f"disk {victim}" in str(exc.value)
@@ -165,12 +173,7 @@ def test_a_replica_may_open_with_the_lost_blocks_zeroed(tmp_path):
     rows that may have been mid-write get the missing disk's chunk as zeros and a parity
     that matches; nothing else changes, nothing is untrusted, and the disk then rebuilds
     and scrubs clean."""
-    d = str(tmp_path / "arr")
-    old, geo = _fill(d)
-    target = geo.lblock(5, 1, 3)
-    _crash_child(d, target)
-    victim = geo.data_disk(5, 0)
-    os.remove(disk_path(d, victim))
+    d, old, geo, target, victim = _crashed_then_disk_lost(tmp_path)
     with pytest.raises(WriteHole, match="not shut down cleanly"):
         open_array(d)
     arr = open_array(d, zero_lost=True)
