@@ -211,17 +211,18 @@ def test_restart_in_the_middle_cancel_and_bad_input(running, tmp_path):
     assert "nothing to pause" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_a_backup_killed_mid_rebuild_under_writes_comes_back_with_a_full_copy(running,
-                                                                             tmp_path):
-    """The backup dies between a data write and its parity write while a disk of it is
+@pytest.mark.parametrize("who", ["backup", "primary"])
+def test_a_server_killed_mid_rebuild_under_writes_comes_back_with_a_full_copy(running,
+                                                                             tmp_path, who):
+    """A server dies between a data write and its parity write while a disk of it is
     being rebuilt under a workload: the RAID-5 write hole, so some of its blocks are
-    lost. Started again, it zeroes them, makes its filesystem anew, takes a full copy
-    from the primary (and no primary role before it has one), and its rebuild goes on
-    to a clean end; the workload never sees an error, and the replicas compare
-    identical."""
+    lost. (A primary's backup takes over meanwhile.) Started again, it zeroes them, makes
+    its filesystem anew, takes a full copy from its partner as its backup (no primary
+    role before it has one), and its rebuild goes on to a clean end; the workload never
+    sees an error, and the replicas compare identical."""
     from replfs.replication import needscopy
     cdir = running.cfg.dir
-    p = running.view(0)["backup"]
+    p = running.view(0)[who]
     work = Workload(running, tmp_path / "ref")
     try:
         wait_for(lambda: work.count() >= 5, 60, "the workload's first files")
