@@ -275,19 +275,13 @@ def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool,
         # writes since went to all of them): those resynchronise as if not degraded
         below = missing.durable_pos if missing.state == "rebuilding" else 0
         lost_rows = [r for r in rows if r >= below and g.parity_disk(r) != missing.index]
-        rows = [r for r in rows if r not in set(lost_rows)]
-    if lost_rows and zero_lost:
-        arr.zeroed = _zero_rows(arr, lost_rows, missing)
-        arr.notices.append(f"unclean stop while degraded: {len(lost_rows)} rows may have "
-                           f"been mid-write; the {arr.zeroed} blocks of disk "
-                           f"{missing.index} there are lost and now read as zeros")
-    elif lost_rows:
-        rows = rows + lost_rows
+        rows = [r for r in rows if r < below or g.parity_disk(r) == missing.index]
+    if lost_rows and not zero_lost:
         if not force:
             raise WriteHole(
                 f"array {arr.dir} was not shut down cleanly and disk {missing.index} "
-                f"({missing.path}) is {missing.state}: {len(rows)} chunk rows may have been "
-                f"mid-write (the RAID-5 write hole), so blocks of disk {missing.index} cannot "
+                f"({missing.path}) is {missing.state}: {len(lost_rows)} chunk rows may have "
+                f"been mid-write (the RAID-5 write hole), so blocks of disk {missing.index} cannot "
                 f"be rebuilt safely there. Bring disk {missing.index} back and open again, or "
                 f"open with force (`--force`) to serve everything else and report those "
                 f"blocks as unreadable.", exit_code=3)
@@ -301,9 +295,14 @@ def _assemble(arr: Array, members: list[_Member], fresh: dict, force: bool,
                     buf = arr._pread(d, g.data_start + e0, g.cb)
                     d.cs.set_from(e0, buf, g.cb)
         arr.notices.append(f"unclean stop while degraded: {len(lost_rows)} rows untrusted")
-        rows = [r for r in rows if r not in arr._untrusted_rows]
     with arr._lock:
         arr._write_superblocks(state="dirty", sync=True)
+        if lost_rows and zero_lost:
+            _resync(arr, lost_rows, zeros=missing.index)
+            arr.zeroed = len(lost_rows) * g.cb
+            arr.notices.append(f"unclean stop while degraded: {len(lost_rows)} rows may "
+                               f"have been mid-write; the {arr.zeroed} blocks of disk "
+                               f"{missing.index} there are lost and now read as zeros")
         if rows:
             arr.stats["resynced_rows"] = _resync(arr, rows)
             arr.notices.append(f"unclean stop: resynchronised {len(rows)} chunk rows "
@@ -339,15 +338,6 @@ def _resync(arr: Array, rows: list[int], zeros: int | None = None) -> int:
             disk.cs.set_from(e0, buf, g.cb)
         arr._write_seg(pd, e0, acc.data)
     return len(rows)
-
-
-def _zero_rows(arr: Array, rows: list[int], missing) -> int:
-    """`rows` may have been mid-write while `missing` was not active, and it holds data
-    in each: make each row whole with its chunk of `missing` zeroed. Returns how many
-    blocks were lost."""
-    with arr._lock:
-        _resync(arr, rows, zeros=missing.index)
-    return len(rows) * arr.geo.cb
 
 
 def _repair_unknown_checksums(arr: Array, damaged: dict[int, list[int]]) -> int:

@@ -201,9 +201,7 @@ class EtcdStore:
                 leader = await self._leader()
                 if leader is not None and leader[0] != self.me:
                     await self._watch(*leader)
-            except (Unavailable, OSError, EOFError, trio.TooSlowError,
-                    trio.BrokenResourceError, trio.ClosedResourceError, ValueError,
-                    wire.ProtocolError) as exc:
+            except (Unavailable, ValueError, *wire.CONN_ERRORS) as exc:
                 log.debug("%s: watching the active view server: %r", self.me, exc)
             await trio.sleep(self.poll)
 

@@ -32,8 +32,8 @@ from replfs.replication.frames import (_LEN, MAX_FRAME, MESSAGES, ProtocolError,
                                        decode, encode, message, pack_value, unpack_value)
 from replfs.replication.messages import (  # noqa: F401 (re-exported: wire.OpRequest, ...)
     Challenge, AuthResponse, AuthOk, Ping, GetView, ViewReply, StatusRequest,
-    StatusReply, Watch, Watching, SetFaults, FaultsApplied, CrashAt, OpRequest, OpReply, NotPrimary,
-    SyncStart, SyncPosition, Forward, Snapshot, SyncDone, Flush, Renew, Ack, Refused,
+    StatusReply, Watch, Watching, SetFaults, FaultsApplied, CrashAt, OpRequest, OpReply,
+    NotPrimary, SyncStart, SyncPosition, Forward, Snapshot, SyncDone, Flush, Renew, Ack, Refused,
     HealRequest, HealReply)
 from replfs.replication.netfaults import FAULTS, NetFaults  # noqa: F401 (wire.FAULTS)
 

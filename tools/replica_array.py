@@ -1,6 +1,6 @@
 """A server's array and filesystem on its own machine: made for `replfs init`
 (`make_server_array`), opened for `replfs server` (`open_replica_array`, which brings a
-replica back from the RAID-5 write hole), and made anew (`reformat_replica`)."""
+replica back from the RAID-5 write hole), and made anew (`make_filesystem`)."""
 
 from __future__ import annotations
 
@@ -17,34 +17,31 @@ log = logging.getLogger("replfs.cluster")
 
 async def make_server_array(cfg: ClusterConfig, server: str, progress=print) -> None:
     """Make server `server`'s array (the description's disks and size) in its data
-    directory, with an empty filesystem of its group; the filesystem leaves the
-    replicated tail of the array outside it."""
-    from replfs.fs.mkfs import mkfs
+    directory, with an empty filesystem of its group (`make_filesystem`)."""
     from replfs.raid import create_array
-    from replfs.replication import amo
 
     group = cfg.group_of(server)
     array = create_array(cfg.server_dir(server), cfg.disks, cfg.disk_size)
     try:
-        sb = await mkfs(_Shorter(array, array.nblocks - amo.TAIL_BLOCKS), group=group)
-        await array.flush()
+        sb = await make_filesystem(array, group)
     finally:
         array.close()
     progress(f"replfs: {server} (group {group}): {cfg.disks}-disk RAID-5 array in "
              f"{cfg.server_dir(server)}, filesystem of {sb.nblocks * 4096 // 2**20} MiB")
 
 
-async def reformat_replica(array, group: int) -> None:
-    """A new, empty filesystem of `group` on a replica's array, as `make_server_array`
-    makes one, and its replicated tail cleared (no position, no replies, no decisions):
-    what a new replica holds before its partner's full copy."""
+async def make_filesystem(array, group: int):
+    """A new, empty filesystem of `group` on a replica's array, leaving the replicated
+    tail outside it, and that tail cleared (no position, no replies, no decisions): what
+    a new replica holds before its partner's first full copy. Returns its superblock."""
     from replfs.fs.mkfs import mkfs
     from replfs.replication import amo
-    await mkfs(_Shorter(array, array.nblocks - amo.TAIL_BLOCKS), group=group)
     first = array.nblocks - amo.TAIL_BLOCKS
+    sb = await mkfs(_Shorter(array, first), group=group)
     await array.write_blocks({b: bytes(array.block_size)
                               for b in range(first, array.nblocks)})
     await array.flush()
+    return sb
 
 
 class _Shorter:
@@ -95,7 +92,7 @@ def open_replica_array(cfg: ClusterConfig, name: str, d: str, cache: int):
     if not marked:
         return array
     try:
-        trio.run(reformat_replica, array, cfg.group_of(name))
+        trio.run(make_filesystem, array, cfg.group_of(name))
     except BaseException:
         array.close()
         raise

@@ -99,6 +99,7 @@ def test_a_standby_ends_the_lease_only_of_an_active_view_server_that_died(tmp_pa
     secret = os.urandom(32)
     port = free_port()
     watches = []
+    moved = trio.Event()        # b watches a second time, or (wrongly) got elected
 
     async def stands_for_a(ch):        # the active process a's listener
         msg = await ch.receive()
@@ -106,6 +107,7 @@ def test_a_standby_ends_the_lease_only_of_an_active_view_server_that_died(tmp_pa
         watches.append(msg.name)
         await ch.send(wire.Watching("a", a.lease_id))
         if len(watches) > 1:
+            moved.set()
             await trio.sleep_forever()
         # the first watch: closed by a while it lives and listens
 
@@ -122,6 +124,7 @@ def test_a_standby_ends_the_lease_only_of_an_active_view_server_that_died(tmp_pa
         async def b_campaigns():
             await b.lead()
             elected.set()
+            moved.set()
         try:
             await a.lead()
             async with trio.open_nursery() as outer:
@@ -135,8 +138,7 @@ def test_a_standby_ends_the_lease_only_of_an_active_view_server_that_died(tmp_pa
                     await listening.start(wire.serve, port, secret, stands_for_a)
                     outer.start_soon(b_campaigns)
                     with trio.fail_after(30):
-                        while len(watches) < 2 and not elected.is_set():
-                            await trio.sleep(0.01)
+                        await moved.wait()
                     # b watches again: a lives and listens, so its lease stays
                     assert not elected.is_set()
                     await a._refresh()
